@@ -1,0 +1,154 @@
+"""Engine configuration: frozen dataclasses composed into one ``EngineConfig``.
+
+Each part validates itself in ``__post_init__`` and raises ``ValueError`` naming the field.
+The CLI (``truffula/cli.py``) is the only place that turns command-line flags into these.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a memory size such as ``512MiB``, ``2GB`` or ``1073741824`` into bytes."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError(f"cannot parse memory size {text!r} (examples: 512MiB, 2GB, 1073741824)")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    base = unit[:1]
+    scale = 1024 ** "bkmgt".index(base) if "i" in unit and base else _UNITS[base]
+    return int(number * scale)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to load and how."""
+
+    model: str = "default"
+    """``default`` (the embedded SmolLM2-135M-Instruct), a local HF folder or a cached hub id."""
+    device: str = "auto"
+    """``auto`` picks CUDA when present, else CPU."""
+    dtype: str = "auto"
+    """``auto`` is float32 on CPU and bfloat16 on CUDA; or float32 / bfloat16 / float16."""
+    max_model_len: int | None = None
+    """Longest sequence (prompt + generation); defaults to the model's context length."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}"
+            )
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be at least 2")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache: fixed-size blocks drawn from a pool sized by a memory budget."""
+
+    block_size: int = 16
+    kv_cache_memory: int = 1 << 30
+    """Bytes of KV cache; the pool holds as many blocks as fit."""
+    num_blocks: int | None = None
+    """Overrides ``kv_cache_memory`` with an exact number of blocks (tests, tiny budgets)."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, not {self.block_size}")
+        if self.kv_cache_memory <= 0:
+            raise ValueError("kv_cache_memory must be positive")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError("num_blocks must be at least 1")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_batched_tokens: int = 512
+    """Token budget of one step (prefill chunks and decodes together)."""
+    max_num_seqs: int = 64
+    """Most requests running in one step."""
+    max_queued_requests: int = 1024
+    """Most requests held (running + waiting) before new ones are refused as overloaded."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be at least 1")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be at least 1")
+        if self.max_queued_requests < 1:
+            raise ValueError("max_queued_requests must be at least 1")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Per-request limits enforced by validation."""
+
+    max_k_alternatives: int = 20
+    max_stop_sequences: int = 4
+    max_new_tokens_default: int = 256
+    prompt_logprobs_chunk: int = 256
+    """Prompt positions whose logits are materialized at once for prompt logprobs."""
+
+    def __post_init__(self) -> None:
+        if self.max_k_alternatives < 1:
+            raise ValueError("max_k_alternatives must be at least 1")
+        if self.max_stop_sequences < 0:
+            raise ValueError("max_stop_sequences must be >= 0")
+        if self.prompt_logprobs_chunk < 1:
+            raise ValueError("prompt_logprobs_chunk must be at least 1")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Adapter serving limits."""
+
+    max_active_adapters: int = 8
+    """Device slots for adapters; others wait in host memory (LRU)."""
+    max_lora_rank: int = 64
+    adapter_root: str | None = None
+    """Directory under which ``adapter_source: local`` ids must resolve."""
+
+    def __post_init__(self) -> None:
+        if self.max_active_adapters < 1:
+            raise ValueError("max_active_adapters must be at least 1")
+        if self.max_lora_rank < 1:
+            raise ValueError("max_lora_rank must be at least 1")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: object) -> EngineConfig:
+        """Build a config from flat keyword arguments (``model=..., num_blocks=...``)."""
+        parts: dict[str, dict[str, object]] = {}
+        sections = {
+            "model": ModelConfig,
+            "cache": CacheConfig,
+            "scheduler": SchedulerConfig,
+            "limits": LimitsConfig,
+            "lora": LoRAConfig,
+        }
+        for key, value in kwargs.items():
+            owner = next(
+                (name for name, c in sections.items() if key in c.__dataclass_fields__), None
+            )
+            if owner is None:
+                raise TypeError(f"unknown engine option {key!r}")
+            if key == "kv_cache_memory" and isinstance(value, str):
+                value = parse_size(value)
+            parts.setdefault(owner, {})[key] = value
+        return cls(**{name: sections[name](**parts.get(name, {})) for name in sections})  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""The engine: request lifecycle, step loop, detokenization and token-probability records."""

@@ -1,0 +1,243 @@
+"""The synchronous engine core: requests in, one ``step()`` at a time, RequestOutputs out.
+
+A request's life (see docs/structure.md for the numbered version):
+``add_request`` tokenizes and validates it, registers it with the runner and queues it in the
+scheduler; each ``step`` schedules a batch, runs it, and turns the runner's plain results into
+RequestOutputs (detokenized text, token records, stop checks); a finished or aborted request
+leaves the scheduler (its blocks return to the pool) and the runner.
+Not thread-safe: ``AsyncEngine`` serializes every call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from truffula.config import EngineConfig
+from truffula.engine.detokenizer import Detokenizer, TokenTable
+from truffula.engine.output import RequestOutput, TokenInfo, prompt_token_infos, token_info
+from truffula.engine.tokenizer import Tokenizer
+from truffula.errors import EngineOverloadedError, RequestValidationError
+from truffula.model_store.resolve import resolve_model
+from truffula.models.registry import load_model
+from truffula.runner.output import SeqOutput, TokenLogprobs
+from truffula.runner.runner import ModelRunner
+from truffula.sampling.params import SamplingParams
+from truffula.scheduler.block_pool import BlockPool
+from truffula.scheduler.scheduler import Scheduler, SeqState
+
+log = logging.getLogger("truffula.engine")
+
+
+class MetricsSink(Protocol):
+    def request_finished(self, req: Request, reason: str) -> None: ...
+    def first_token(self, req: Request) -> None: ...
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    seq: SeqState
+    detok: Detokenizer
+    output_ids: list[int] = field(default_factory=list)
+    prompt_records: dict[int, TokenLogprobs] = field(default_factory=dict)
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    finish_reason: str | None = None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, progress: bool = True) -> None:
+        self.config = config
+        folder = resolve_model(config.model.model, progress=progress)
+        self.device = pick_device(config.model.device)
+        self.dtype = pick_dtype(config.model.dtype, self.device)
+        loaded = load_model(folder, self.dtype, self.device, config.model.max_model_len)
+        self.model_folder = folder
+        self.architecture = loaded.architecture
+        self.tokenizer = Tokenizer(folder)
+        self.table = TokenTable(self.tokenizer.hf)
+        self.runner = ModelRunner(loaded, config, self.device, self.dtype)
+        self.max_len = self.runner.max_len
+        self.vocab_size = self.runner.vocab_size
+        self.pool = BlockPool(self.runner.num_blocks)
+        self.scheduler = Scheduler(
+            self.pool,
+            config.cache.block_size,
+            config.scheduler.max_num_batched_tokens,
+            config.scheduler.max_num_seqs,
+        )
+        self.requests: dict[str, Request] = {}
+        self.metrics: MetricsSink | None = None
+        log.info(
+            "engine ready: %s (%s) on %s/%s, %d KV blocks of %d tokens, max length %d",
+            folder,
+            self.architecture,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            self.pool.capacity,
+            config.cache.block_size,
+            self.max_len,
+        )
+
+    # ---------------------------------------------------------------- requests
+    def tokenize_prompt(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestValidationError("inputs", "`inputs` cannot be empty")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise RequestValidationError(
+                    "inputs",
+                    f"token ids must be integers in [0, {self.vocab_size}). Given: {bad[0]!r}",
+                )
+        if not ids:
+            raise RequestValidationError("inputs", "`inputs` cannot be empty")
+        if params.truncate is not None:
+            ids = ids[-params.truncate :]
+        if len(ids) >= self.max_len:
+            raise RequestValidationError(
+                "inputs",
+                f"`inputs` must have less than {self.max_len} tokens (the model's maximum length); "
+                f"set `truncate` to keep the last tokens. Given: {len(ids)}",
+            )
+        return ids
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        params.validate(self.config.limits)
+        ids = self.tokenize_prompt(prompt, params)
+        room = self.max_len - len(ids)
+        if params.max_new_tokens is None:
+            max_new = min(self.config.limits.max_new_tokens_default, room)
+        elif params.max_new_tokens > room:
+            raise RequestValidationError(
+                "max_new_tokens",
+                f"`inputs` tokens + `max_new_tokens` must be <= {self.max_len}. "
+                f"Given: {len(ids)} `inputs` tokens and {params.max_new_tokens} `max_new_tokens`",
+            )
+        else:
+            max_new = params.max_new_tokens
+        if self.scheduler.num_requests >= self.config.scheduler.max_queued_requests:
+            raise EngineOverloadedError("Model is overloaded")
+        rid = request_id or uuid.uuid4().hex
+        if rid in self.requests:
+            raise RequestValidationError("request_id", f"request id {rid!r} is already in use")
+        seq = SeqState(rid, list(ids), len(ids), adapter=params.adapter_id)
+        detok = Detokenizer(self.table, params.stop, params.skip_special_tokens)
+        self.requests[rid] = Request(rid, ids, params, max_new, seq, detok)
+        self.runner.add_request(rid, ids, params)
+        self.scheduler.add(seq)
+        return rid
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        self._finish(req, "abort")
+        return RequestOutput(
+            request_id,
+            finished=True,
+            finish_reason="abort",
+            num_prompt_tokens=len(req.prompt_ids),
+            num_generated_tokens=len(req.output_ids),
+        )
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---------------------------------------------------------------- one step
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        result = self.runner.execute(sched)
+        self.scheduler.step_done(sched)
+        outputs = []
+        for seq_out in result.seqs:
+            req = self.requests.get(seq_out.request_id)
+            if req is None:
+                continue
+            for i, rec in enumerate(seq_out.prompt_logprobs):
+                req.prompt_records[seq_out.prompt_logprobs_start + i] = rec
+            if seq_out.sampled is not None:
+                outputs.append(self._on_token(req, seq_out))
+        return outputs
+
+    def _on_token(self, req: Request, seq_out: SeqOutput) -> RequestOutput:
+        tok = seq_out.sampled
+        assert tok is not None
+        params = req.params
+        req.output_ids.append(tok)
+        req.seq.token_ids.append(tok)
+        pending = req.detok.pending
+        step = req.detok.add(tok)
+        info: TokenInfo = token_info(
+            self.table,
+            req.detok,
+            tok,
+            step.token_text,
+            seq_out.logprobs,
+            pending,
+            params.return_k_alternatives,
+        )
+        out = RequestOutput(req.request_id, [info], step.released, seed=params.seed)
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
+            if params.wants_prompt_logprobs:
+                out.prompt_tokens = prompt_token_infos(
+                    self.table, req.prompt_ids, req.prompt_records, params.prompt_k_alternatives
+                )
+            if self.metrics is not None:
+                self.metrics.first_token(req)
+        reason = None
+        if step.stopped:
+            reason = "stop_sequence"
+        elif tok in self.tokenizer.eos_ids and not params.ignore_eos:
+            reason = "eos_token"
+        elif len(req.output_ids) >= req.max_new_tokens or len(req.seq.token_ids) >= self.max_len:
+            reason = "length"
+        elif tok in params.extra_stop_token_ids:
+            reason = "stop_sequence"
+        out.num_prompt_tokens = len(req.prompt_ids)
+        out.num_generated_tokens = len(req.output_ids)
+        if reason is not None:
+            out.text += req.detok.flush()
+            out.finished, out.finish_reason = True, reason
+            out.generated_text = req.detok.text
+            self._finish(req, reason)
+        return out
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.finish_reason = reason
+        req.finished_at = time.monotonic()
+        self.scheduler.finish(req.request_id)
+        self.runner.remove_request(req.request_id)
+        self.requests.pop(req.request_id, None)
+        if self.metrics is not None:
+            self.metrics.request_finished(req, reason)

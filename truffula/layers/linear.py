@@ -1,0 +1,73 @@
+"""Linear layers with per-shard weight loaders and an optional pre-packed CPU path.
+
+``MergedLinear`` holds several checkpoint projections in one matrix (q/k/v, gate/up) so that a
+step runs one matmul instead of three; its ``weight_loader`` copies each checkpoint tensor into
+its row range. ``pack_for_cpu()`` swaps the dense weight for a oneDNN-packed one (see
+``truffula.kernels.linear_cpu``); the module keeps its shape attributes either way.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from truffula.kernels import linear_cpu
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        if bias:
+            self.bias: nn.Parameter | None = nn.Parameter(
+                torch.empty(out_features), requires_grad=False
+            )
+        else:
+            self.bias = None
+        self.packed: torch.Tensor | None = None
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard: str | int | None
+    ) -> None:
+        if loaded.shape != param.shape:
+            raise ValueError(f"shape {tuple(loaded.shape)} does not fit {tuple(param.shape)}")
+        param.data.copy_(loaded)
+
+    def pack_for_cpu(self) -> None:
+        """Replace the dense weight by a oneDNN-packed copy (frees the dense one)."""
+        self.packed = linear_cpu.pack(self.weight.data)
+        self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return linear_cpu.linear(x, self.packed, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
+    """Several projections stacked along the output dimension, loaded shard by shard."""
+
+    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool = False) -> None:
+        super().__init__(in_features, sum(shard_sizes.values()), bias)
+        self.shard_offsets: dict[str, tuple[int, int]] = {}
+        start = 0
+        for name, size in shard_sizes.items():
+            self.shard_offsets[name] = (start, size)
+            start += size
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard: str | int | None
+    ) -> None:
+        if shard is None:  # a checkpoint that already stores the fused matrix (Phi-3)
+            super().weight_loader(param, loaded, None)
+            return
+        start, size = self.shard_offsets[str(shard)]
+        if loaded.shape[0] != size or loaded.shape[1:] != param.shape[1:]:
+            raise ValueError(
+                f"shard {shard!r}: shape {tuple(loaded.shape)} does not fit rows {size} of "
+                f"{tuple(param.shape)}"
+            )
+        param.data[start : start + size].copy_(loaded)

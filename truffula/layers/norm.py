@@ -1,0 +1,57 @@
+"""RMSNorm (with the fused residual add of pre-norm blocks) and LayerNorm."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * w`` in fp32, cast back; ``offset=1`` gives Gemma's ``(1 + w)`` scaling."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
+        super().__init__()
+        self.eps = eps
+        self.offset = offset
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self._scale: torch.Tensor | None = None
+
+    def scale(self) -> torch.Tensor:
+        if self._scale is None or self._scale.device != self.weight.device:
+            self._scale = (
+                (self.weight.float() + self.offset) if self.offset else self.weight.float()
+            )
+        return self._scale
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Without ``residual``: norm(x). With it: (norm(x + residual), x + residual)."""
+        if residual is not None:
+            x = x + residual
+            residual = x
+        dtype = x.dtype
+        y = F.rms_norm(x.float(), (x.shape[-1],), self.scale(), self.eps).to(dtype)
+        return y if residual is None else (y, residual)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 with the same (x, residual) calling convention as RMSNorm."""
+
+    def __init__(self, dim: int, eps: float, bias: bool = True) -> None:
+        super().__init__(dim, eps=eps, bias=bias)
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is not None:
+            x = x + residual
+            residual = x
+        bias = self.bias.float() if self.bias is not None else None
+        y = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), bias, self.eps)
+        y = y.to(x.dtype)
+        return y if residual is None else (y, residual)

@@ -1,0 +1,1 @@
+"""Native model implementations (one file per architecture) and their registry."""

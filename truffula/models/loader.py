@@ -1,0 +1,81 @@
+"""The one weight loader: build a model on the meta device, allocate it, stream safetensors in.
+
+A module may define ``weight_loader(param, tensor, shard)`` for its parameters; fused projections
+use it to place a checkpoint tensor in its row range. Missing or unexpected tensors are errors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from truffula.errors import ModelLoadError
+from truffula.models.common import CausalLM
+
+
+def build_and_load(
+    cls: type[CausalLM],
+    config: Any,
+    folder: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_len: int,
+) -> CausalLM:
+    with torch.device("meta"):
+        model = cls(config, max_len)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.tie_weights()
+    load_weights(model, folder)
+    model.eval()
+    return model
+
+
+def load_weights(model: CausalLM, folder: Path) -> None:
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors weights in {folder}")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    _load_one(model, params, name, f, loaded)
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(
+                f"{file.name} in {folder} is corrupt or unreadable: {exc}"
+            ) from exc
+    missing = sorted(set(params) - loaded)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ModelLoadError(f"weights missing from {folder}: {', '.join(missing[:5])}{more}")
+
+
+def _load_one(
+    model: CausalLM, params: dict[str, torch.nn.Parameter], name: str, f: Any, loaded: set[str]
+) -> None:
+    mapped = model.checkpoint_name(name)
+    if mapped is None:
+        return
+    target, shard = mapped
+    if target not in params:
+        if target == "lm_head.weight" and "lm_head.weight" not in params:
+            return  # tied embeddings: the checkpoint may store the copy anyway
+        raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
+    param = params[target]
+    tensor = f.get_tensor(name).to(param.dtype)
+    owner = model.get_submodule(target.rsplit(".", 1)[0]) if "." in target else model
+    loader = getattr(owner, "weight_loader", None)
+    try:
+        if loader is None:
+            if tensor.shape != param.shape:
+                raise ValueError(f"shape {tuple(tensor.shape)} does not fit {tuple(param.shape)}")
+            param.data.copy_(tensor)
+        else:
+            loader(param, tensor, shard)
+    except ValueError as exc:
+        raise ModelLoadError(f"checkpoint tensor {name!r}: {exc}") from exc
+    loaded.add(target)

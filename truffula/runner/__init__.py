@@ -1,0 +1,1 @@
+"""Turns scheduled work into device tensors, runs the model and the sampler."""

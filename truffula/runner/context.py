@@ -1,0 +1,72 @@
+"""Per-step batch metadata, carried to attention and LoRA layers through one scoped context.
+
+The model signature stays ``forward(input_ids, positions)``; layers that need to know the batch
+layout (attention, LoRA) call ``get_forward_context()`` inside ``with forward_context(ctx):``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Layout of one step's flattened tokens over the paged KV cache.
+
+    Sequences are ordered decodes first (one query token each), then prefill chunks.
+    Token ``t`` of the step belongs to sequence ``s`` when
+    ``query_start_loc[s] <= t < query_start_loc[s + 1]``.
+    """
+
+    slot_mapping: torch.Tensor
+    """[num_tokens] int64: cache slot (block * block_size + offset) each new token is written to."""
+    block_tables: torch.Tensor
+    """[num_seqs, max_blocks] int32: the KV blocks of each sequence, padded with 0."""
+    seq_lens: torch.Tensor
+    """[num_seqs] int32: tokens in the cache for each sequence after this step."""
+    query_start_loc: torch.Tensor
+    """[num_seqs + 1] int32: prefix sums of the query lengths."""
+    num_decodes: int
+    """Sequences (and tokens) at the front with exactly one query token."""
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+    seq_lens_cpu: list[int] = field(default_factory=list)
+    query_start_loc_cpu: list[int] = field(default_factory=list)
+    cache: dict[str, Any] = field(default_factory=dict)
+    """Derived tensors a backend builds once per step and reuses in every layer."""
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+@dataclass
+class ForwardContext:
+    attn: AttentionMetadata
+    lora: Any = None
+    """LoRA batch metadata (``truffula.layers.lora.LoRABatch``) or None for a base-only step."""
+
+
+_CONTEXT: ForwardContext | None = None
+
+
+@contextmanager
+def forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
+    global _CONTEXT
+    previous, _CONTEXT = _CONTEXT, ctx
+    try:
+        yield ctx
+    finally:
+        _CONTEXT = previous
+
+
+def get_forward_context() -> ForwardContext:
+    if _CONTEXT is None:
+        raise RuntimeError("model layers were called outside forward_context()")
+    return _CONTEXT

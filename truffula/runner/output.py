@@ -1,0 +1,34 @@
+"""Plain data the runner returns to the engine each step (Python numbers and lists only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprobs:
+    """Probabilities around one token position: the token, its logprob and rank, the entropy of
+    the distribution and the top-k (ids and logprobs, most likely first)."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    entropy: float
+    top_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+
+
+@dataclass
+class SeqOutput:
+    request_id: str
+    sampled: int | None
+    """The next token, when this step ended the sequence's known tokens."""
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    """Prompt positions ``prompt_logprobs_start, prompt_logprobs_start + 1, ...``."""
+    prompt_logprobs_start: int = 0
+
+
+@dataclass
+class RunnerOutput:
+    seqs: list[SeqOutput]

@@ -1,0 +1,293 @@
+"""The model runner: SchedulerOutput (plain data) -> device tensors -> model -> sampler -> RunnerOutput.
+
+Steps of ``execute``:
+1. drop the state of requests that left;
+2. ``prepare``: flatten the scheduled tokens, positions and cache slots into one ForwardBatch;
+3. run the model under ``forward_context`` and compute logits only for rows that sample;
+4. sample (``truffula.sampling.sampler``) and, for requests that asked, prompt logprobs over
+   the prefill hidden states in chunks of positions;
+5. one device-to-host copy of everything the engine needs, turned into plain lists.
+
+The runner keeps per-request state (prompt, outputs so far, sampling params, RNG) keyed by
+request id; it never sees the tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from truffula.config import EngineConfig
+from truffula.kernels import linear_cpu
+from truffula.layers.attention import Attention
+from truffula.models.registry import LoadedModel
+from truffula.runner.context import AttentionMetadata, ForwardContext, forward_context
+from truffula.runner.output import RunnerOutput, SeqOutput, TokenLogprobs
+from truffula.sampling.metadata import build_sampling_batch
+from truffula.sampling.params import SamplingParams
+from truffula.sampling.sampler import Sampler, logprob_stats
+from truffula.scheduler.output import ScheduledSeq, SchedulerOutput
+
+log = logging.getLogger("truffula.runner")
+
+
+@dataclass
+class RequestState:
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    prompt_lp_next: int = 1
+    """Next prompt position whose logprob is still to be reported."""
+
+
+@dataclass
+class _PromptJob:
+    seq_index: int
+    rows: list[int]
+    """Hidden-state rows (in the step's flattened tokens) predicting the targets."""
+    targets: list[int]
+    first_pos: int
+    k: int
+
+
+class ModelRunner:
+    def __init__(
+        self, loaded: LoadedModel, config: EngineConfig, device: torch.device, dtype: torch.dtype
+    ):
+        self.model = loaded.model
+        self.device = device
+        self.dtype = dtype
+        self.config = config
+        hf = loaded.hf_config
+        self.vocab_size = int(hf.vocab_size)
+        self.block_size = config.cache.block_size
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.num_blocks = self._num_blocks()
+        self.max_len = min(loaded.max_len, (self.num_blocks - 1) * self.block_size)
+        self._allocate_cache()
+        self.packed_linears = device.type == "cpu" and linear_cpu.available(dtype)
+        if self.packed_linears:
+            for lin in self.model.linear_modules():
+                lin.pack_for_cpu()
+        self.sampler = Sampler()
+        self.states: dict[str, RequestState] = {}
+
+    # ---------------------------------------------------------------- set-up
+    def _kv_bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        per_token = sum(2 * a.num_kv_heads * a.head_dim for a in self.attn_layers) * elem
+        return per_token * self.block_size
+
+    def _num_blocks(self) -> int:
+        if self.config.cache.num_blocks is not None:
+            return self.config.cache.num_blocks + 1  # + the null block
+        return max(2, self.config.cache.kv_cache_memory // self._kv_bytes_per_block())
+
+    def _allocate_cache(self) -> None:
+        from truffula.kernels.select import attention_impl
+
+        impl = attention_impl(self.device)
+        slots = self.num_blocks * self.block_size
+        for a in self.attn_layers:
+            k = torch.zeros(slots, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device)
+            a.bind_cache(k, torch.zeros_like(k), impl)
+
+    # ---------------------------------------------------------------- requests
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        gen = None
+        if params.seed is not None and not params.greedy:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(params.seed)
+        self.states[request_id] = RequestState(list(prompt_ids), params, generator=gen)
+
+    def remove_request(self, request_id: str) -> None:
+        self.states.pop(request_id, None)
+
+    # ---------------------------------------------------------------- one step
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        for rid in sched.finished_ids:
+            self.states.pop(rid, None)
+        if sched.is_empty:
+            return RunnerOutput([])
+        input_ids, positions, meta = self.prepare(sched.seqs)
+        with forward_context(ForwardContext(meta)):
+            hidden = self.model(input_ids, positions)
+        sample_idx = [i for i, s in enumerate(sched.seqs) if s.sample]
+        last_rows = [meta.query_start_loc_cpu[i + 1] - 1 for i in sample_idx]
+        device_parts: list[torch.Tensor] = []
+        sampled_lp = None
+        if sample_idx:
+            logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
+            states = [self.states[sched.seqs[i].request_id] for i in sample_idx]
+            batch = build_sampling_batch(
+                [st.params for st in states],
+                [st.prompt_ids for st in states],
+                [st.output_ids for st in states],
+                [st.generator for st in states],
+                self.vocab_size,
+                self.device,
+            )
+            out = self.sampler(logits, batch)
+            device_parts.append(out.sampled)
+            sampled_lp = out.logprobs
+            if sampled_lp is not None:
+                device_parts += [
+                    sampled_lp.rows,
+                    sampled_lp.token_ids,
+                    sampled_lp.logprobs,
+                    sampled_lp.ranks,
+                    sampled_lp.entropy,
+                ]
+        jobs = self._prompt_jobs(sched.seqs, meta)
+        for job in jobs:
+            device_parts += self._prompt_logprobs(hidden, job)
+        host = _to_host(device_parts)
+        return self._unpack(sched.seqs, sample_idx, sampled_lp is not None, jobs, host)
+
+    def prepare(
+        self, seqs: list[ScheduledSeq]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs = self.block_size
+        tokens: list[int] = []
+        positions: list[int] = []
+        seq_of_token: list[int] = []
+        starts = [0]
+        for i, s in enumerate(seqs):
+            tokens += s.token_ids
+            positions += range(s.start_pos, s.start_pos + s.num_tokens)
+            seq_of_token += [i] * s.num_tokens
+            starts.append(starts[-1] + s.num_tokens)
+        max_blocks = max(len(s.block_ids) for s in seqs)
+        table = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
+        for i, s in enumerate(seqs):
+            table[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
+        pos = torch.tensor(positions, dtype=torch.long)
+        owner = torch.tensor(seq_of_token, dtype=torch.long)
+        slots = table[owner, pos // bs].long() * bs + pos % bs
+        seq_lens = [s.start_pos + s.num_tokens for s in seqs]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=slots.to(dev, non_blocking=True),
+            block_tables=table.to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32).to(dev, non_blocking=True),
+            num_decodes=sum(1 for s in seqs if s.num_tokens == 1),
+            max_query_len=max(s.num_tokens for s in seqs),
+            max_seq_len=max(seq_lens),
+            block_size=bs,
+            seq_lens_cpu=seq_lens,
+            query_start_loc_cpu=starts,
+        )
+        ids = torch.tensor(tokens, dtype=torch.long).to(dev, non_blocking=True)
+        return ids, pos.to(dev, non_blocking=True), meta
+
+    # ---------------------------------------------------------------- prompt logprobs
+    def _prompt_jobs(self, seqs: list[ScheduledSeq], meta: AttentionMetadata) -> list[_PromptJob]:
+        jobs = []
+        for i, s in enumerate(seqs):
+            st = self.states[s.request_id]
+            if not st.params.wants_prompt_logprobs:
+                continue
+            plen = len(st.prompt_ids)
+            # logits at position p predict the token at p + 1; this chunk holds positions
+            # [start, start + n), so it can report targets [start + 1, start + n] within the prompt.
+            first = max(s.start_pos + 1, st.prompt_lp_next)
+            last = min(s.start_pos + s.num_tokens, plen - 1)
+            if first > last:
+                continue
+            base = meta.query_start_loc_cpu[i] - s.start_pos
+            rows = [base + t - 1 for t in range(first, last + 1)]
+            jobs.append(
+                _PromptJob(
+                    i, rows, st.prompt_ids[first : last + 1], first, st.params.prompt_k_alternatives
+                )
+            )
+            st.prompt_lp_next = last + 1
+        return jobs
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, job: _PromptJob) -> list[torch.Tensor]:
+        """Raw logprob stats of prompt targets, materializing at most ``chunk`` logit rows at once."""
+        chunk = self.config.limits.prompt_logprobs_chunk
+        rows = torch.tensor(job.rows, device=self.device)
+        targets = torch.tensor(job.targets, device=self.device)
+        parts: list[list[torch.Tensor]] = [[], [], [], []]
+        for lo in range(0, len(job.rows), chunk):
+            lp = self.model.compute_logits(hidden[rows[lo : lo + chunk]]).log_softmax(-1)
+            for acc, t in zip(
+                parts, logprob_stats(lp, targets[lo : lo + chunk], job.k), strict=True
+            ):
+                acc.append(t)
+            del lp
+        return [torch.cat(p) for p in parts]
+
+    # ---------------------------------------------------------------- results
+    def _unpack(
+        self,
+        seqs: list[ScheduledSeq],
+        sample_idx: list[int],
+        has_lp: bool,
+        jobs: list[_PromptJob],
+        host: list[list],
+    ) -> RunnerOutput:
+        outs = [SeqOutput(s.request_id, None) for s in seqs]
+        it = iter(host)
+        if sample_idx:
+            sampled = [int(x) for x in next(it)]
+            for i, tok in zip(sample_idx, sampled, strict=True):
+                outs[i].sampled = tok
+                self.states[seqs[i].request_id].output_ids.append(tok)
+            if has_lp:
+                rows, ids, lps, ranks, ents = (next(it) for _ in range(5))
+                for r, row_ids, row_lps, rank, ent in zip(rows, ids, lps, ranks, ents, strict=True):
+                    i = sample_idx[int(r)]
+                    k = self.states[seqs[i].request_id].params.return_k_alternatives
+                    outs[i].logprobs = _record(row_ids, row_lps, rank, ent, k)
+        for job in jobs:
+            ids, lps, ranks, ents = (next(it) for _ in range(4))
+            outs[job.seq_index].prompt_logprobs = [
+                _record(a, b, c, d, job.k) for a, b, c, d in zip(ids, lps, ranks, ents, strict=True)
+            ]
+            outs[job.seq_index].prompt_logprobs_start = job.first_pos
+        return RunnerOutput(outs)
+
+
+def _record(ids: list, lps: list, rank: float, entropy: float, k: int) -> TokenLogprobs:
+    """Column 0 is the chosen token; -inf entries (filtered out) are never listed."""
+    top = [
+        (int(t), float(v))
+        for t, v in zip(ids[1 : 1 + k], lps[1 : 1 + k], strict=True)
+        if v > float("-inf")
+    ]
+    chosen = float(lps[0])
+    if not chosen > -1e30:  # a -inf / NaN logprob never leaves the engine
+        chosen = -9999.0
+    return TokenLogprobs(
+        token_id=int(ids[0]),
+        logprob=chosen,
+        rank=int(rank),
+        entropy=float(entropy) if entropy == entropy else 0.0,
+        top_ids=[t for t, _ in top],
+        top_logprobs=[v for _, v in top],
+    )
+
+
+def _to_host(parts: list[torch.Tensor]) -> list[list]:
+    """One device-to-host copy of every result tensor, split back into Python lists."""
+    if not parts:
+        return []
+    flat = torch.cat([p.reshape(-1).to(torch.float64) for p in parts]).cpu().tolist()
+    out, pos = [], 0
+    for p in parts:
+        n = p.numel()
+        chunk = flat[pos : pos + n]
+        pos += n
+        out.append(
+            [chunk[j * p.shape[1] : (j + 1) * p.shape[1]] for j in range(p.shape[0])]
+            if p.dim() == 2
+            else chunk
+        )
+    return out

@@ -1,0 +1,184 @@
+"""The sampler: logits -> sampled ids and, for rows that asked, token-probability tensors.
+
+Stages, each a pure function of its inputs:
+1. raw log-softmax, only for rows reporting the raw distribution;
+2. penalties (repetition over prompt + output, frequency / presence over output);
+3. temperature (greedy rows keep 1.0);
+4. filters top-k, top-p, min-p, typical-p (HF transformers' order and semantics), -inf outside;
+5. sampling: argmax for greedy rows, the exponential race ``argmax(p / q), q ~ Exp(1)`` for the
+   others, each seeded row drawing ``q`` from its own generator (so a seed gives the same output
+   whatever else is in the batch);
+6. logprob statistics on the reported distribution: chosen logprob, rank (1 + entries strictly
+   larger), entropy (nats) and ``topk`` with k = the largest k asked in the step.
+
+Nothing here sorts the whole vocabulary for logprobs, copies [batch, vocab] to the host, or
+touches the tokenizer. Rows that asked for nothing pay nothing in stage 1 and 6.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from truffula.sampling.metadata import SamplingBatch
+
+
+@dataclass
+class LogprobsTensors:
+    """Token-probability results of R rows; column 0 holds the chosen token, top-k after it."""
+
+    rows: torch.Tensor
+    """[R] long: batch rows these results belong to."""
+    token_ids: torch.Tensor
+    """[R, 1 + k] long."""
+    logprobs: torch.Tensor
+    """[R, 1 + k] float32 (-inf where a processed distribution has fewer than k tokens)."""
+    ranks: torch.Tensor
+    """[R] long: rank of the chosen token, 1 = most likely."""
+    entropy: torch.Tensor
+    """[R] float32, nats."""
+
+
+@dataclass
+class SamplerOutput:
+    sampled: torch.Tensor
+    """[B] long."""
+    logprobs: LogprobsTensors | None
+
+
+def logprob_stats(lp: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """lp [R, V] log-probabilities, chosen [R] -> ids [R, 1+k], lps [R, 1+k], ranks [R], entropy [R]."""
+    chosen_lp = lp.gather(1, chosen.unsqueeze(1))  # [R, 1]
+    ranks = (lp > chosen_lp).sum(dim=1) + 1
+    plogp = torch.where(
+        torch.isfinite(lp), lp.exp() * lp, torch.zeros((), dtype=lp.dtype, device=lp.device)
+    )
+    entropy = -plogp.sum(dim=1)
+    ids, lps = chosen.unsqueeze(1), chosen_lp
+    if k > 0:
+        top_lp, top_ids = torch.topk(lp, min(k, lp.shape[1]), dim=1)
+        ids, lps = torch.cat((ids, top_ids), dim=1), torch.cat((lps, top_lp), dim=1)
+    return ids, lps, ranks, entropy
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        logits = logits.float()
+        raw_lp = logits[batch.raw_rows].log_softmax(-1) if batch.raw_rows is not None else None
+        x = apply_penalties(logits, batch) if batch.penalty_rows is not None else logits
+        if not batch.all_greedy:
+            x = x / batch.temperature.unsqueeze(1)
+        x = apply_filters(x, batch)
+        sampled = self._sample(x, batch)
+        return SamplerOutput(sampled, self._logprobs(x, raw_lp, sampled, batch))
+
+    def _sample(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        greedy_ids = x.argmax(dim=-1)
+        if batch.all_greedy:
+            return greedy_ids
+        probs = x.softmax(dim=-1)
+        q = torch.empty_like(probs).exponential_()
+        for row, gen in batch.generators.items():
+            q[row].exponential_(generator=gen)
+        random_ids = (probs / q).argmax(dim=-1)
+        return torch.where(batch.greedy, greedy_ids, random_ids)
+
+    def _logprobs(
+        self,
+        x: torch.Tensor,
+        raw_lp: torch.Tensor | None,
+        sampled: torch.Tensor,
+        batch: SamplingBatch,
+    ) -> LogprobsTensors | None:
+        groups = []
+        if batch.processed_rows is not None:
+            lp = x[batch.processed_rows].log_softmax(-1)
+            groups.append((batch.processed_rows, lp))
+        if batch.raw_rows is not None and raw_lp is not None:
+            groups.append((batch.raw_rows, raw_lp))
+        if not groups:
+            return None
+        parts = [(rows, *logprob_stats(lp, sampled[rows], batch.max_k)) for rows, lp in groups]
+        cat = [torch.cat(t) for t in zip(*parts, strict=True)]
+        return LogprobsTensors(
+            rows=cat[0], token_ids=cat[1], logprobs=cat[2], ranks=cat[3], entropy=cat[4]
+        )
+
+
+def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """HF repetition penalty over prompt + output tokens; OpenAI frequency / presence over output."""
+    assert (
+        b.penalty_rows is not None and b.prompt_tokens is not None and b.output_tokens is not None
+    )
+    assert b.repetition is not None and b.frequency is not None and b.presence is not None
+    rows = logits[b.penalty_rows]
+    p, vocab = rows.shape
+    # Token lists are padded with ``vocab``: an extra column that is dropped.
+    counts = torch.zeros(p, vocab + 1, dtype=rows.dtype, device=rows.device)
+    counts.scatter_add_(1, b.output_tokens, torch.ones_like(b.output_tokens, dtype=rows.dtype))
+    seen = torch.zeros(p, vocab + 1, dtype=torch.bool, device=rows.device)
+    seen.scatter_(1, b.prompt_tokens, True)
+    counts, seen = counts[:, :vocab], seen[:, :vocab] | (counts[:, :vocab] > 0)
+    rep = b.repetition.unsqueeze(1)
+    rows = torch.where(seen, torch.where(rows < 0, rows * rep, rows / rep), rows)
+    rows = (
+        rows
+        - b.frequency.unsqueeze(1) * counts
+        - b.presence.unsqueeze(1) * (counts > 0).to(rows.dtype)
+    )
+    out = logits.clone()
+    out[b.penalty_rows] = rows
+    return out
+
+
+def apply_filters(x: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """top-k, top-p, min-p, typical-p in HF transformers' order; removed entries become -inf."""
+    neg_inf = torch.tensor(float("-inf"), device=x.device)
+    if b.top_k is not None:
+        k_max = min(b.top_k_max, x.shape[1])
+        kth_vals = torch.topk(x, k_max, dim=1).values
+        k = b.top_k.clamp(min=1, max=k_max) - 1
+        threshold = kth_vals.gather(1, k.unsqueeze(1))
+        threshold = torch.where((b.top_k > 0).unsqueeze(1), threshold, neg_inf)
+        x = torch.where(x < threshold, neg_inf, x)
+    if b.top_p is not None:
+        x = _top_p(x, b.top_p)
+    if b.min_p is not None:
+        probs = x.softmax(dim=-1)
+        limit = b.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+        x = torch.where(probs < limit, neg_inf, x)
+    if b.typical_p is not None:
+        x = _typical(x, b.typical_p)
+    return x
+
+
+def _top_p(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    rows = (top_p < 1).nonzero().squeeze(1)
+    sub = x[rows]
+    sorted_logits, order = torch.sort(sub, descending=False)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cum <= (1 - top_p[rows]).unsqueeze(1)
+    remove[:, -1] = False
+    mask = remove.scatter(1, order, remove)
+    out = x.clone()
+    out[rows] = sub.masked_fill(mask, float("-inf"))
+    return out
+
+
+def _typical(x: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    rows = (mass < 1).nonzero().squeeze(1)
+    sub = x[rows]
+    lp = sub.log_softmax(dim=-1)
+    p = lp.exp()
+    ent = -torch.where(torch.isfinite(lp), lp * p, torch.zeros_like(p)).sum(-1, keepdim=True)
+    shifted = (-lp - ent).abs()
+    sorted_scores, order = torch.sort(shifted, descending=False)
+    cum = sub.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+    last = (cum < mass[rows].unsqueeze(1)).sum(dim=1).clamp(max=sub.shape[1] - 1)
+    remove = sorted_scores > sorted_scores.gather(1, last.view(-1, 1))
+    remove[:, 0] = False
+    mask = remove.scatter(1, order, remove)
+    out = x.clone()
+    out[rows] = sub.masked_fill(mask, float("-inf"))
+    return out

@@ -1,0 +1,1 @@
+"""Continuous batching: token-budget scheduling over a pool of KV-cache blocks."""

@@ -1,0 +1,45 @@
+"""Plain data the scheduler hands to the runner each step (no tensors, no model objects)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    request_id: str
+    token_ids: list[int]
+    """Tokens computed this step (one for a decode, a chunk for a prefill)."""
+    start_pos: int
+    """Position of ``token_ids[0]``: tokens already in the KV cache."""
+    block_ids: list[int]
+    """The whole block table of the sequence after this step's allocation."""
+    sample: bool
+    """The chunk reaches the last known token: sample the next one."""
+    adapter_slot: int = -1
+    """Device LoRA slot of the request's adapter, -1 for the base model."""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def is_decode(self) -> bool:
+        return self.sample and len(self.token_ids) == 1 and self.start_pos > 0
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[ScheduledSeq]
+    """Decodes first, then prefill chunks."""
+    preempted_ids: list[str] = field(default_factory=list)
+    finished_ids: list[str] = field(default_factory=list)
+    """Requests that left since the last step; the runner drops their state."""
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.seqs)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs

@@ -1,0 +1,214 @@
+"""Token-budget continuous batching.
+
+The rule, in one sentence: every request has ``num_computed`` tokens in the KV cache and
+``len(token_ids)`` known tokens; each step gives each running request up to the difference,
+within a shared token budget, decodes (one token) first so they never starve; a long prompt is
+simply a request whose difference is larger than the budget left (chunked prefill).
+
+Step by step (``schedule``):
+1. Running requests, oldest first. A decode gets 1 token. A prefill gets
+   ``min(remaining, budget - decodes still to serve)``. Blocks for the new tokens are allocated;
+   when the pool is empty the newest running request is preempted (blocks freed, tokens kept,
+   requeued at the front of the waiting queue to be recomputed later).
+2. Waiting requests, in order, while budget, running-slot and block limits allow and their
+   admission hook (adapter slots) agrees. Waiting requests never preempt.
+3. The result lists decodes first, then prefill chunks.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from truffula.scheduler.block_pool import BlockPool
+from truffula.scheduler.output import ScheduledSeq, SchedulerOutput
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class SeqState:
+    """What the scheduler knows of a request. The engine appends sampled tokens to ``token_ids``."""
+
+    request_id: str
+    token_ids: list[int]
+    prompt_len: int
+    arrival: int = 0
+    adapter: str | None = None
+    num_computed: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    num_preemptions: int = 0
+    adapter_slot: int = -1
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+
+AdmitHook = Callable[[SeqState], bool]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        pool: BlockPool,
+        block_size: int,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        admit: AdmitHook | None = None,
+        release: Callable[[SeqState], None] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.block_size = block_size
+        self.max_tokens = max_num_batched_tokens
+        self.max_seqs = max_num_seqs
+        self.admit = admit
+        self.release = release
+        self.waiting: deque[SeqState] = deque()
+        self.running: list[SeqState] = []
+        self._by_id: dict[str, SeqState] = {}
+        self._finished_since_step: list[str] = []
+        self._arrivals = 0
+
+    # ---------------------------------------------------------------- requests in and out
+    def add(self, seq: SeqState) -> None:
+        if seq.request_id in self._by_id:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        self._arrivals += 1
+        seq.arrival = self._arrivals
+        seq.status = SeqStatus.WAITING
+        self._by_id[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def finish(self, request_id: str) -> None:
+        """Remove a request (done or aborted) and free everything it holds."""
+        seq = self._by_id.pop(request_id, None)
+        if seq is None:
+            return
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+            if self.release is not None:
+                self.release(seq)
+        else:
+            self.waiting.remove(seq)
+        self._free_blocks(seq)
+        seq.status = SeqStatus.FINISHED
+        self._finished_since_step.append(request_id)
+
+    def get(self, request_id: str) -> SeqState | None:
+        return self._by_id.get(request_id)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._by_id)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # ---------------------------------------------------------------- one step
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_tokens
+        chosen: list[tuple[SeqState, int]] = []
+        preempted: list[str] = []
+        queue = sorted(self.running, key=lambda s: s.arrival)
+        decodes_left = sum(1 for s in queue if s.num_pending == 1)
+        i = 0
+        while i < len(queue) and budget > 0:
+            seq = queue[i]
+            is_decode = seq.num_pending == 1
+            if is_decode:
+                decodes_left -= 1
+            n = min(seq.num_pending, budget if is_decode else budget - decodes_left)
+            if n <= 0:
+                i += 1
+                continue
+            while not self._grow(seq, n):
+                victim = queue.pop()  # the newest running request not yet scheduled
+                if victim.num_pending == 1 and victim is not seq:
+                    decodes_left -= 1
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is seq:
+                    break
+            else:
+                chosen.append((seq, n))
+                budget -= n
+                i += 1
+                continue
+            break  # the request being scheduled preempted itself: nothing newer is left
+        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+            seq = self.waiting[0]
+            if self.admit is not None and not self.admit(seq):
+                break
+            n = min(seq.num_pending, budget)
+            if not self._grow(seq, n):
+                if self.release is not None:
+                    self.release(seq)
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            chosen.append((seq, n))
+            budget -= n
+        seqs = [self._scheduled(seq, n) for seq, n in chosen]
+        seqs.sort(key=lambda s: s.num_tokens != 1)  # stable: single-token sequences first
+        out = SchedulerOutput(seqs, preempted, self._finished_since_step)
+        self._finished_since_step = []
+        return out
+
+    def step_done(self, out: SchedulerOutput) -> None:
+        """Mark the scheduled tokens as computed (their KV entries are now in the cache)."""
+        for s in out.seqs:
+            seq = self._by_id.get(s.request_id)
+            if seq is not None and seq.status is SeqStatus.RUNNING:
+                seq.num_computed = s.start_pos + s.num_tokens
+
+    # ---------------------------------------------------------------- helpers
+    def _scheduled(self, seq: SeqState, n: int) -> ScheduledSeq:
+        start = seq.num_computed
+        return ScheduledSeq(
+            request_id=seq.request_id,
+            token_ids=seq.token_ids[start : start + n],
+            start_pos=start,
+            block_ids=list(seq.block_ids),
+            sample=start + n == len(seq.token_ids),
+            adapter_slot=seq.adapter_slot,
+        )
+
+    def _grow(self, seq: SeqState, n: int) -> bool:
+        """Allocate blocks so that ``num_computed + n`` tokens fit; False if the pool is short."""
+        need = -(-(seq.num_computed + n) // self.block_size) - len(seq.block_ids)
+        if need <= 0:
+            return True
+        if need > self.pool.num_free:
+            return False
+        seq.block_ids.extend(self.pool.allocate(need))
+        return True
+
+    def _preempt(self, seq: SeqState) -> None:
+        self.running.remove(seq)
+        if self.release is not None:
+            self.release(seq)
+        self._free_blocks(seq)
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        seq.status = SeqStatus.WAITING
+        # Preempted requests go back in front of the queue, oldest first.
+        position = 0
+        while position < len(self.waiting) and self.waiting[position].arrival < seq.arrival:
+            if self.waiting[position].num_preemptions == 0:
+                break
+            position += 1
+        self.waiting.insert(position, seq)
+
+    def _free_blocks(self, seq: SeqState) -> None:
+        if seq.block_ids:
+            self.pool.free(seq.block_ids)
+            seq.block_ids = []
