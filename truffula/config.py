@@ -38,8 +38,15 @@ class ModelConfig:
     """``auto`` is float32 on CPU and bfloat16 on CUDA; or float32 / bfloat16 / float16."""
     max_model_len: int | None = None
     """Longest sequence (prompt + generation); defaults to the model's context length."""
+    linear_kernel: str = "auto"
+    """CPU linears: ``packed`` (oneDNN pre-packed weights), ``torch`` (F.linear, the reference)
+    or ``auto`` (packed where oneDNN is available)."""
 
     def __post_init__(self) -> None:
+        if self.linear_kernel not in ("auto", "packed", "torch"):
+            raise ValueError(
+                f"linear_kernel must be auto, packed or torch, not {self.linear_kernel!r}"
+            )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(
                 f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}"

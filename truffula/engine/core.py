@@ -127,9 +127,10 @@ class EngineCore:
             )
         return ids
 
-    def add_request(
+    def prepare_request(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
-    ) -> str:
+    ) -> Request:
+        """Validate and tokenize; touches no engine state, so any thread may call it."""
         params.validate(self.config.limits)
         ids = self.tokenize_prompt(prompt, params)
         room = self.max_len - len(ids)
@@ -143,17 +144,29 @@ class EngineCore:
             )
         else:
             max_new = params.max_new_tokens
-        if self.scheduler.num_requests >= self.config.scheduler.max_queued_requests:
-            raise EngineOverloadedError("Model is overloaded")
         rid = request_id or uuid.uuid4().hex
-        if rid in self.requests:
-            raise RequestValidationError("request_id", f"request id {rid!r} is already in use")
         seq = SeqState(rid, list(ids), len(ids), adapter=params.adapter_id)
         detok = Detokenizer(self.table, params.stop, params.skip_special_tokens)
-        self.requests[rid] = Request(rid, ids, params, max_new, seq, detok)
-        self.runner.add_request(rid, ids, params)
-        self.scheduler.add(seq)
-        return rid
+        return Request(rid, ids, params, max_new, seq, detok)
+
+    def enqueue(self, req: Request) -> None:
+        """Hand a prepared request to the runner and the scheduler."""
+        if self.scheduler.num_requests >= self.config.scheduler.max_queued_requests:
+            raise EngineOverloadedError("Model is overloaded")
+        if req.request_id in self.requests:
+            raise RequestValidationError(
+                "request_id", f"request id {req.request_id!r} is already in use"
+            )
+        self.requests[req.request_id] = req
+        self.runner.add_request(req.request_id, req.prompt_ids, req.params)
+        self.scheduler.add(req.seq)
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        req = self.prepare_request(prompt, params, request_id)
+        self.enqueue(req)
+        return req.request_id
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.get(request_id)

@@ -68,7 +68,12 @@ class ModelRunner:
         self.num_blocks = self._num_blocks()
         self.max_len = min(loaded.max_len, (self.num_blocks - 1) * self.block_size)
         self._allocate_cache()
-        self.packed_linears = device.type == "cpu" and linear_cpu.available(dtype)
+        kind = config.model.linear_kernel
+        self.packed_linears = (
+            device.type == "cpu" and kind != "torch" and linear_cpu.available(dtype)
+        )
+        if kind == "packed" and not self.packed_linears:
+            log.warning("packed linears are not available here; using F.linear")
         if self.packed_linears:
             for lin in self.model.linear_modules():
                 lin.pack_for_cpu()

@@ -1,0 +1,51 @@
+"""Drive a native model through the runner's input preparation, without sampling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from truffula.config import EngineConfig
+from truffula.models.registry import load_model
+from truffula.runner.context import ForwardContext, forward_context
+from truffula.runner.runner import ModelRunner
+from truffula.scheduler.block_pool import BlockPool
+from truffula.scheduler.output import ScheduledSeq
+
+
+class Harness:
+    """Feeds token chunks of several sequences through the paged cache; returns logits rows."""
+
+    def __init__(self, folder: Path, block_size: int = 4, num_blocks: int = 64, pack: bool = False):
+        loaded = load_model(folder, torch.float32, torch.device("cpu"), None)
+        cfg = EngineConfig.from_kwargs(
+            block_size=block_size,
+            num_blocks=num_blocks,
+            linear_kernel="packed" if pack else "torch",
+        )
+        self.runner = ModelRunner(loaded, cfg, torch.device("cpu"), torch.float32)
+        self.pool = BlockPool(self.runner.num_blocks)
+        self.block_size = block_size
+        self.blocks: dict[str, list[int]] = {}
+        self.pos: dict[str, int] = {}
+
+    @torch.inference_mode()
+    def step(self, chunks: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+        """Compute ``chunks[seq]`` for each sequence; return each chunk's log-softmax rows."""
+        seqs = []
+        for rid, toks in chunks.items():
+            start = self.pos.get(rid, 0)
+            blocks = self.blocks.setdefault(rid, [])
+            need = -(-(start + len(toks)) // self.block_size) - len(blocks)
+            if need > 0:
+                blocks += self.pool.allocate(need)
+            seqs.append(ScheduledSeq(rid, toks, start, list(blocks), True))
+            self.pos[rid] = start + len(toks)
+        seqs.sort(key=lambda s: s.num_tokens != 1)
+        ids, positions, meta = self.runner.prepare(seqs)
+        with forward_context(ForwardContext(meta)):
+            hidden = self.runner.model(ids, positions)
+        logits = self.runner.model.compute_logits(hidden).log_softmax(-1)
+        starts = meta.query_start_loc_cpu
+        return {s.request_id: logits[starts[i] : starts[i + 1]] for i, s in enumerate(seqs)}

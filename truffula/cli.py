@@ -1,0 +1,190 @@
+"""Command line: ``truffula generate``, ``truffula serve``, ``truffula inspect``.
+
+Flags map onto ``EngineConfig`` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from truffula.config import EngineConfig, parse_size
+from truffula.errors import TruffulaError
+
+DEMO_PROMPT = "In one sentence, what is a truffula tree?"
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument(
+        "--model",
+        default="default",
+        help="'default' (embedded SmolLM2-135M-Instruct), a local HF folder, or a cached hub id",
+    )
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + generation")
+    g.add_argument("--kv-cache-memory", default="1GiB", help="KV cache budget, e.g. 512MiB, 4GB")
+    g.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        default=None,
+        help="exact KV block count (overrides --kv-cache-memory)",
+    )
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--max-batch-tokens", type=int, default=512, help="token budget of one step")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="most requests running in one step")
+    g.add_argument(
+        "--max-concurrent-requests", type=int, default=1024, help="requests held before 429"
+    )
+    g.add_argument("--max-k-alternatives", type=int, default=20, help="largest k a request may ask")
+    g.add_argument("--max-stop-sequences", type=int, default=4)
+    g.add_argument(
+        "--max-active-adapters", type=int, default=8, help="LoRA adapters resident at once"
+    )
+    g.add_argument(
+        "--adapter-root", default=None, help="directory local adapter ids must resolve under"
+    )
+    g.add_argument("-v", "--verbose", action="store_true")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig.from_kwargs(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        kv_cache_memory=parse_size(args.kv_cache_memory),
+        num_blocks=args.num_kv_blocks,
+        block_size=args.block_size,
+        max_num_batched_tokens=args.max_batch_tokens,
+        max_num_seqs=args.max_num_seqs,
+        max_queued_requests=args.max_concurrent_requests,
+        max_k_alternatives=args.max_k_alternatives,
+        max_stop_sequences=args.max_stop_sequences,
+        max_active_adapters=args.max_active_adapters,
+        adapter_root=args.adapter_root,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from truffula.engine.core import EngineCore
+    from truffula.sampling.params import SamplingParams
+
+    core = EngineCore(engine_config(args))
+    prompt = args.prompt
+    if not args.raw and core.tokenizer.has_chat_template:
+        prompt = core.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+    )
+    core.add_request(prompt, params)
+    while core.has_work():
+        for out in core.step():
+            sys.stdout.write(out.text)
+            sys.stdout.flush()
+            if out.finished:
+                sys.stdout.write("\n")
+                if args.verbose:
+                    print(
+                        f"[{out.finish_reason}, {out.num_generated_tokens} tokens]", file=sys.stderr
+                    )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from truffula.server.launch import serve
+
+    return serve(args, engine_config(args))
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from truffula.analysis.inspect_cli import run_inspect
+
+    return run_inspect(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="truffula", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a completion and stream it to stdout")
+    gen.add_argument("prompt", nargs="?", default=DEMO_PROMPT)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    add_engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="run the HTTP server (LoRAX, TGI and OpenAI APIs)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but /health",
+    )
+    srv.add_argument(
+        "--preload-adapter",
+        action="append",
+        default=[],
+        help="adapter id to load at start-up (repeatable)",
+    )
+    srv.add_argument(
+        "--adapter-source", default="local", choices=["local", "hub"], help="default adapter_source"
+    )
+    srv.add_argument(
+        "--drain-timeout", type=float, default=10.0, help="seconds to finish requests on shutdown"
+    )
+    srv.add_argument("--log-level", default="info")
+    add_engine_args(srv)
+    srv.set_defaults(func=cmd_serve)
+
+    ins = sub.add_parser(
+        "inspect", help="show where the model hesitated: tokens colored by probability"
+    )
+    ins.add_argument("prompt")
+    ins.add_argument("--url", default=None, help="server URL (default: an in-process engine)")
+    ins.add_argument("--adapter", default=None)
+    ins.add_argument(
+        "--compare", default=None, help="second adapter id ('base' for the base model)"
+    )
+    ins.add_argument("-k", type=int, default=5, help="alternatives per token")
+    ins.add_argument("--max-new-tokens", type=int, default=64)
+    ins.add_argument("--temperature", type=float, default=0.0)
+    ins.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    ins.add_argument("--html", default=None, help="write a self-contained HTML report here")
+    ins.add_argument("--json", action="store_true", help="print the raw analysis as JSON")
+    add_engine_args(ins)
+    ins.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except (TruffulaError, ValueError) as exc:
+        print(f"truffula: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
