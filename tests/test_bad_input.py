@@ -106,7 +106,7 @@ def test_missing_model_and_unknown_architecture(tmp_path: Path, model_dir: Path)
 
     with pytest.raises(ModelLoadError, match="not found"):
         resolve_model(str(tmp_path / "nope"))
-    with pytest.raises(ModelLoadError, match="config.json"):
+    with pytest.raises(ModelLoadError, match=r"config\.json"):
         resolve_model(str(tmp_path))
     with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
         resolve_model("nobody/no-such-model-xyz")

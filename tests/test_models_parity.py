@@ -133,7 +133,7 @@ def test_default_model_prefill_and_decode_match_hf(model_dir, hf_model, hf_token
         [{"role": "user", "content": "Name a fruit that is yellow."}], add_generation_prompt=True
     )
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    ref = hf_logsoftmax(hf_model, ids + [504, 2134, 314])
+    ref = hf_logsoftmax(hf_model, [*ids, 504, 2134, 314])
     h = Harness(model_dir, block_size=16, num_blocks=16)
     got = [h.step({"x": ids})["x"]]
     for t in (504, 2134, 314):
