@@ -19,6 +19,7 @@ class Alternative:
     """The text this token would have added in place of the chosen one."""
     logprob: float
     bytes: bytes
+    special: bool = False
 
 
 @dataclass
@@ -78,8 +79,9 @@ def alternatives(
     out = []
     for tid, value in zip(lp.top_ids, lp.top_logprobs, strict=True):
         text, _ = detok.token_text(tid, pending_before)
-        raw = table.raw[tid] if tid < len(table) else b""
-        out.append(Alternative(tid, text, value, raw))
+        known = tid < len(table)
+        raw = table.raw[tid] if known else b""
+        out.append(Alternative(tid, text, value, raw, known and table.special[tid]))
     return out
 
 

@@ -1,0 +1,1 @@
+"""The HTTP server: LoRAX, TGI and OpenAI dialects over one AsyncEngine."""
