@@ -69,6 +69,11 @@ class AsyncEngine:
         self._executor.shutdown(wait=True)
 
     @property
+    def healthy(self) -> bool:
+        """The step loop is running (or not started yet) and has not died."""
+        return self._task is None or not self._task.done()
+
+    @property
     def num_in_flight(self) -> int:
         return len(self._streams)
 
@@ -78,18 +83,8 @@ class AsyncEngine:
     ) -> Request:
         return self.core.prepare_request(prompt, params, request_id)
 
-    async def generate(
-        self,
-        prompt: str | list[int] | Request,
-        params: SamplingParams | None = None,
-        request_id: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; raises validation errors before the first output."""
-        req = (
-            prompt
-            if isinstance(prompt, Request)
-            else self.prepare(prompt, params or SamplingParams(), request_id)
-        )
+    def submit(self, req: Request) -> RequestStream:
+        """Queue a prepared request; raises EngineOverloadedError at once when full."""
         if len(self._streams) >= self.core.config.scheduler.max_queued_requests:
             raise EngineOverloadedError("Model is overloaded")
         if req.request_id in self._streams:
@@ -98,19 +93,25 @@ class AsyncEngine:
         queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
         self._streams[req.request_id] = queue
         self._submit(("add", req))
-        finished = False
-        try:
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, Exception):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            self._streams.pop(req.request_id, None)
-            if not finished:
-                self._submit(("abort", req.request_id))
+        return RequestStream(self, req, queue)
+
+    async def generate(
+        self,
+        prompt: str | list[int] | Request,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Prepare, submit and stream a request (validation errors raise before any output)."""
+        if not isinstance(prompt, Request):
+            prompt = self.prepare(prompt, params or SamplingParams(), request_id)
+        async with self.submit(prompt) as stream:
+            async for out in stream:
+                yield out
+
+    def _release(self, request_id: str, finished: bool) -> None:
+        self._streams.pop(request_id, None)
+        if not finished:
+            self._submit(("abort", request_id))
 
     def abort(self, request_id: str) -> None:
         self._submit(("abort", request_id))
@@ -177,3 +178,51 @@ class AsyncEngine:
     def _abort_all(self) -> None:
         for rid in list(self.core.requests):
             self.core.abort(rid)
+
+
+class RequestStream:
+    """Async iterator over one request's outputs; closing it early aborts the request."""
+
+    def __init__(
+        self, engine: AsyncEngine, req: Request, queue: asyncio.Queue[RequestOutput | Exception]
+    ):
+        self.engine = engine
+        self.request = req
+        self._queue = queue
+        self.finished = False
+        self._closed = False
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished or self._closed:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:
+            self.close()
+            raise
+        if isinstance(item, Exception):
+            self.finished = True
+            self.close()
+            raise item
+        if item.finished:
+            self.finished = True
+            self.close()
+        return item
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.engine._release(self.request_id, self.finished)
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()

@@ -71,3 +71,16 @@ class MergedLinear(Linear):
                 f"{tuple(param.shape)}"
             )
         param.data[start : start + size].copy_(loaded)
+
+
+class Conv1DLinear(Linear):
+    """A Linear whose checkpoint stores the weight as ``[in, out]`` (HF ``Conv1D``, GPT-2).
+
+    The parameter is kept as ``[out, in]`` like every other Linear (so LoRA and the packed CPU
+    path see the usual layout); the loader transposes the 2-D checkpoint tensor.
+    """
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard: str | int | None
+    ) -> None:
+        super().weight_loader(param, loaded.t() if loaded.dim() == 2 else loaded, shard)

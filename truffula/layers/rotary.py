@@ -1,8 +1,18 @@
 """Rotary position embeddings (half-rotation layout, as in HF transformers).
 
-Supports the ``rope_type`` values default, linear, llama3, yarn and longrope (short factors
-within the original context, long factors beyond), and partial rotary dimensions (GPT-NeoX,
-Phi). One module is shared by all layers of a model; it looks up cos/sin once per step.
+Supports the ``rope_type`` values default, linear, llama3, yarn and longrope, and partial rotary
+dimensions (GPT-NeoX, Phi). One module is shared by all layers of a model; it looks up cos/sin
+once per step.
+
+LongRoPE follows transformers' rule (``dynamic_rope_update``): a forward call uses the long
+factors for *all* its tokens when the sequence length so far (last position + 1) exceeds
+``original_max_position_embeddings``, else the short factors; keys already in the cache keep the
+rotation they were written with. Here the choice is made per sequence and step: the tokens of a
+sequence in a step use the long factors when that sequence's length after the step exceeds the
+original context. This equals HF ``generate`` (prefill, then one token per step); a prompt
+prefilled in chunks switches at the first chunk that crosses the original context, exactly as
+HF fed the same chunks with a cache would. Unlike HF's batched forward (which decides by the
+longest sequence of the batch), a sequence's numbers do not depend on its batch neighbours.
 """
 
 from __future__ import annotations
@@ -30,6 +40,18 @@ def rope_parameters(config: Any) -> dict[str, Any]:
     return params
 
 
+def partial_rotary_factor(config: Any, params: dict[str, Any]) -> float:
+    """Fraction of head_dim that rotates: transformers 5 keeps it in the rope dict."""
+    for value in (
+        params.get("partial_rotary_factor"),
+        getattr(config, "partial_rotary_factor", None),
+        getattr(config, "rotary_pct", None),
+    ):
+        if value:
+            return float(value)
+    return 1.0
+
+
 def inv_freq_and_scale(
     config: Any, rot_dim: int, params: dict[str, Any]
 ) -> tuple[torch.Tensor, float]:
@@ -47,7 +69,8 @@ def inv_freq_and_scale(
     if kind == "yarn":
         return _yarn(base, rot_dim, params, max_pos)
     if kind == "longrope":
-        return _longrope(base, rot_dim, params, config), 1.0  # factors chosen per position below
+        short, _, scale, _ = longrope(config, rot_dim, params)
+        return short, scale  # the long factors are chosen per sequence and step, see module doc
     raise ModelLoadError(
         f"rope_type {kind!r} is not supported (default, linear, llama3, yarn, longrope)"
     )
@@ -91,48 +114,70 @@ def _yarn(base: float, dim: int, p: dict[str, Any], max_pos: int) -> tuple[torch
     return inv, float(scale)
 
 
-def _longrope(base: float, dim: int, p: dict[str, Any], config: Any) -> torch.Tensor:
+def longrope(
+    config: Any, dim: int, p: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """(short inv_freq, long inv_freq, attention factor, original context) as transformers
+    computes them: the factor is ``rope_parameters["factor"]`` or max / original positions."""
+    base = float(p["rope_theta"])
+    orig = int(
+        p.get("original_max_position_embeddings")
+        or getattr(config, "original_max_position_embeddings", None)
+        or config.max_position_embeddings
+    )
+    factor = p.get("factor") or config.max_position_embeddings / orig
+    scale = p.get("attention_factor")
+    if scale is None:
+        scale = math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1.0 else 1.0
     exponent = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
-    short = torch.tensor(p["short_factor"], dtype=torch.float32)
-    return 1.0 / (short * base**exponent)
+    short = 1.0 / (torch.tensor(p["short_factor"], dtype=torch.float32) * base**exponent)
+    long = 1.0 / (torch.tensor(p["long_factor"], dtype=torch.float32) * base**exponent)
+    return short, long, float(scale), orig
 
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, config: Any, head_dim: int, max_len: int) -> None:
         super().__init__()
-        partial = float(getattr(config, "partial_rotary_factor", 1.0) or 1.0)
-        self.rot_dim = int(head_dim * partial)
         self.params = rope_parameters(config)
+        self.rot_dim = int(head_dim * partial_rotary_factor(config, self.params))
         self.config = config
         self.max_len = max_len
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
+        #: longrope only: cos/sin with the long factors, and the original context length
+        self._long: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._orig = 0
 
-    def _build(self, device: torch.device) -> None:
-        inv_freq, scale = inv_freq_and_scale(self.config, self.rot_dim, self.params)
+    def _table(
+        self, inv_freq: torch.Tensor, scale: float, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [max_len, rot_dim] of positions 0..max_len-1."""
         pos = torch.arange(self.max_len, dtype=torch.int64).float()
         freqs = pos[:, None] * inv_freq[None, :]
-        if self.params["rope_type"] == "longrope":
-            freqs, scale = self._longrope_freqs(pos, freqs)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self._cos = (emb.cos() * scale).to(device)
-        self._sin = (emb.sin() * scale).to(device)
+        return (emb.cos() * scale).to(device), (emb.sin() * scale).to(device)
 
-    def _longrope_freqs(self, pos: torch.Tensor, short: torch.Tensor) -> tuple[torch.Tensor, float]:
-        p, cfg = self.params, self.config
-        orig = int(
-            p.get("original_max_position_embeddings") or cfg.original_max_position_embeddings
-        )
-        factor = cfg.max_position_embeddings / orig
-        scale = p.get("attention_factor")
-        if scale is None:
-            scale = math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1 else 1.0
-        exponent = torch.arange(0, self.rot_dim, 2, dtype=torch.int64).float() / self.rot_dim
-        long_inv = 1.0 / (
-            torch.tensor(p["long_factor"]).float() * float(p["rope_theta"]) ** exponent
-        )
-        long = pos[:, None] * long_inv[None, :]
-        return torch.where(pos[:, None] < orig, short, long), float(scale)
+    def _build(self, device: torch.device) -> None:
+        if self.params["rope_type"] == "longrope":
+            short, long, scale, self._orig = longrope(self.config, self.rot_dim, self.params)
+            self._cos, self._sin = self._table(short, scale, device)
+            self._long = self._table(long, scale, device)
+            return
+        inv_freq, scale = inv_freq_and_scale(self.config, self.rot_dim, self.params)
+        self._cos, self._sin = self._table(inv_freq, scale, device)
+
+    def _long_rows(self, positions: torch.Tensor) -> torch.Tensor | bool:
+        """Which of the step's tokens take the long factors: [T, 1, 1] bool, or one bool for all."""
+        meta = get_forward_context().attn
+        flags = [n > self._orig for n in meta.seq_lens_cpu]
+        if not any(flags):
+            return False
+        if all(flags):
+            return True
+        starts = meta.query_start_loc_cpu
+        counts = torch.tensor([starts[i + 1] - starts[i] for i in range(len(flags))])
+        rows = torch.tensor(flags).repeat_interleave(counts)
+        return rows.to(positions.device)[:, None, None]
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, 1, rot_dim] for ``positions``, looked up once per step for all layers."""
@@ -144,6 +189,16 @@ class RotaryEmbedding(nn.Module):
             assert self._cos is not None and self._sin is not None
             cos = self._cos.index_select(0, positions).unsqueeze(1)
             sin = self._sin.index_select(0, positions).unsqueeze(1)
+            if self._long is not None:
+                rows = self._long_rows(positions)
+                if rows is not False:
+                    long_cos = self._long[0].index_select(0, positions).unsqueeze(1)
+                    long_sin = self._long[1].index_select(0, positions).unsqueeze(1)
+                    if rows is True:
+                        cos, sin = long_cos, long_sin
+                    else:
+                        cos = torch.where(rows, long_cos, cos)
+                        sin = torch.where(rows, long_sin, sin)
             step_cache[key] = (cos, sin)
         return step_cache[key]
 

@@ -116,17 +116,50 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+class SandwichDecoderLayer(nn.Module):
+    """Gemma 2 block, four norms: x + post_attn(attn(norm(x))), then + post_ff(mlp(pre_ff(.)));
+    the residual add is fused into ``input_layernorm`` and ``pre_feedforward_layernorm``."""
+
+    def __init__(self, config: Any, self_attn: nn.Module, mlp: nn.Module, offset: float) -> None:
+        super().__init__()
+        self.self_attn = self_attn
+        self.mlp = mlp
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(h, eps, offset)
+        self.post_attention_layernorm = RMSNorm(h, eps, offset)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps, offset)
+        self.post_feedforward_layernorm = RMSNorm(h, eps, offset)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual [T, hidden] -> (this block's output, residual stream before it)."""
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.post_attention_layernorm(self.self_attn(positions, x))
+        x, residual = self.pre_feedforward_layernorm(x, residual)
+        return self.post_feedforward_layernorm(self.mlp(x)), residual
+
+
 class DecoderModel(nn.Module):
-    """Embedding, layers and final norm; HF's ``model.*`` prefix."""
+    """Embedding, layers and final norm; HF's ``model.*`` prefix. ``embed_scale`` multiplies the
+    embeddings (in the model dtype, as Gemma does); ``norm_offset=1`` gives a (1 + w) final norm."""
 
     def __init__(
-        self, config: Any, layers: list[nn.Module], embed_scale: float | None = None
+        self,
+        config: Any,
+        layers: list[nn.Module],
+        embed_scale: float | None = None,
+        norm_offset: float = 0.0,
     ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, norm_offset)
         self.embed_scale = embed_scale
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -144,8 +177,8 @@ class CausalLM(nn.Module):
     """Base of every native model: ``forward(input_ids, positions) -> hidden`` and
     ``compute_logits(hidden) -> fp32 logits``; subclasses build ``self.model`` and the head."""
 
-    #: checkpoint projection name -> (module holding it, shard name)
-    packed_modules: ClassVar[dict[str, tuple[str, str]]] = {
+    #: checkpoint projection name -> (module holding it, shard name or None for the whole matrix)
+    packed_modules: ClassVar[dict[str, tuple[str, str | None]]] = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),
@@ -168,10 +201,13 @@ class CausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
 
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens  # type: ignore[return-value]
+
     def tie_weights(self) -> None:
         """Share the embedding with the LM head when the config says so (again after to_empty)."""
         if getattr(self.config, "tie_word_embeddings", False):
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.weight = self.input_embeddings().weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
@@ -191,6 +227,13 @@ class CausalLM(nn.Module):
             if f".{ckpt}." in name:
                 return name.replace(f".{ckpt}.", f".{module}."), shard
         return name, None
+
+    def split_checkpoint_tensor(
+        self, name: str, tensor: torch.Tensor
+    ) -> list[tuple[str, torch.Tensor]] | None:
+        """Pieces (checkpoint name, tensor) to load instead of a tensor that ``checkpoint_name``
+        maps to no parameter, e.g. stacked MoE experts; None (the default): it is unexpected."""
+        return None
 
     def linear_modules(self) -> list[Linear]:
         return [m for m in self.modules() if isinstance(m, Linear)]

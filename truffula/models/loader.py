@@ -1,7 +1,9 @@
 """The one weight loader: build a model on the meta device, allocate it, stream safetensors in.
 
 A module may define ``weight_loader(param, tensor, shard)`` for its parameters; fused projections
-use it to place a checkpoint tensor in its row range. Missing or unexpected tensors are errors.
+use it to place a checkpoint tensor in its row range. A checkpoint tensor that holds several
+parameters (Mixtral's stacked experts) is cut into pieces by the model's
+``split_checkpoint_tensor``. Missing or unexpected tensors are errors.
 """
 
 from __future__ import annotations
@@ -60,13 +62,37 @@ def _load_one(
     mapped = model.checkpoint_name(name)
     if mapped is None:
         return
-    target, shard = mapped
+    target, _ = mapped
     if target not in params:
         if target == "lm_head.weight" and "lm_head.weight" not in params:
             return  # tied embeddings: the checkpoint may store the copy anyway
+        pieces = model.split_checkpoint_tensor(name, f.get_tensor(name))
+        if pieces is None:
+            raise ModelLoadError(
+                f"checkpoint tensor {name!r} has no place in {type(model).__name__}"
+            )
+        for piece_name, piece in pieces:
+            _load_tensor(model, params, piece_name, piece, loaded)
+        return
+    _load_tensor(model, params, name, f.get_tensor(name), loaded)
+
+
+def _load_tensor(
+    model: CausalLM,
+    params: dict[str, torch.nn.Parameter],
+    name: str,
+    tensor: torch.Tensor,
+    loaded: set[str],
+) -> None:
+    """Copy one checkpoint tensor into its parameter, through the owner's ``weight_loader``."""
+    mapped = model.checkpoint_name(name)
+    if mapped is None:
+        return
+    target, shard = mapped
+    if target not in params:
         raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
     param = params[target]
-    tensor = f.get_tensor(name).to(param.dtype)
+    tensor = tensor.to(param.dtype)
     owner = model.get_submodule(target.rsplit(".", 1)[0]) if "." in target else model
     loader = getattr(owner, "weight_loader", None)
     try:

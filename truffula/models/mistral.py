@@ -1,4 +1,5 @@
-"""Mistral: the Llama block (full attention; sliding windows arrive with the window kernels)."""
+"""Mistral: the Llama block with sliding-window attention (``config.sliding_window`` on every
+layer when set; see ``sliding_window_of`` for the exact window)."""
 
 from __future__ import annotations
 

@@ -16,6 +16,12 @@ _NATIVE: dict[str, str] = {
     "LlamaForCausalLM": "truffula.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "truffula.models.mistral:MistralForCausalLM",
     "Qwen2ForCausalLM": "truffula.models.qwen2:Qwen2ForCausalLM",
+    "Qwen3ForCausalLM": "truffula.models.qwen3:Qwen3ForCausalLM",
+    "Phi3ForCausalLM": "truffula.models.phi3:Phi3ForCausalLM",
+    "Gemma2ForCausalLM": "truffula.models.gemma2:Gemma2ForCausalLM",
+    "GPT2LMHeadModel": "truffula.models.gpt2:GPT2LMHeadModel",
+    "GPTNeoXForCausalLM": "truffula.models.gpt_neox:GPTNeoXForCausalLM",
+    "MixtralForCausalLM": "truffula.models.mixtral:MixtralForCausalLM",
 }
 
 

@@ -1,0 +1,156 @@
+"""LoRAX / TGI routes: ``POST /generate``, ``/generate_stream``, ``/`` and ``/invocations``.
+
+Differences from LoRAX, all on purpose: alternatives come back whenever they are asked (also
+with ``details: false``), every logprob is a finite number, tokens carry ``rank`` and
+``entropy``, and malformed JSON gets the same ``{"error", "error_type"}`` body as other errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from truffula.sampling.params import SamplingParams
+from truffula.server.formats import Accumulator, details_dict, prefill_dict, token_dict, top_tokens
+from truffula.server.params import RouteOptions, lorax_params
+from truffula.server.protocol import CompatGenerateRequest, GenerateRequest
+from truffula.server.state import SSE_HEADERS, ServerState, collect, sse_events, state_of
+
+router = APIRouter(tags=["LoRAX / TGI"])
+
+
+def response_dict(inputs: str, acc: Accumulator, opts: RouteOptions) -> dict[str, Any]:
+    text = inputs + acc.text if opts.return_full_text else acc.text
+    out: dict[str, Any] = {"generated_text": text}
+    if opts.include_details:
+        details = details_dict(acc, opts.sampling)
+        if opts.top_n:
+            details["top_tokens"] = [top_tokens(t) for t in acc.tokens]
+        out["details"] = details
+    return out
+
+
+def _headers(state: ServerState, acc: Accumulator, params: SamplingParams) -> dict[str, str]:
+    headers = {
+        "x-model-id": state.settings.model_id,
+        "x-prompt-tokens": str(acc.num_prompt_tokens),
+        "x-generated-tokens": str(acc.num_generated_tokens),
+        "x-total-tokens": str(acc.num_prompt_tokens + acc.num_generated_tokens),
+    }
+    if params.adapter_id:
+        headers["x-adapter-id"] = params.adapter_id
+    return headers
+
+
+async def run_generate(
+    body: GenerateRequest, request: Request
+) -> tuple[dict[str, Any], dict[str, str]]:
+    state = state_of(request)
+    params, opts = lorax_params(body.parameters, state, stream=False)
+    params = await state.resolve_adapter(body.parameters, params)
+    if opts.best_of > 1:
+        return await _best_of(body, request, params, opts), {"x-model-id": state.settings.model_id}
+    req = state.engine.prepare(body.inputs, params)
+    acc = await collect(state.submit(req), request)
+    return response_dict(body.inputs, acc, opts), _headers(state, acc, params)
+
+
+async def _best_of(
+    body: GenerateRequest, request: Request, params: SamplingParams, opts: RouteOptions
+) -> dict[str, Any]:
+    """Sample ``best_of`` sequences (fresh seeds); answer the one with the highest total logprob."""
+    state = state_of(request)
+    variants = [
+        params.with_updates(seed=state.random_seed(), details=True) for _ in range(opts.best_of)
+    ]
+    streams = [state.submit(state.engine.prepare(body.inputs, v)) for v in variants]
+    accs = await asyncio.gather(*(collect(s, request) for s in streams))
+    order = sorted(range(len(accs)), key=lambda i: -sum(t.logprob or 0.0 for t in accs[i].tokens))
+    best = accs[order[0]]
+    out = response_dict(body.inputs, best, opts)
+    out.setdefault("details", details_dict(best, True))["best_of_sequences"] = [
+        {
+            "generated_text": (body.inputs if opts.return_full_text else "") + accs[i].text,
+            "finish_reason": accs[i].finish_reason,
+            "generated_tokens": accs[i].num_generated_tokens,
+            "seed": accs[i].seed,
+            "prefill": [prefill_dict(t, j) for j, t in enumerate(accs[i].prompt_tokens or [])],
+            "tokens": [token_dict(t) for t in accs[i].tokens],
+        }
+        for i in order[1:]
+    ]
+    return out
+
+
+async def open_stream(body: GenerateRequest, request: Request) -> StreamingResponse:
+    """Validate and submit first (errors answer with a status), then stream token events."""
+    state = state_of(request)
+    params, opts = lorax_params(body.parameters, state, stream=True)
+    params = await state.resolve_adapter(body.parameters, params)
+    stream = state.submit(state.engine.prepare(body.inputs, params))
+
+    async def events() -> AsyncIterator[dict[str, Any]]:
+        acc = Accumulator()
+        async with stream:
+            async for out in stream:
+                acc.add(out)
+                for i, tok in enumerate(out.tokens):
+                    ev: dict[str, Any] = {
+                        "token": token_dict(tok),
+                        "generated_text": None,
+                        "details": None,
+                    }
+                    if opts.top_n:
+                        ev["top_tokens"] = top_tokens(tok)
+                    if out.finished and i == len(out.tokens) - 1:
+                        ev["generated_text"] = (
+                            body.inputs if opts.return_full_text else ""
+                        ) + acc.text
+                        if opts.stream_details:
+                            ev["details"] = {
+                                "finish_reason": acc.finish_reason,
+                                "prompt_tokens": acc.num_prompt_tokens,
+                                "generated_tokens": acc.num_generated_tokens,
+                                "seed": acc.seed if opts.sampling else None,
+                            }
+                    yield ev
+
+    headers = {**SSE_HEADERS, "x-model-id": state.settings.model_id}
+    return StreamingResponse(sse_events(events()), media_type="text/event-stream", headers=headers)
+
+
+@router.post("/generate", summary="Generate text (one response object)")
+async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
+    """LoRAX ``/generate``. With ``return_k_alternatives`` (or TGI's ``top_n_tokens``) every
+    generated token carries its ``alternative_tokens``; ``decoder_input_details`` adds the prompt."""
+    out, headers = await run_generate(body, request)
+    return JSONResponse(out, headers=headers)
+
+
+@router.post("/generate_stream", summary="Generate text as server-sent events")
+async def generate_stream(body: GenerateRequest, request: Request) -> StreamingResponse:
+    """One ``data:`` event per token ``{token, generated_text, details}``; the last event has the
+    whole text. Alternatives come with every token event."""
+    return await open_stream(body, request)
+
+
+async def _compat(body: CompatGenerateRequest, request: Request) -> Any:
+    if body.stream:
+        return await open_stream(body, request)
+    out, headers = await run_generate(body, request)
+    return JSONResponse([out], headers=headers)
+
+
+@router.post("/", summary="LoRAX client route: generate or stream; non-streaming answer is a list")
+async def compat_generate(body: CompatGenerateRequest, request: Request) -> Any:
+    """The route ``lorax-client`` and ``text-generation`` call: ``{inputs, parameters, stream}``."""
+    return await _compat(body, request)
+
+
+@router.post("/invocations", summary="SageMaker alias of POST /")
+async def invocations(body: CompatGenerateRequest, request: Request) -> Any:
+    return await _compat(body, request)

@@ -1,0 +1,34 @@
+"""The web playground, served at ``GET /`` from files in ``server/ui`` (no build step)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse, HTMLResponse, Response
+
+router = APIRouter(include_in_schema=False)
+
+_DIR = __import__("pathlib").Path(__file__).parent / "ui"
+_TYPES = {
+    ".html": "text/html",
+    ".css": "text/css",
+    ".js": "text/javascript",
+    ".svg": "image/svg+xml",
+}
+
+
+@router.get("/")
+async def index() -> Response:
+    page = _DIR / "index.html"
+    if not page.exists():
+        return HTMLResponse(
+            "<!doctype html><title>truffula</title><p>truffula is running. API docs: <a href='/docs'>/docs</a>.</p>"
+        )
+    return FileResponse(page, media_type="text/html")
+
+
+@router.get("/ui/{name}")
+async def asset(name: str) -> Response:
+    path = (_DIR / name).resolve()
+    if path.parent != _DIR.resolve() or not path.is_file() or path.suffix not in _TYPES:
+        return Response(status_code=404)
+    return FileResponse(path, media_type=_TYPES[path.suffix])
