@@ -394,3 +394,20 @@ def test_export_html_and_terminal_renderers() -> None:
     render(an, Console(file=buf, width=120, color_system=None))
     out = buf.getvalue()
     assert "<b>\n" in out and "Most ambiguous" in out and "'&' 0.350" in out
+
+
+def test_html_token_shading_keeps_readable_contrast() -> None:
+    import colorsys
+    import re
+
+    from truffula.analysis.html import shade
+
+    def luminance(rgb: tuple[float, float, float]) -> float:
+        lin = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+    text = luminance((0x11 / 255,) * 3)  # token text is #111
+    for p in np.linspace(0, 1, 21):
+        h, s, lt = (float(x) for x in re.findall(r"[\d.]+", shade(float(p))))
+        bg = luminance(colorsys.hls_to_rgb(h / 360, lt / 100, s / 100))
+        assert (bg + 0.05) / (text + 0.05) >= 7.0  # WCAG AAA for normal text
