@@ -411,3 +411,29 @@ def test_html_token_shading_keeps_readable_contrast() -> None:
         h, s, lt = (float(x) for x in re.findall(r"[\d.]+", shade(float(p))))
         bg = luminance(colorsys.hls_to_rgb(h / 360, lt / 100, s / 100))
         assert (bg + 0.05) / (text + 0.05) >= 7.0  # WCAG AAA for normal text
+
+
+def test_comparison_renderers_mark_the_first_divergence() -> None:
+    from rich.console import Console
+
+    from truffula.analysis.terminal import render_comparison
+
+    a = parse(
+        native(
+            [tok(1, "A", 0.9, [(1, "A", 0.9)]), tok(3, " x", 0.5, [(3, " x", 0.5), (4, " y", 0.4)])]
+        )
+    )
+    b = parse(
+        native(
+            [tok(1, "A", 0.8, [(1, "A", 0.8)]), tok(4, " y", 0.6, [(4, " y", 0.6), (3, " x", 0.2)])]
+        )
+    )
+    a.label, b.label = "lora", "base model"
+    c = compare(a, b)
+    buf = io.StringIO()
+    render_comparison(analyze(a), analyze(b), c, Console(file=buf, width=120, color_system=None))
+    out = buf.getvalue()
+    assert "first divergence at token 1: ' x' vs ' y'" in out
+    assert "base model gave lora's token ' x' p 0.200" in out
+    page = html_report([analyze(a), analyze(b)], c)
+    assert page.count('class="tok diverge"') == 2 and "First divergence at token 1" in page

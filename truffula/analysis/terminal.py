@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -130,10 +132,17 @@ def render_comparison(
         a_txt = "(ended)" if row.a is None else show(row.a.text)
         b_txt = "(ended)" if row.b is None else show(row.b.text)
         console.print(Text(f"first divergence at token {first}: {a_txt} vs {b_txt}", style="bold"))
-        if row.a_token_in_b is not None:
-            console.print(f"  b gave a's token logprob {row.a_token_in_b:.3f}")
-        if row.b_token_in_a is not None:
-            console.print(f"  a gave b's token logprob {row.b_token_in_a:.3f}")
+        la, lb = comp.a.label or "a", comp.b.label or "b"
+        for who, other, txt, lp in (
+            (lb, la, a_txt, row.a_token_in_b),
+            (la, lb, b_txt, row.b_token_in_a),
+        ):
+            if lp is not None:
+                console.print(
+                    Text(
+                        f"  {who} gave {other}'s token {txt} p {math.exp(lp):.3f} (logprob {lp:.3f})"
+                    )
+                )
     if comp.mean_tv is not None:
         console.print(f"mean TV over the shared prefix: {comp.mean_tv:.4f} (lower bound)")
     table = Table(title="Largest divergences before the texts part (TV, KL: lower bounds)")
