@@ -60,3 +60,13 @@ RAW_PROMPTS = [
     "2 + 2 =",
     "The three primary colors are",
 ]
+
+
+@pytest.fixture(scope="session")
+def server(model_dir):  # type: ignore[no-untyped-def]
+    """One real server for the HTTP tests (4 concurrent requests at most, k up to 20)."""
+    from serverproc import ServerProcess
+
+    proc = ServerProcess("--max-concurrent-requests", "4", "--max-k-alternatives", "20")
+    yield proc
+    proc.stop()

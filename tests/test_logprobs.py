@@ -41,7 +41,9 @@ def check_generated(llm, out, ref: torch.Tensor, k: int) -> None:  # type: ignor
         if k:
             finite = int(torch.isfinite(row).sum())
             kk = min(k, finite)
-            assert_topk_equal([a.id for a in t.alternatives], [a.logprob for a in t.alternatives], row, kk)
+            assert_topk_equal(
+                [a.id for a in t.alternatives], [a.logprob for a in t.alternatives], row, kk
+            )
             assert sum(math.exp(a.logprob) for a in t.alternatives) <= 1 + 1e-5
             for a in t.alternatives:
                 if a.id == t.id:
@@ -51,13 +53,17 @@ def check_generated(llm, out, ref: torch.Tensor, k: int) -> None:  # type: ignor
 
 @pytest.fixture(scope="module")
 def prompt(llm) -> str:  # type: ignore[no-untyped-def]
-    return llm.tokenizer.apply_chat_template([{"role": "user", "content": "Describe a rainy day in two sentences."}])
+    return llm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Describe a rainy day in two sentences."}]
+    )
 
 
 @pytest.mark.parametrize("mode", ["raw", "processed"])
 def test_greedy_logprobs_ranks_entropy_alternatives(llm, hf_model, prompt, mode) -> None:  # type: ignore[no-untyped-def]
     k = 20
-    p = SamplingParams(max_new_tokens=12, temperature=0, return_k_alternatives=k, logprobs_mode=mode)
+    p = SamplingParams(
+        max_new_tokens=12, temperature=0, return_k_alternatives=k, logprobs_mode=mode
+    )
     (out,) = llm.generate([prompt], p)
     ids = out.prompt_token_ids + out.token_ids
     ref = hf_logsoftmax(hf_model, ids)[len(out.prompt_token_ids) - 1 : -1]
@@ -66,8 +72,14 @@ def test_greedy_logprobs_ranks_entropy_alternatives(llm, hf_model, prompt, mode)
         assert t.rank == 1 and t.alternatives[0].id == t.id
 
 
-def hf_processed(hf_model, ids: list[int], start: int, temperature: float, top_k: int, top_p: float) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+def hf_processed(
+    hf_model, ids: list[int], start: int, temperature: float, top_k: int, top_p: float
+) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     with torch.no_grad():
         logits = hf_model(torch.tensor([ids])).logits[0, start - 1 : -1].float()
@@ -83,7 +95,9 @@ def hf_processed(hf_model, ids: list[int], start: int, temperature: float, top_k
 
 def test_seeded_sampling_processed_distribution(llm, hf_model, prompt) -> None:  # type: ignore[no-untyped-def]
     k = 20
-    p = SamplingParams(max_new_tokens=12, temperature=0.7, top_k=10, top_p=0.9, seed=11, return_k_alternatives=k)
+    p = SamplingParams(
+        max_new_tokens=12, temperature=0.7, top_k=10, top_p=0.9, seed=11, return_k_alternatives=k
+    )
     (out,) = llm.generate([prompt], p)
     start = len(out.prompt_token_ids)
     ref = hf_processed(hf_model, out.prompt_token_ids + out.token_ids, start, 0.7, 10, 0.9)
@@ -94,18 +108,31 @@ def test_seeded_sampling_processed_distribution(llm, hf_model, prompt) -> None: 
 
 
 def test_seeded_sampling_raw_distribution(llm, hf_model, prompt) -> None:  # type: ignore[no-untyped-def]
-    p = SamplingParams(max_new_tokens=12, temperature=1.3, top_p=0.8, seed=5, return_k_alternatives=5, logprobs_mode="raw")
+    p = SamplingParams(
+        max_new_tokens=12,
+        temperature=1.3,
+        top_p=0.8,
+        seed=5,
+        return_k_alternatives=5,
+        logprobs_mode="raw",
+    )
     (out,) = llm.generate([prompt], p)
     ids = out.prompt_token_ids + out.token_ids
     ref = hf_logsoftmax(hf_model, ids)[len(out.prompt_token_ids) - 1 : -1]
     check_generated(llm, out, ref, 5)
     (again,) = llm.generate([prompt], p.with_updates(logprobs_mode="processed"))
-    assert again.token_ids == out.token_ids  # the mode changes what is reported, not what is sampled
+    assert (
+        again.token_ids == out.token_ids
+    )  # the mode changes what is reported, not what is sampled
 
 
 def test_prompt_logprobs_and_prompt_alternatives(llm, hf_model) -> None:  # type: ignore[no-untyped-def]
-    text = "The Eiffel Tower is located in Paris, the capital of France, and it was completed in 1889."
-    p = SamplingParams(max_new_tokens=1, temperature=0, decoder_input_details=True, prompt_k_alternatives=5)
+    text = (
+        "The Eiffel Tower is located in Paris, the capital of France, and it was completed in 1889."
+    )
+    p = SamplingParams(
+        max_new_tokens=1, temperature=0, decoder_input_details=True, prompt_k_alternatives=5
+    )
     (out,) = llm.generate([text], p)
     ids = out.prompt_token_ids
     ref = hf_logsoftmax(hf_model, ids)
@@ -117,7 +144,9 @@ def test_prompt_logprobs_and_prompt_alternatives(llm, hf_model) -> None:  # type
         t = pts[pos]
         assert abs(t.logprob - row[ids[pos]].item()) <= TOL
         assert t.rank == int((row > row[ids[pos]]).sum()) + 1
-        assert_topk_equal([a.id for a in t.alternatives], [a.logprob for a in t.alternatives], row, 5)
+        assert_topk_equal(
+            [a.id for a in t.alternatives], [a.logprob for a in t.alternatives], row, 5
+        )
     assert "".join(t.text for t in pts) == text
 
 
@@ -126,7 +155,9 @@ def test_prompt_logprobs_are_chunked_and_budget_independent(model_dir, llm) -> N
 
     text = "A long prompt. " * 40
     small = LLM(str(model_dir), progress=False, max_num_batched_tokens=37, prompt_logprobs_chunk=16)
-    p = SamplingParams(max_new_tokens=2, temperature=0, decoder_input_details=True, prompt_k_alternatives=3)
+    p = SamplingParams(
+        max_new_tokens=2, temperature=0, decoder_input_details=True, prompt_k_alternatives=3
+    )
     (a,) = small.generate([text], p)
     (b,) = llm.generate([text], p)
     assert len(a.prompt_tokens) == len(b.prompt_tokens) > 100
@@ -136,17 +167,37 @@ def test_prompt_logprobs_are_chunked_and_budget_independent(model_dir, llm) -> N
 
 
 def test_mixed_batch_equals_each_request_alone(llm) -> None:  # type: ignore[no-untyped-def]
-    prompts = ["Tell me about cats.", "def add(a, b):", "The moon is", "Hello! How are you?",
-               "Name three rivers.", "1, 2, 3,", "Why is the sky blue?", "Once upon a time"]
+    prompts = [
+        "Tell me about cats.",
+        "def add(a, b):",
+        "The moon is",
+        "Hello! How are you?",
+        "Name three rivers.",
+        "1, 2, 3,",
+        "Why is the sky blue?",
+        "Once upon a time",
+    ]
     params = [
         SamplingParams(max_new_tokens=10, temperature=0, return_k_alternatives=0, details=True),
         SamplingParams(max_new_tokens=10, temperature=0, return_k_alternatives=1),
-        SamplingParams(max_new_tokens=10, temperature=0, return_k_alternatives=5, logprobs_mode="raw"),
+        SamplingParams(
+            max_new_tokens=10, temperature=0, return_k_alternatives=5, logprobs_mode="raw"
+        ),
         SamplingParams(max_new_tokens=10, temperature=0, return_k_alternatives=20),
-        SamplingParams(max_new_tokens=10, temperature=0.8, seed=3, return_k_alternatives=20, logprobs_mode="raw"),
-        SamplingParams(max_new_tokens=10, temperature=0.8, seed=4, top_k=8, return_k_alternatives=20),
+        SamplingParams(
+            max_new_tokens=10,
+            temperature=0.8,
+            seed=3,
+            return_k_alternatives=20,
+            logprobs_mode="raw",
+        ),
+        SamplingParams(
+            max_new_tokens=10, temperature=0.8, seed=4, top_k=8, return_k_alternatives=20
+        ),
         SamplingParams(max_new_tokens=10, temperature=0),
-        SamplingParams(max_new_tokens=10, temperature=0, decoder_input_details=True, prompt_k_alternatives=2),
+        SamplingParams(
+            max_new_tokens=10, temperature=0, decoder_input_details=True, prompt_k_alternatives=2
+        ),
     ]
     batch = llm.generate(prompts, params)
     for prompt, p, got in zip(prompts, params, batch, strict=True):
@@ -166,15 +217,26 @@ def test_mixed_batch_equals_each_request_alone(llm) -> None:  # type: ignore[no-
 
 
 def test_logprobs_with_stop_sequence_report_generated_tokens(llm) -> None:  # type: ignore[no-untyped-def]
-    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
-    (full,) = llm.generate([prompt], SamplingParams(max_new_tokens=20, temperature=0, return_k_alternatives=3))
-    (cut,) = llm.generate([prompt], SamplingParams(max_new_tokens=20, temperature=0, return_k_alternatives=3, stop=("Paris",)))
+    prompt = llm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}]
+    )
+    (full,) = llm.generate(
+        [prompt], SamplingParams(max_new_tokens=20, temperature=0, return_k_alternatives=3)
+    )
+    (cut,) = llm.generate(
+        [prompt],
+        SamplingParams(max_new_tokens=20, temperature=0, return_k_alternatives=3, stop=("Paris",)),
+    )
     n = len(cut.tokens)
     assert cut.finish_reason == "stop_sequence" and "Paris" not in cut.text
     assert cut.token_ids == full.token_ids[:n]
-    assert "Paris" in "".join(t.text for t in cut.tokens)  # the token completing the stop is reported
+    assert "Paris" in "".join(
+        t.text for t in cut.tokens
+    )  # the token completing the stop is reported
     for x, y in zip(cut.tokens, full.tokens, strict=False):
-        assert x.logprob == y.logprob and [a.id for a in x.alternatives] == [a.id for a in y.alternatives]
+        assert x.logprob == y.logprob and [a.id for a in x.alternatives] == [
+            a.id for a in y.alternatives
+        ]
 
 
 def test_streaming_outputs_carry_their_own_alternatives(llm, prompt) -> None:  # type: ignore[no-untyped-def]

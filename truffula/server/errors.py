@@ -38,6 +38,21 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, str]]:
     return 500, {"error": f"Internal error: {type(exc).__name__}: {exc}", "error_type": "internal"}
 
 
+def dialect(request: Request, status: int, body: dict[str, str], param: str | None = None) -> dict:
+    """OpenAI routes answer ``{"error": {"message", "type", "param", "code"}}``, which the
+    openai client shows; LoRAX routes keep ``{"error", "error_type"}``."""
+    if not request.url.path.startswith("/v1/"):
+        return body
+    return {
+        "error": {
+            "message": body["error"],
+            "type": body["error_type"],
+            "param": param,
+            "code": status,
+        }
+    }
+
+
 def pydantic_message(exc: FastAPIValidationError) -> str:
     parts = []
     for err in exc.errors():
@@ -50,34 +65,27 @@ def pydantic_message(exc: FastAPIValidationError) -> str:
 
 
 def install(app: FastAPI) -> None:
-    async def on_ours(_: Request, exc: Exception) -> JSONResponse:
+    async def on_ours(request: Request, exc: Exception) -> JSONResponse:
         status, body = error_body(exc)
-        return JSONResponse(body, status_code=status)
+        param = getattr(exc, "field", None)
+        return JSONResponse(dialect(request, status, body, param), status_code=status)
 
-    async def on_pydantic(_: Request, exc: Exception) -> JSONResponse:
+    async def on_pydantic(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, FastAPIValidationError)
-        msg = pydantic_message(exc)
-        return JSONResponse(
-            {"error": f"Input validation error: {msg}", "error_type": "validation"}, status_code=422
-        )
+        body = {
+            "error": f"Input validation error: {pydantic_message(exc)}",
+            "error_type": "validation",
+        }
+        return JSONResponse(dialect(request, 422, body), status_code=422)
 
-    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        kind = {404: "not_found", 405: "method_not_allowed", 401: "authentication"}.get(
-            exc.status_code, "http"
-        )
-        return JSONResponse(
-            {"error": str(exc.detail), "error_type": kind}, status_code=exc.status_code
-        )
+        kinds = {404: "not_found", 405: "method_not_allowed", 401: "authentication"}
+        body = {"error": str(exc.detail), "error_type": kinds.get(exc.status_code, "http")}
+        return JSONResponse(dialect(request, exc.status_code, body), status_code=exc.status_code)
 
-    for cls in (
-        RequestValidationError,
-        EngineOverloadedError,
-        AdapterError,
-        GenerationError,
-        HTTPError,
-        Exception,
-    ):
+    ours = (RequestValidationError, EngineOverloadedError, AdapterError, GenerationError, HTTPError)
+    for cls in (*ours, Exception):
         app.add_exception_handler(cls, on_ours)
     app.add_exception_handler(FastAPIValidationError, on_pydantic)
     app.add_exception_handler(StarletteHTTPException, on_http)

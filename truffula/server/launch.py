@@ -71,6 +71,10 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
             )
 
         task = asyncio.create_task(announce())
+        # uvicorn drains connections on SIGINT/SIGTERM, then re-raises the signal; after a
+        # clean drain that re-raise should not kill the process with a signal status.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
         try:
             await server.serve()
         finally:
