@@ -8,6 +8,7 @@ with ``details: false``), every logprob is a finite number, tokens carry ``rank`
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -46,6 +47,21 @@ def _headers(state: ServerState, acc: Accumulator, params: SamplingParams) -> di
     return headers
 
 
+def prompt_of(body: GenerateRequest, state: ServerState) -> str | list[int]:
+    """``inputs`` as given, or through the chat template when ``apply_chat_template`` is set."""
+    if not (body.parameters and body.parameters.apply_chat_template):
+        return body.inputs
+    from truffula.server.openai import chat_ids
+
+    try:
+        messages = json.loads(body.inputs)
+    except json.JSONDecodeError:
+        messages = None
+    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
+        messages = [{"role": "user", "content": body.inputs}]
+    return chat_ids(state, messages)
+
+
 async def run_generate(
     body: GenerateRequest, request: Request
 ) -> tuple[dict[str, Any], dict[str, str]]:
@@ -54,7 +70,7 @@ async def run_generate(
     params = await state.resolve_adapter(body.parameters, params)
     if opts.best_of > 1:
         return await _best_of(body, request, params, opts), {"x-model-id": state.settings.model_id}
-    req = state.engine.prepare(body.inputs, params)
+    req = state.engine.prepare(prompt_of(body, state), params)
     acc = await collect(state.submit(req), request)
     return response_dict(body.inputs, acc, opts), _headers(state, acc, params)
 
@@ -67,7 +83,8 @@ async def _best_of(
     variants = [
         params.with_updates(seed=state.random_seed(), details=True) for _ in range(opts.best_of)
     ]
-    streams = [state.submit(state.engine.prepare(body.inputs, v)) for v in variants]
+    prompt = prompt_of(body, state)
+    streams = [state.submit(state.engine.prepare(prompt, v)) for v in variants]
     accs = await asyncio.gather(*(collect(s, request) for s in streams))
     order = sorted(range(len(accs)), key=lambda i: -sum(t.logprob or 0.0 for t in accs[i].tokens))
     best = accs[order[0]]
@@ -91,7 +108,7 @@ async def open_stream(body: GenerateRequest, request: Request) -> StreamingRespo
     state = state_of(request)
     params, opts = lorax_params(body.parameters, state, stream=True)
     params = await state.resolve_adapter(body.parameters, params)
-    stream = state.submit(state.engine.prepare(body.inputs, params))
+    stream = state.submit(state.engine.prepare(prompt_of(body, state), params))
 
     async def events() -> AsyncIterator[dict[str, Any]]:
         acc = Accumulator()

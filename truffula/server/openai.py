@@ -338,7 +338,8 @@ def _chat_logprobs(tokens: list[TokenInfo]) -> dict[str, Any]:
     return {"content": [_chat_entry(t) for t in tokens if not t.special], "refusal": None}
 
 
-def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+def chat_ids(state: ServerState, messages: list[dict[str, Any]]) -> list[int]:
+    """Token ids of a conversation formatted by the model's chat template (no extra BOS)."""
     tok = state.core.tokenizer
     if not tok.has_chat_template:
         raise HTTPError(
@@ -346,7 +347,6 @@ def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
             "Failed applying chat template to inputs: the model has no chat template",
             "template_error",
         )
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     try:
         text = tok.apply_chat_template(messages)
     except Exception as exc:  # jinja raises several types for bad conversations
@@ -375,7 +375,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     if max_tokens is not None and max_tokens <= 0:
         raise invalid("max_tokens", "`max_tokens` must be >= 1")
     params = await _model_params(state, body, _common_params(body, max_tokens, k))
-    ids = chat_prompt(state, body)
+    ids = chat_ids(state, [{"role": m.role, "content": m.text()} for m in body.messages])
     jobs: list[tuple[int, Any, RequestStream]] = []
     try:
         for j in range(n):
