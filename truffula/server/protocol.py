@@ -64,6 +64,11 @@ class GenerateParameters(_Lenient):
     prompt_k_alternatives: int | None = Field(
         None, description="k most likely tokens at each prompt position"
     )
+    apply_chat_template: bool | None = Field(
+        False,
+        description="format `inputs` with the model's chat template: a user message, or a JSON "
+        "list of {role, content} messages",
+    )
 
 
 class GenerateRequest(_Lenient):
