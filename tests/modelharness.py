@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from truffula.config import EngineConfig
+from truffula.kernels.lora_torch import LoRABatch
 from truffula.models.registry import load_model
 from truffula.runner.context import ForwardContext, forward_context
 from truffula.runner.runner import ModelRunner
@@ -31,8 +32,12 @@ class Harness:
         self.pos: dict[str, int] = {}
 
     @torch.inference_mode()
-    def step(self, chunks: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-        """Compute ``chunks[seq]`` for each sequence; return each chunk's log-softmax rows."""
+    def step(
+        self, chunks: dict[str, list[int]], slots: dict[str, int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Compute ``chunks[seq]`` for each sequence (with LoRA slot ``slots[seq]`` if given);
+        return each chunk's log-softmax rows."""
+        slots = slots or {}
         seqs = []
         for rid, toks in chunks.items():
             start = self.pos.get(rid, 0)
@@ -40,11 +45,12 @@ class Harness:
             need = -(-(start + len(toks)) // self.block_size) - len(blocks)
             if need > 0:
                 blocks += self.pool.allocate(need)
-            seqs.append(ScheduledSeq(rid, toks, start, list(blocks), True))
+            seqs.append(ScheduledSeq(rid, toks, start, list(blocks), True, slots.get(rid, -1)))
             self.pos[rid] = start + len(toks)
         seqs.sort(key=lambda s: s.num_tokens != 1)
         ids, positions, meta = self.runner.prepare(seqs)
-        with forward_context(ForwardContext(meta)):
+        lora = LoRABatch.build([s.adapter_slot for s in seqs for _ in s.token_ids], ids.device)
+        with forward_context(ForwardContext(meta, lora)):
             hidden = self.runner.model(ids, positions)
         logits = self.runner.model.compute_logits(hidden).log_softmax(-1)
         starts = meta.query_start_loc_cpu

@@ -45,8 +45,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--max-active-adapters", type=int, default=8, help="LoRA adapters resident at once"
     )
     g.add_argument(
-        "--adapter-root", default=None, help="directory local adapter ids must resolve under"
+        "--adapter-root",
+        default=None,
+        help="directory local adapter ids must resolve under (default: the working directory)",
     )
+    g.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank served")
     g.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -66,6 +69,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_stop_sequences=args.max_stop_sequences,
         max_active_adapters=args.max_active_adapters,
         adapter_root=args.adapter_root,
+        max_lora_rank=args.max_lora_rank,
     )
 
 
@@ -142,7 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="adapter id to load at start-up (repeatable)",
     )
     srv.add_argument(
-        "--adapter-source", default="local", choices=["local", "hub"], help="default adapter_source"
+        "--adapter-source",
+        default=None,
+        choices=["local", "hub"],
+        help="default adapter_source (unset: a folder under --adapter-root, else the HF cache)",
     )
     srv.add_argument(
         "--drain-timeout", type=float, default=10.0, help="seconds to finish requests on shutdown"

@@ -119,7 +119,7 @@ class LoRAConfig:
 
     max_active_adapters: int = 8
     """Device slots for adapters; others wait in host memory (LRU)."""
-    max_lora_rank: int = 64
+    max_lora_rank: int = 16
     adapter_root: str | None = None
     """Directory under which ``adapter_source: local`` ids must resolve."""
 

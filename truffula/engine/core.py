@@ -18,11 +18,13 @@ from typing import Protocol
 
 import torch
 
+from truffula.adapters.store import AdapterStore
 from truffula.config import EngineConfig
 from truffula.engine.detokenizer import Detokenizer, TokenTable
 from truffula.engine.output import RequestOutput, TokenInfo, prompt_token_infos, token_info
 from truffula.engine.tokenizer import Tokenizer
 from truffula.errors import EngineOverloadedError, RequestValidationError
+from truffula.layers.lora import apply_lora
 from truffula.model_store.resolve import resolve_model
 from truffula.models.registry import load_model
 from truffula.runner.output import SeqOutput, TokenLogprobs
@@ -82,11 +84,14 @@ class EngineCore:
         self.max_len = self.runner.max_len
         self.vocab_size = self.runner.vocab_size
         self.pool = BlockPool(self.runner.num_blocks)
+        self.adapters = self._adapter_store(loaded.model)
         self.scheduler = Scheduler(
             self.pool,
             config.cache.block_size,
             config.scheduler.max_num_batched_tokens,
             config.scheduler.max_num_seqs,
+            admit=self._admit,
+            release=self._release,
         )
         self.requests: dict[str, Request] = {}
         self.metrics: MetricsSink | None = None
@@ -100,6 +105,32 @@ class EngineCore:
             config.cache.block_size,
             self.max_len,
         )
+
+    # ---------------------------------------------------------------- adapters
+    def _adapter_store(self, model: torch.nn.Module) -> AdapterStore:
+        lora = self.config.lora
+        layers = apply_lora(
+            model, lora.max_active_adapters, lora.max_lora_rank, self.dtype, self.device
+        )
+        packed = getattr(model, "packed_modules", {})
+        return AdapterStore(
+            layers, packed, lora.max_active_adapters, lora.max_lora_rank, lora.adapter_root
+        )
+
+    def _admit(self, seq: SeqState) -> bool:
+        """Scheduler hook: a request runs only once its adapter holds a device slot."""
+        if seq.adapter is None or seq.adapter_slot >= 0:
+            return True
+        slot = self.adapters.acquire(seq.adapter)
+        if slot is None:
+            return False
+        seq.adapter_slot = slot
+        return True
+
+    def _release(self, seq: SeqState) -> None:
+        if seq.adapter is not None and seq.adapter_slot >= 0:
+            self.adapters.release(seq.adapter)
+            seq.adapter_slot = -1
 
     # ---------------------------------------------------------------- requests
     def tokenize_prompt(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
@@ -132,6 +163,8 @@ class EngineCore:
     ) -> Request:
         """Validate and tokenize; touches no engine state, so any thread may call it."""
         params.validate(self.config.limits)
+        if params.adapter_id is not None and not self.adapters.is_loaded(params.adapter_id):
+            self.adapters.load(params.adapter_id)  # the server loads off the step loop first
         ids = self.tokenize_prompt(prompt, params)
         room = self.max_len - len(ids)
         if params.max_new_tokens is None:
@@ -157,6 +190,8 @@ class EngineCore:
             raise RequestValidationError(
                 "request_id", f"request id {req.request_id!r} is already in use"
             )
+        if req.params.adapter_id is not None:
+            self.adapters.add_user(req.params.adapter_id)
         self.requests[req.request_id] = req
         self.runner.add_request(req.request_id, req.prompt_ids, req.params)
         self.scheduler.add(req.seq)
@@ -252,5 +287,7 @@ class EngineCore:
         self.scheduler.finish(req.request_id)
         self.runner.remove_request(req.request_id)
         self.requests.pop(req.request_id, None)
+        if req.params.adapter_id is not None:
+            self.adapters.remove_user(req.params.adapter_id)
         if self.metrics is not None:
             self.metrics.request_finished(req, reason)

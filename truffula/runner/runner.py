@@ -21,6 +21,7 @@ import torch
 
 from truffula.config import EngineConfig
 from truffula.kernels import linear_cpu
+from truffula.kernels.lora_torch import LoRABatch
 from truffula.layers.attention import Attention
 from truffula.models.registry import LoadedModel
 from truffula.runner.context import AttentionMetadata, ForwardContext, forward_context
@@ -119,7 +120,9 @@ class ModelRunner:
         if sched.is_empty:
             return RunnerOutput([])
         input_ids, positions, meta = self.prepare(sched.seqs)
-        with forward_context(ForwardContext(meta)):
+        slots = [s.adapter_slot for s in sched.seqs for _ in range(s.num_tokens)]
+        lora = LoRABatch.build(slots, self.device)
+        with forward_context(ForwardContext(meta, lora)):
             hidden = self.model(input_ids, positions)
         sample_idx = [i for i, s in enumerate(sched.seqs) if s.sample]
         last_rows = [meta.query_start_loc_cpu[i + 1] - 1 for i in sample_idx]

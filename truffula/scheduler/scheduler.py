@@ -10,8 +10,9 @@ Step by step (``schedule``):
    ``min(remaining, budget - decodes still to serve)``. Blocks for the new tokens are allocated;
    when the pool is empty the newest running request is preempted (blocks freed, tokens kept,
    requeued at the front of the waiting queue to be recomputed later).
-2. Waiting requests, in order, while budget, running-slot and block limits allow and their
-   admission hook (adapter slots) agrees. Waiting requests never preempt.
+2. Waiting requests, in order, while budget, running-slot and block limits allow. A request
+   whose admission hook (adapter slots) says "not yet" keeps its place and the next one is
+   tried, so a busy adapter never blocks the base model. Waiting requests never preempt.
 3. The result lists decodes first, then prefill chunks.
 """
 
@@ -143,20 +144,23 @@ class Scheduler:
                 i += 1
                 continue
             break  # the request being scheduled preempted itself: nothing newer is left
+        held: list[SeqState] = []  # waiting requests whose admission hook said "not yet"
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
-            seq = self.waiting[0]
+            seq = self.waiting.popleft()
             if self.admit is not None and not self.admit(seq):
-                break
+                held.append(seq)
+                continue
             n = min(seq.num_pending, budget)
             if not self._grow(seq, n):
                 if self.release is not None:
                     self.release(seq)
+                self.waiting.appendleft(seq)
                 break
-            self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             chosen.append((seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(held))
         seqs = [self._scheduled(seq, n) for seq, n in chosen]
         seqs.sort(key=lambda s: s.num_tokens != 1)  # stable: single-token sequences first
         out = SchedulerOutput(seqs, preempted, self._finished_since_step)

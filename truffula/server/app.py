@@ -12,7 +12,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
 from truffula import __version__
-from truffula.server import errors, lorax, openai, ops
+from truffula.server import adapters, errors, lorax, openai, ops
 from truffula.server.state import ServerState
 
 UI_DIR = Path(__file__).parent / "ui"
@@ -86,6 +86,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(lorax.router)
     app.include_router(openai.router)
+    app.include_router(adapters.router)
     from truffula.server import ui
 
     app.include_router(ui.router)

@@ -29,7 +29,7 @@ async def build_state(config: EngineConfig, args: argparse.Namespace) -> ServerS
     settings = ServerSettings(
         model_id=model_id_of(config, engine.core),
         api_key=getattr(args, "api_key", None),
-        default_adapter_source=getattr(args, "adapter_source", "local"),
+        default_adapter_source=getattr(args, "adapter_source", None),
         version=__version__,
     )
     metrics = Metrics()

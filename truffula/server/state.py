@@ -13,9 +13,10 @@ from typing import Any
 
 from fastapi import Request
 
+from truffula.adapters.store import AdapterStore
 from truffula.engine.async_engine import AsyncEngine, RequestStream
 from truffula.engine.core import Request as EngineRequest
-from truffula.errors import AdapterError, RequestValidationError
+from truffula.errors import RequestValidationError
 from truffula.sampling.params import SamplingParams
 from truffula.server.formats import Accumulator
 from truffula.server.metrics import Metrics
@@ -43,7 +44,7 @@ class ServerSettings:
     model_id: str
     api_key: str | None = None
     max_best_of: int = 2
-    default_adapter_source: str = "local"
+    default_adapter_source: str | None = None
     version: str = ""
     started: float = field(default_factory=time.time)
 
@@ -68,22 +69,55 @@ class ServerState:
     def submit(self, req: EngineRequest) -> RequestStream:
         return self.engine.submit(req)
 
+    @property
+    def adapters(self) -> AdapterStore:
+        return self.engine.core.adapters  # type: ignore[no-any-return]
+
     def loaded_adapter_ids(self) -> list[str]:
-        return []
+        return self.adapters.loaded_ids()
 
     def adapter_info(self) -> dict[str, Any]:
-        return {}
+        store = self.adapters
+        return {
+            "max_active_adapters": store.num_slots,
+            "max_lora_rank": store.max_rank,
+            "active_adapters": store.num_active,
+            "loaded_adapters": len(store.loaded_ids()),
+            "adapter_root": str(store.root),
+            "adapter_sources": ["local", "hub"],
+        }
+
+    async def load_adapter(self, adapter_id: str, source: str | None) -> str:
+        """Read an adapter into host memory in a worker thread: the step loop keeps running."""
+        return await asyncio.to_thread(
+            self.adapters.load, adapter_id, source or self.settings.default_adapter_source
+        )
 
     async def preload_adapter(self, adapter_id: str) -> None:
-        raise AdapterError(f"adapter {adapter_id!r} cannot be loaded: no adapter support", 404)
+        await self.load_adapter(adapter_id, None)
 
     async def resolve_adapter(self, p: Any, params: SamplingParams) -> SamplingParams:
-        """The adapter a request names (``adapter_id`` / ``merged_adapters``), ready to serve."""
+        """The adapter a request names (``adapter_id`` or ``merged_adapters``), loaded and ready."""
         adapter_id = getattr(p, "adapter_id", None) if p is not None else None
         merged = getattr(p, "merged_adapters", None) if p is not None else None
-        if merged is None and adapter_id in (None, "", self.settings.model_id):
+        source = getattr(p, "adapter_source", None) if p is not None else None
+        source = source or self.settings.default_adapter_source
+        if merged is not None:
+            from truffula.adapters.merge import MergeSpec
+
+            spec = MergeSpec.parse(
+                merged.ids,
+                merged.weights,
+                merged.merge_strategy,
+                merged.density,
+                merged.majority_sign_method,
+            )
+            key = await asyncio.to_thread(self.adapters.load_merged, spec, source)
+            return params.with_updates(adapter_id=key)
+        if adapter_id in (None, "", self.settings.model_id):
             return params.with_updates(adapter_id=None)
-        raise AdapterError(f"adapter {adapter_id!r} cannot be served: no adapters are loaded", 404)
+        key = await self.load_adapter(adapter_id, source)
+        return params.with_updates(adapter_id=key)
 
 
 def state_of(request: Request) -> ServerState:

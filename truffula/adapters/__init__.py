@@ -1,0 +1,1 @@
+"""LoRA adapters: PEFT reading, merging, host memory and device slots."""

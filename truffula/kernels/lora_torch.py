@@ -1,0 +1,111 @@
+"""Batched multi-adapter LoRA in plain torch: the CPU path and the oracle of the LoRA kernels.
+
+Semantics, as a loop::
+
+    for each token t whose sequence uses adapter slot s = token_slots[t] >= 0:
+        for each shard j of the projection (q/k/v of a fused qkv, or the whole output):
+            y[t, off_j : off_j + n_j] += B_j[s] @ (A[s, j] @ x[t])
+
+with ``A [slots, shards, R, in]`` and ``Bt_j [slots, R, n_j]`` (B transposed, scale folded in,
+ranks below R zero-padded). Two strategies compute it:
+
+- dense (decode-sized steps): one shrink over the adapters present, ``x @ A_u^T``, a one-hot mask
+  that keeps each token's own adapter, one expand per shard. Few ops, reads each adapter once.
+- segmented (prefill-sized steps): tokens grouped by adapter, one small matmul pair per adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+DENSE_LIMIT = 4096
+"""Use the dense strategy while tokens x adapters present stays under this."""
+
+
+@dataclass
+class LoRABatch:
+    """Which adapter slot each token of the step uses (built once per step by the runner)."""
+
+    token_slots: torch.Tensor
+    """[T] long, -1 for base-model tokens."""
+    slots: list[int]
+    """Distinct slots present, ascending."""
+    rows: dict[int, torch.Tensor]
+    """slot -> [n] token indices using it."""
+    num_tokens: int
+    cache: dict[object, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, slots_per_token: list[int], device: torch.device) -> LoRABatch | None:
+        present = sorted({s for s in slots_per_token if s >= 0})
+        if not present:
+            return None
+        token_slots = torch.tensor(slots_per_token, dtype=torch.long)
+        rows = {s: (token_slots == s).nonzero().squeeze(1).to(device) for s in present}
+        return cls(token_slots.to(device), present, rows, len(slots_per_token))
+
+    def onehot(self, used: tuple[int, ...]) -> torch.Tensor:
+        """[T, len(used)] float: 1 where the token uses that slot."""
+        key = ("onehot", used)
+        if key not in self.cache:
+            ref = torch.tensor(used, device=self.token_slots.device)
+            self.cache[key] = (self.token_slots.unsqueeze(1) == ref.unsqueeze(0)).float()
+        return self.cache[key]
+
+    def index(self, used: tuple[int, ...]) -> torch.Tensor:
+        key = ("index", used)
+        if key not in self.cache:
+            self.cache[key] = torch.tensor(used, device=self.token_slots.device)
+        return self.cache[key]
+
+
+def lora_apply(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    bts: list[torch.Tensor],
+    offsets: list[int],
+    used: tuple[int, ...],
+    batch: LoRABatch,
+) -> torch.Tensor:
+    """Add the LoRA deltas of slots ``used`` to ``y`` [T, out] in place; returns ``y``."""
+    if batch.num_tokens * len(used) <= DENSE_LIMIT:
+        return _dense(y, x, a, bts, offsets, used, batch)
+    return _segmented(y, x, a, bts, offsets, used, batch)
+
+
+def _dense(y, x, a, bts, offsets, used, batch):  # type: ignore[no-untyped-def]
+    s_all, n_sh, rank, d_in = a.shape
+    u = len(used)
+    idx = batch.index(used)
+    au = a if u == s_all else a.index_select(0, idx)
+    shrink = (x.to(a.dtype) @ au.reshape(u * n_sh * rank, d_in).t()).view(-1, u, n_sh, rank)
+    shrink = shrink * batch.onehot(used).to(a.dtype)[:, :, None, None]
+    for j, (bt, off) in enumerate(zip(bts, offsets, strict=True)):
+        btu = bt if u == s_all else bt.index_select(0, idx)
+        delta = shrink[:, :, j, :].reshape(-1, u * rank) @ btu.reshape(u * rank, bt.shape[2])
+        y[:, off : off + bt.shape[2]] += delta.to(y.dtype)
+    return y
+
+
+def _segmented(y, x, a, bts, offsets, used, batch):  # type: ignore[no-untyped-def]
+    for slot in used:
+        rows = batch.rows[slot]
+        xs = x.index_select(0, rows).to(a.dtype)
+        for j, (bt, off) in enumerate(zip(bts, offsets, strict=True)):
+            delta = (xs @ a[slot, j].t()) @ bt[slot]
+            y[rows, off : off + bt.shape[2]] += delta.to(y.dtype)
+    return y
+
+
+def lora_reference(y, x, a, bts, offsets, token_slots):  # type: ignore[no-untyped-def]
+    """The loop above, literally (tests)."""
+    out = y.clone()
+    for t, s in enumerate(token_slots.tolist()):
+        if s < 0:
+            continue
+        for j, (bt, off) in enumerate(zip(bts, offsets, strict=True)):
+            out[t, off : off + bt.shape[2]] += bt[s].t() @ (a[s, j] @ x[t])
+    return out

@@ -1,0 +1,97 @@
+"""LoRA as a transform: ``apply_lora`` wraps every Linear of the decoder layers in a
+``LoRALinear`` holding a fixed number of adapter slots; model files stay unaware of LoRA.
+
+Per step the runner puts a ``LoRABatch`` (the slot of each token) in the forward context; a
+LoRALinear adds the deltas of the slots present that have weights for it, through the kernel
+chosen at start-up (``truffula.kernels.lora_torch`` is the reference and the CPU path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from truffula.kernels.lora_torch import lora_apply
+from truffula.layers.linear import Linear
+from truffula.runner.context import get_forward_context
+
+LoRAFn = Callable[..., torch.Tensor]
+
+
+class LoRALinear(nn.Module):
+    def __init__(
+        self, base: Linear, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device
+    ):
+        super().__init__()
+        self.base = base
+        offsets = getattr(base, "shard_offsets", None) or {None: (0, base.out_features)}
+        self.shard_names: list[str | None] = list(offsets)
+        self.offsets = [offsets[n][0] for n in self.shard_names]
+        self.sizes = [offsets[n][1] for n in self.shard_names]
+        self.max_rank = max_rank
+        n = len(self.shard_names)
+        self.a = torch.zeros(num_slots, n, max_rank, base.in_features, dtype=dtype, device=device)
+        self.bts = [
+            torch.zeros(num_slots, max_rank, size, dtype=dtype, device=device)
+            for size in self.sizes
+        ]
+        self.loaded = [False] * num_slots
+        self.impl: LoRAFn = lora_apply
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def set_slot(
+        self, slot: int, weights: dict[str | None, tuple[torch.Tensor, torch.Tensor]] | None
+    ) -> None:
+        """Write one adapter's factors into ``slot`` (None clears it). A factor pair given for the
+        whole output of a fused projection is split into its shards (same A, B's row ranges)."""
+        self.a[slot].zero_()
+        for bt in self.bts:
+            bt[slot].zero_()
+        self.loaded[slot] = bool(weights)
+        for shard, (a, b) in (weights or {}).items():
+            r = a.shape[0]
+            if shard is None and len(self.shard_names) > 1:
+                parts = [
+                    (j, b[off : off + size])
+                    for j, (off, size) in enumerate(zip(self.offsets, self.sizes, strict=True))
+                ]
+            else:
+                parts = [(self.shard_names.index(shard), b)]
+            for j, bj in parts:
+                self.a[slot, j, :r] = a.to(self.a.dtype)
+                self.bts[j][slot, :r] = bj.t().to(self.a.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        lora = get_forward_context().lora
+        if lora is None:
+            return y
+        used = tuple(s for s in lora.slots if self.loaded[s])
+        if not used:
+            return y
+        return self.impl(y, x, self.a, self.bts, self.offsets, used, lora)
+
+
+def apply_lora(
+    model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device
+) -> dict[str, LoRALinear]:
+    """Wrap each Linear of the model but the LM head; returns name -> LoRALinear."""
+    wrapped: dict[str, LoRALinear] = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, Linear) or name.split(".")[-1] in ("lm_head", "embed_out"):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lora = LoRALinear(module, num_slots, max_rank, dtype, device)
+        setattr(parent, attr, lora)
+        wrapped[name] = lora
+    return wrapped
