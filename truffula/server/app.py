@@ -87,8 +87,9 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(lorax.router)
     app.include_router(openai.router)
     app.include_router(adapters.router)
-    from truffula.server import ui
+    from truffula.server import score, ui
 
+    app.include_router(score.router)
     app.include_router(ui.router)
 
     @app.get("/api-doc/openapi.json", include_in_schema=False)
