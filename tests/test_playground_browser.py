@@ -1,0 +1,274 @@
+"""End to end: the web playground at ``/`` in headless Debian chromium (Playwright) over a real
+server. Tokens stream in, keyboard focus shows a token's alternatives, which match ``/generate``;
+compare mode; server errors on the page; a screenshot in test-artifacts/playground.png.
+
+Needs Debian's chromium (``make browser`` installs it; Playwright cannot download browsers here).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+LAUNCH_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+FRENCH = ROOT / "examples" / "adapters" / "french"
+PROMPT = "Once upon a time, in a land far away, there lived a"
+K = 5
+MAX_NEW_TOKENS = 40
+
+PANEL_JS = """() => {
+  const box = document.querySelector('#inspector');
+  const field = (name) => box.querySelector(`[data-field=${name}]`)?.textContent;
+  return {
+    rank: field('rank'), entropy: field('entropy'), probability: field('probability'),
+    bars: [...box.querySelectorAll('.bar-row')].map((r) => ({
+      id: Number(r.dataset.id), logprob: Number(r.dataset.logprob),
+      text: r.querySelector('.alt-text').textContent,
+      pct: parseFloat(r.querySelector('.alt-pct').textContent),
+      width: parseFloat(r.querySelector('.fill').style.width),
+    })),
+  };
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is missing: run `make browser`")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Any, server: Any) -> Iterator[Any]:
+    """A fresh page on the playground; fails the test on any JavaScript error."""
+    pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    # (a 4xx answer is logged as "Failed to load resource"; the error test wants one)
+    pg.on(
+        "console",
+        lambda m: (
+            m.type == "error"
+            and not m.text.startswith("Failed to load resource")
+            and errors.append(m.text)
+        ),
+    )
+    open_playground(pg, server.url)
+    yield pg
+    pg.close()
+    assert not errors, errors
+
+
+def open_playground(pg: Any, url: str) -> None:
+    pg.goto(url + "/")
+    pg.wait_for_function("document.querySelectorAll('#adapter-a option').length > 0")
+
+
+def settings(pg: Any, prompt: str, mode: str = "plain", **fields: str) -> None:
+    pg.check(f"input[name=mode][value={mode}]")
+    pg.fill("#prompt", prompt)
+    values = {"temperature": "0", "max-new-tokens": str(MAX_NEW_TOKENS), "k": str(K), **fields}
+    for name, value in values.items():
+        pg.fill(f"#{name}", value)
+
+
+def wait_done(pg: Any, timeout: float = 180) -> None:
+    pg.wait_for_function("document.body.dataset.state === 'done'", timeout=timeout * 1000)
+
+
+def dom_tokens(pg: Any, side: str = "a") -> list[dict[str, Any]]:
+    return pg.evaluate(
+        f"""[...document.querySelectorAll('#pane-{side} .tok')].map((el) => ({{
+            id: Number(el.dataset.id), text: el.textContent, i: Number(el.dataset.i) }}))"""
+    )
+
+
+def greedy_reference(server: Any, prompt: str) -> dict[str, Any]:
+    body = {
+        "inputs": prompt,
+        "parameters": {
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "temperature": 0,
+            "details": True,
+            "return_k_alternatives": K,
+        },
+    }
+    r = httpx.post(server.url + "/generate", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_tokens_stream_in_and_show_their_alternatives(page: Any, server: Any) -> None:
+    settings(page, PROMPT)
+    page.click("#generate")
+    counts = []
+    deadline = time.time() + 180
+    while page.evaluate("document.body.dataset.state") != "done":
+        assert time.time() < deadline, "the stream did not finish"
+        counts.append(page.locator("#pane-a .tok").count())
+        time.sleep(0.01)
+    tokens = dom_tokens(page)
+    final = len(tokens)
+    assert final == MAX_NEW_TOKENS
+    # the page grew while the stream was open: several partial counts were seen
+    partial = sorted({c for c in counts if 0 < c < final})
+    assert len(partial) >= 2, counts
+    assert counts == sorted(counts)
+
+    ref = greedy_reference(server, PROMPT)
+    ref_tokens = ref["details"]["tokens"]
+    assert [t["id"] for t in tokens] == [t["id"] for t in ref_tokens]
+    assert "".join(t["text"] for t in tokens) == ref["generated_text"]
+    stats = page.text_content("#pane-a .stats")
+    assert f"{MAX_NEW_TOKENS} tokens" in stats and "finish: length" in stats
+
+    # keyboard: Tab from the Generate button lands on the first token; arrows move along
+    page.focus("#generate")
+    page.keyboard.press("Tab")
+    for i, want in enumerate(ref_tokens):
+        if i:
+            page.keyboard.press("ArrowRight")
+        assert page.evaluate("document.activeElement.dataset.i") == str(i)
+        panel = page.evaluate(PANEL_JS)
+        bars = panel["bars"]
+        assert len(bars) == K
+        assert [b["id"] for b in bars] == [a["id"] for a in want["alternative_tokens"]]
+        quoted = [json.dumps(a["text"], ensure_ascii=False) for a in want["alternative_tokens"]]
+        assert [b["text"] for b in bars] == quoted
+        for bar, alt in zip(bars, want["alternative_tokens"], strict=True):
+            assert abs(bar["logprob"] - alt["logprob"]) < 1e-4
+            assert abs(bar["width"] - max(0.5, 100 * math.exp(alt["logprob"]))) < 0.01
+        pcts = [b["pct"] for b in bars]
+        assert pcts == sorted(pcts, reverse=True), pcts
+        assert panel["rank"] == str(want["rank"])
+        assert panel["entropy"] == f"{want['entropy']:.3f} nats"
+    page.keyboard.press("Home")
+    assert page.evaluate("document.activeElement.dataset.i") == "0"
+    page.keyboard.press("End")
+    assert page.evaluate("document.activeElement.dataset.i") == str(MAX_NEW_TOKENS - 1)
+
+    # hovering shows a token too
+    page.locator("#pane-a .tok").nth(3).hover()
+    assert page.evaluate(PANEL_JS)["rank"] == str(ref_tokens[3]["rank"])
+    assert "token 4" in page.text_content("#inspector")
+
+
+def test_whitespace_is_kept_and_newlines_are_visible(page: Any) -> None:
+    settings(page, "def fibonacci(n):", **{"max-new-tokens": "24"})
+    page.click("#generate")
+    wait_done(page)
+    text = "".join(t["text"] for t in dom_tokens(page))
+    assert "\n" in text and "return" in text
+    glyphs = page.evaluate(
+        """[...document.querySelectorAll('#pane-a .ws.nl')].map(
+            (el) => getComputedStyle(el, '::before').content)"""
+    )
+    assert glyphs and set(glyphs) == {'"↵"'}
+    assert page.text_content("#pane-a .tokens") == text
+
+
+def test_server_errors_are_shown(page: Any) -> None:
+    settings(page, PROMPT, k="50")
+    page.click("#generate")
+    wait_done(page)
+    alert = page.text_content("#errors")
+    assert "validation" in alert and "return_k_alternatives" in alert and "20" in alert
+    assert page.locator("#pane-a .tok").count() == 0
+
+
+def test_compare_base_with_base_is_identical(page: Any) -> None:
+    settings(page, "Write a haiku about the sea.", mode="chat")
+    page.check("#compare")
+    page.select_option("#adapter-a", "")
+    page.select_option("#adapter-b", "")
+    page.click("#generate")
+    wait_done(page)
+    a, b = dom_tokens(page, "a"), dom_tokens(page, "b")
+    assert a and [t["id"] for t in a] == [t["id"] for t in b]
+    note = page.locator("#divergence")
+    assert note.is_visible() and "Identical" in note.text_content()
+    assert page.get_attribute("#divergence", "data-first") == ""
+    assert page.locator(".tok.diff, .tok.first-div").count() == 0
+    # up/down move between the two sides at the same position
+    page.locator("#pane-b .tok").nth(2).focus()
+    page.keyboard.press("ArrowUp")
+    assert page.evaluate(
+        "[document.activeElement.dataset.side, document.activeElement.dataset.i]"
+    ) == [
+        "a",
+        "2",
+    ]
+    assert "same token" in page.text_content("#inspector")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def adapter_server(model_dir: Any) -> Iterator[tuple[Any, str]]:
+    """A server with the example French adapter preloaded, when adapters work in this tree."""
+    from serverproc import ServerProcess
+
+    if not (FRENCH / "adapter_config.json").exists():
+        pytest.skip("examples/adapters/french is not there")
+    try:
+        proc = ServerProcess("--preload-adapter", str(FRENCH), "--max-k-alternatives", "20")
+    except RuntimeError as exc:
+        pytest.skip(f"the server cannot preload the example adapter: {exc}")
+    models = httpx.get(proc.url + "/v1/models", timeout=30).json()["data"]
+    adapters = [m["id"] for m in models[1:]]
+    if not adapters:
+        proc.stop()
+        pytest.skip("the server lists no adapter")
+    yield proc, adapters[0]
+    proc.stop()
+
+
+def test_compare_adapter_with_base_marks_the_divergence(
+    browser: Any, adapter_server: tuple[Any, str]
+) -> None:
+    proc, adapter = adapter_server
+    pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        open_playground(pg, proc.url)
+        options = pg.eval_on_selector_all("#adapter-b option", "els => els.map(e => e.value)")
+        assert options[0] == "" and adapter in options
+        settings(pg, "Describe a rabbit in one sentence.", mode="chat")
+        pg.check("#compare")
+        pg.select_option("#adapter-a", "")
+        pg.select_option("#adapter-b", adapter)
+        pg.click("#generate")
+        wait_done(pg)
+        first = pg.get_attribute("#divergence", "data-first")
+        assert first not in (None, ""), pg.text_content("#divergence")
+        a, b = dom_tokens(pg, "a"), dom_tokens(pg, "b")
+        i = int(first)
+        assert [t["id"] for t in a[:i]] == [t["id"] for t in b[:i]]
+        assert pg.locator(".tok.first-div").count() >= 1
+        assert "First divergence" in pg.text_content("#divergence")
+        ARTIFACTS.mkdir(exist_ok=True)
+        pg.locator(".tok.first-div").first.focus()
+        pg.screenshot(path=str(ARTIFACTS / "playground-adapter.png"), full_page=True)
+    finally:
+        pg.close()
