@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import LORA_SPECS as SPECS
 from modelharness import Harness
 
 from truffula.adapters.store import AdapterStore
@@ -16,47 +17,6 @@ from truffula.errors import AdapterError
 from truffula.kernels.lora_torch import LoRABatch, lora_apply, lora_reference
 from truffula.layers.lora import apply_lora
 from truffula.sampling.params import SamplingParams
-
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SPECS = {
-    "qv4": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-    "all8": {"r": 8, "lora_alpha": 16, "target_modules": ALL},
-    "mlp6rs": {
-        "r": 6,
-        "lora_alpha": 12,
-        "target_modules": ["gate_proj", "down_proj", "o_proj"],
-        "use_rslora": True,
-    },
-}
-
-
-@pytest.fixture(scope="module")
-def peft_model(model_dir, tmp_path_factory):  # type: ignore[no-untyped-def]
-    """One PeftModel holding three random adapters (saved as PEFT folders under ``root``)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("adapters")
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    model = None
-    for i, (name, spec) in enumerate(SPECS.items()):
-        cfg = LoraConfig(**spec, init_lora_weights=False, lora_dropout=0.0)
-        model = get_peft_model(base, cfg, adapter_name=name) if model is None else model
-        if i > 0:
-            model.add_adapter(name, cfg)
-        gen = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for pname, p in model.named_parameters():
-                if f".{name}." in pname and "lora_" in pname:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    model.save_pretrained(root)  # the first adapter in root/, the others in root/<name>/
-    (root / "qv4").mkdir(exist_ok=True)
-    for f in ("adapter_config.json", "adapter_model.safetensors"):
-        if (root / f).exists():
-            (root / f).rename(root / "qv4" / f)
-    model.eval()
-    model.root = root
-    return model
 
 
 @torch.no_grad()
