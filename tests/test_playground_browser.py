@@ -225,17 +225,41 @@ def test_compare_base_with_base_is_identical(page: Any) -> None:
     page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
 
 
+def random_adapter(model_dir: Any, folder: Path) -> None:
+    """A PEFT LoRA with large random weights: it changes the model's answers at once."""
+    peft = pytest.importorskip("peft")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    model = peft.get_peft_model(base, cfg)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model.save_pretrained(folder)
+
+
 @pytest.fixture(scope="module")
-def adapter_server(model_dir: Any) -> Iterator[tuple[Any, str]]:
-    """A server with the example French adapter preloaded, when adapters work in this tree."""
+def adapter_server(model_dir: Any, tmp_path_factory: Any) -> Iterator[tuple[Any, str]]:
+    """A server with the example French adapter preloaded (or, while examples/adapters/french
+    is not there, a random adapter), when this tree serves adapters."""
     from serverproc import ServerProcess
 
-    if not (FRENCH / "adapter_config.json").exists():
-        pytest.skip("examples/adapters/french is not there")
+    if (FRENCH / "adapter_config.json").exists():
+        args = ["--preload-adapter", str(FRENCH.relative_to(ROOT))]
+    else:
+        root = tmp_path_factory.mktemp("playground-adapters")
+        random_adapter(model_dir, root / "noisy")
+        args = ["--adapter-root", str(root), "--preload-adapter", "noisy"]
     try:
-        proc = ServerProcess("--preload-adapter", str(FRENCH), "--max-k-alternatives", "20")
+        proc = ServerProcess(*args, "--max-k-alternatives", "20")
     except RuntimeError as exc:
-        pytest.skip(f"the server cannot preload the example adapter: {exc}")
+        pytest.skip(f"the server cannot preload the adapter: {exc}")
     models = httpx.get(proc.url + "/v1/models", timeout=30).json()["data"]
     adapters = [m["id"] for m in models[1:]]
     if not adapters:

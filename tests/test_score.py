@@ -140,3 +140,53 @@ def test_completions_echo_max_tokens_0_matches_hf(server, hf_model, hf_tokenizer
     n = scored.json()["prompt_tokens"]
     for j, tok in enumerate(scored.json()["results"][0]["tokens"]):
         assert abs(tok["logprob"] - lp["token_logprobs"][n + j]) < TOL
+
+
+@pytest.fixture(scope="module")
+def lora_server(model_dir, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A random PEFT LoRA adapter ``rand`` (peft model as the reference) and a server serving it."""
+    peft = pytest.importorskip("peft")
+    from serverproc import ServerProcess
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("score-adapters")
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,
+        lora_dropout=0.0,
+    )
+    model = peft.get_peft_model(base, cfg)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    model.save_pretrained(root / "rand")
+    proc = ServerProcess("--adapter-root", str(root), "--max-k-alternatives", "20")
+    yield proc, model.eval()
+    proc.stop()
+
+
+def test_score_under_an_adapter_matches_peft(lora_server, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    proc, peft_model = lora_server
+    body = {"prompt": PROMPT, "continuations": CONTINUATIONS, "adapter_id": "rand", "k": 3}
+    r = post(proc, "/score", body)
+    assert r.status_code == 200, r.text
+    assert r.headers.get("x-adapter-id")
+    base = post(proc, "/score", {**body, "adapter_id": None}).json()
+    prompt_ids = hf_tokenizer(PROMPT)["input_ids"]
+    n = len(prompt_ids)
+    for text, res, res_base in zip(
+        CONTINUATIONS, r.json()["results"], base["results"], strict=True
+    ):
+        cont = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+        ref = hf_logsoftmax(peft_model, prompt_ids + cont)
+        for j, tok in enumerate(res["tokens"]):
+            assert abs(tok["logprob"] - float(ref[n + j - 1, cont[j]])) < TOL, (text, j)
+            top = torch.topk(ref[n + j - 1], 3).values.tolist()
+            for alt, value in zip(tok["alternative_tokens"], top, strict=True):
+                assert abs(alt["logprob"] - value) < TOL
+        assert abs(res["total_logprob"] - res_base["total_logprob"]) > 1e-3  # the adapter matters
