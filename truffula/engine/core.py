@@ -23,7 +23,7 @@ from truffula.config import EngineConfig
 from truffula.engine.detokenizer import Detokenizer, TokenTable
 from truffula.engine.output import RequestOutput, TokenInfo, prompt_token_infos, token_info
 from truffula.engine.tokenizer import Tokenizer
-from truffula.errors import EngineOverloadedError, RequestValidationError
+from truffula.errors import AdapterError, EngineOverloadedError, RequestValidationError
 from truffula.layers.lora import apply_lora
 from truffula.model_store.resolve import resolve_model
 from truffula.models.registry import load_model
@@ -78,6 +78,15 @@ class EngineCore:
         loaded = load_model(folder, self.dtype, self.device, config.model.max_model_len)
         self.model_folder = folder
         self.architecture = loaded.architecture
+        self.serving_path = loaded.serving_path
+        if self.serving_path == "fallback":
+            from truffula.models.hf_fallback import LIMITATIONS
+
+            log.warning(
+                "%s has no native implementation: served through transformers (%s)",
+                loaded.architecture,
+                LIMITATIONS,
+            )
         self.tokenizer = Tokenizer(folder)
         self.table = TokenTable(self.tokenizer.hf)
         self.runner = ModelRunner(loaded, config, self.device, self.dtype)
@@ -163,6 +172,10 @@ class EngineCore:
     ) -> Request:
         """Validate and tokenize; touches no engine state, so any thread may call it."""
         params.validate(self.config.limits)
+        if params.adapter_id is not None and self.serving_path == "fallback":
+            raise AdapterError(
+                f"adapters are not supported for {self.architecture} (transformers fallback)", 422
+            )
         if params.adapter_id is not None and not self.adapters.is_loaded(params.adapter_id):
             self.adapters.load(params.adapter_id)  # the server loads off the step loop first
         ids = self.tokenize_prompt(prompt, params)

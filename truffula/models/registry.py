@@ -45,6 +45,8 @@ class LoadedModel:
     architecture: str
     folder: Path
     max_len: int
+    serving_path: str = "native"
+    """``native`` (truffula's implementation) or ``fallback`` (transformers, request-level)."""
 
 
 def load_model(
@@ -58,7 +60,7 @@ def load_model(
     archs = raw.get("architectures") or []
     if not archs:
         raise ModelLoadError(f"config.json in {folder} names no architectures")
-    cls = model_class(archs[0])
+    arch = archs[0]
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # transformers raises several types for bad configs
@@ -67,7 +69,19 @@ def load_model(
         ) from exc
     context = int(getattr(config, "max_position_embeddings", 2048))
     limit = min(max_len, context) if max_len else context
+    if arch not in _NATIVE:
+        import transformers
+
+        if getattr(transformers, arch, None) is None:
+            raise ModelLoadError(
+                f"architecture {arch!r} is neither native (native: {', '.join(native_architectures())}) "
+                "nor a causal LM this transformers version can load"
+            )
+        from truffula.models.hf_fallback import HFFallbackLM
+
+        fallback = HFFallbackLM.load(folder, config, dtype, device)
+        return LoadedModel(fallback, config, arch, folder, limit, "fallback")  # type: ignore[arg-type]
     from truffula.models.loader import build_and_load
 
-    model = build_and_load(cls, config, folder, dtype, device, limit)
-    return LoadedModel(model, config, archs[0], folder, limit)
+    model = build_and_load(model_class(arch), config, folder, dtype, device, limit)
+    return LoadedModel(model, config, arch, folder, limit)

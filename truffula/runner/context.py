@@ -38,6 +38,8 @@ class AttentionMetadata:
     block_size: int
     seq_lens_cpu: list[int] = field(default_factory=list)
     query_start_loc_cpu: list[int] = field(default_factory=list)
+    request_ids: list[str] = field(default_factory=list)
+    """Request of each sequence (read by the transformers fallback, which caches per request)."""
     cache: dict[str, Any] = field(default_factory=dict)
     """Derived tensors a backend builds once per step and reuses in every layer."""
 

@@ -66,7 +66,7 @@ class ModelRunner:
         self.vocab_size = int(hf.vocab_size)
         self.block_size = config.cache.block_size
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.num_blocks = self._num_blocks()
+        self.num_blocks = self._num_blocks(loaded.max_len)
         self.max_len = min(loaded.max_len, (self.num_blocks - 1) * self.block_size)
         self._allocate_cache()
         kind = config.model.linear_kernel
@@ -87,10 +87,13 @@ class ModelRunner:
         per_token = sum(2 * a.num_kv_heads * a.head_dim for a in self.attn_layers) * elem
         return per_token * self.block_size
 
-    def _num_blocks(self) -> int:
+    def _num_blocks(self, max_len: int) -> int:
         if self.config.cache.num_blocks is not None:
             return self.config.cache.num_blocks + 1  # + the null block
-        return max(2, self.config.cache.kv_cache_memory // self._kv_bytes_per_block())
+        per_block = self._kv_bytes_per_block()
+        if per_block == 0:  # the transformers fallback keeps its own caches: blocks only count
+            return 1 + self.config.scheduler.max_num_seqs * -(-max_len // self.block_size)
+        return max(2, self.config.cache.kv_cache_memory // per_block)
 
     def _allocate_cache(self) -> None:
         from truffula.kernels.select import attention_impl
@@ -111,6 +114,9 @@ class ModelRunner:
 
     def remove_request(self, request_id: str) -> None:
         self.states.pop(request_id, None)
+        release = getattr(self.model, "release", None)
+        if release is not None:
+            release(request_id)
 
     # ---------------------------------------------------------------- one step
     @torch.inference_mode()
@@ -189,6 +195,7 @@ class ModelRunner:
             block_size=bs,
             seq_lens_cpu=seq_lens,
             query_start_loc_cpu=starts,
+            request_ids=[s.request_id for s in seqs],
         )
         ids = torch.tensor(tokens, dtype=torch.long).to(dev, non_blocking=True)
         return ids, pos.to(dev, non_blocking=True), meta

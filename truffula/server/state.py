@@ -16,7 +16,7 @@ from fastapi import Request
 from truffula.adapters.store import AdapterStore
 from truffula.engine.async_engine import AsyncEngine, RequestStream
 from truffula.engine.core import Request as EngineRequest
-from truffula.errors import RequestValidationError
+from truffula.errors import AdapterError, RequestValidationError
 from truffula.sampling.params import SamplingParams
 from truffula.server.formats import Accumulator
 from truffula.server.metrics import Metrics
@@ -102,6 +102,12 @@ class ServerState:
         merged = getattr(p, "merged_adapters", None) if p is not None else None
         source = getattr(p, "adapter_source", None) if p is not None else None
         source = source or self.settings.default_adapter_source
+        wants = merged is not None or adapter_id not in (None, "", self.settings.model_id)
+        if wants and self.core.serving_path == "fallback":
+            raise AdapterError(
+                f"adapters are not supported for {self.core.architecture} (transformers fallback)",
+                422,
+            )
         if merged is not None:
             from truffula.adapters.merge import MergeSpec
 

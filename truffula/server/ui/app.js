@@ -223,6 +223,11 @@
     const spans = (side) => $(`#pane-${side} .tokens`).querySelectorAll('.tok');
     const [sa, sb] = [spans('a'), spans('b')];
     document.querySelectorAll('.tok.diff, .tok.first-div').forEach((el) => el.classList.remove('diff', 'first-div'));
+    const note = $('#divergence');
+    if (a.failed || b.failed) { // nothing to compare against: the error says why
+      note.hidden = true;
+      return;
+    }
     let first = null;
     let differ = 0;
     const shared = Math.min(a.tokens.length, b.tokens.length);
@@ -233,12 +238,11 @@
       sb[i].classList.add('diff');
       if (first === null) first = i;
     }
-    const done = a.done && b.done;
+    const done = a.complete && b.complete;
     if (first === null && done && a.tokens.length !== b.tokens.length) {
       first = shared; // one side stopped earlier: they part where it ended
       (sa[shared] || sb[shared]).classList.add('diff');
     }
-    const note = $('#divergence');
     note.hidden = false;
     note.classList.toggle('differs', first !== null);
     if (first !== null) {
@@ -250,9 +254,10 @@
       note.textContent = `First divergence at token ${first + 1}: A ${say(ta)} vs B ${say(tb)}. ` +
         `${differ} of ${shared} aligned positions differ (later ones follow different text).`;
     } else {
+      const over = a.done && b.done ? '(stopped)' : 'so far…';
       note.textContent = done
         ? `Identical: A and B chose the same ${shared} tokens — no divergence.`
-        : `No divergence in the first ${shared} tokens so far…`;
+        : `No divergence in the first ${shared} tokens ${over}`;
     }
     note.dataset.first = first === null ? '' : String(first);
   }
@@ -271,14 +276,14 @@
         signal,
       });
     } catch (err) {
-      if (err.name !== 'AbortError') showError(prefix, { error: err.message, error_type: 'network' });
+      if (err.name !== 'AbortError') fail(run, prefix, { error: err.message, error_type: 'network' });
       return;
     }
     if (!resp.ok) {
       const text = await resp.text();
       let err;
       try { err = JSON.parse(text); } catch { err = { error: text || `HTTP ${resp.status}` }; }
-      showError(prefix, err);
+      fail(run, prefix, err);
       return;
     }
     const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -294,8 +299,13 @@
       }
       if (buffer.trim()) handleEvent(run, buffer, prefix);
     } catch (err) {
-      if (err.name !== 'AbortError') showError(prefix, { error: err.message, error_type: 'network' });
+      if (err.name !== 'AbortError') fail(run, prefix, { error: err.message, error_type: 'network' });
     }
+  }
+
+  function fail(run, prefix, body) {
+    run.failed = true;
+    showError(prefix, body);
   }
 
   function handleEvent(run, block, prefix) {
@@ -303,13 +313,16 @@
     if (!data || data === '[DONE]') return;
     const ev = JSON.parse(data);
     if (ev.error) {
-      showError(prefix, ev);
+      fail(run, prefix, ev);
       return;
     }
     const seed = /"seed":\s*(\d+)/.exec(data); // exact digits, not a rounded JS number
     if (seed && ev.details) ev.details.seed = seed[1];
     if (ev.token) addToken(run, ev.token);
-    if (ev.generated_text !== null && ev.generated_text !== undefined) finish(run, ev.details);
+    if (ev.generated_text !== null && ev.generated_text !== undefined) {
+      run.complete = true; // the server's last event: the generation really ended here
+      finish(run, ev.details);
+    }
   }
 
   async function generate(ev) {
