@@ -198,6 +198,18 @@ def test_server_errors_are_shown(page: Any) -> None:
     assert page.locator("#pane-a .tok").count() == 0
 
 
+def test_stop_aborts_the_stream(page: Any) -> None:
+    settings(page, PROMPT, **{"max-new-tokens": "400"})
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#pane-a .tok').length >= 3")
+    page.click("#stop")
+    wait_done(page, timeout=30)
+    assert page.locator("#pane-a .tok").count() < 400
+    assert "finish: stopped" in page.text_content("#pane-a .stats")
+    assert page.text_content("#errors") == ""
+    assert page.is_enabled("#generate") and not page.is_enabled("#stop")
+
+
 def test_compare_base_with_base_is_identical(page: Any) -> None:
     settings(page, "Write a haiku about the sea.", mode="chat")
     page.check("#compare")
