@@ -525,7 +525,13 @@ def test_apply_chat_template_formats_inputs(server, llm) -> None:  # type: ignor
     prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": question}])
     (ref,) = llm.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0))
     assert r["generated_text"] == ref.text and "Paris" in ref.text
-    msgs = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": question}]
-    body = {"inputs": json.dumps(msgs), "parameters": {"max_new_tokens": 8, "apply_chat_template": True}}
+    msgs = [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": question},
+    ]
+    body = {
+        "inputs": json.dumps(msgs),
+        "parameters": {"max_new_tokens": 8, "apply_chat_template": True},
+    }
     r2 = post(server, "/generate", body)
     assert r2.status_code == 200 and r2.json()["generated_text"]
