@@ -38,6 +38,8 @@ class ModelConfig:
     """``auto`` is float32 on CPU and bfloat16 on CUDA; or float32 / bfloat16 / float16."""
     max_model_len: int | None = None
     """Longest sequence (prompt + generation); defaults to the model's context length."""
+    cuda_graphs: bool = True
+    """Replay CUDA graphs for decode-only steps (CUDA only)."""
     linear_kernel: str = "auto"
     """CPU linears: ``packed`` (oneDNN pre-packed weights), ``torch`` (F.linear, the reference)
     or ``auto`` (packed where oneDNN is available)."""

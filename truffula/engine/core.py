@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -70,12 +71,18 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, progress: bool = True) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        progress: bool = True,
+        weights: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """``weights`` (a HF-named state dict) replaces the folder's safetensors (benchmarks)."""
         self.config = config
-        folder = resolve_model(config.model.model, progress=progress)
+        folder = resolve_model(config.model.model, progress=progress, need_weights=weights is None)
         self.device = pick_device(config.model.device)
         self.dtype = pick_dtype(config.model.dtype, self.device)
-        loaded = load_model(folder, self.dtype, self.device, config.model.max_model_len)
+        loaded = load_model(folder, self.dtype, self.device, config.model.max_model_len, weights)
         self.model_folder = folder
         self.architecture = loaded.architecture
         self.serving_path = loaded.serving_path
@@ -94,6 +101,7 @@ class EngineCore:
         self.vocab_size = self.runner.vocab_size
         self.pool = BlockPool(self.runner.num_blocks)
         self.adapters = self._adapter_store(loaded.model)
+        self.runner.capture_graphs()
         self.scheduler = Scheduler(
             self.pool,
             config.cache.block_size,

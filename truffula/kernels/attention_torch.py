@@ -53,8 +53,25 @@ def paged_attention(
         vd = v_cache[slots].transpose(1, 2)
         qd = q[:nd].unsqueeze(2)  # [nd, H, 1, d]
         out[:nd] = _attend(qd, kd, vd, mask, scale, softcap).squeeze(2)
+    prefill_attention(out, q, k, v, k_cache, v_cache, meta, scale, sliding_window, softcap)
+    return out
+
+
+def prefill_attention(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+    softcap: float | None,
+) -> None:
+    """The multi-token sequences of the step (after the decodes), one at a time, into ``out``."""
     starts = meta.query_start_loc_cpu
-    for s in range(nd, meta.num_seqs):
+    for s in range(meta.num_decodes, meta.num_seqs):
         qs, qe, kv_len = starts[s], starts[s + 1], meta.seq_lens_cpu[s]
         ql = qe - qs
         if kv_len == ql:  # whole sequence in this step: use the fresh keys, no gather
@@ -62,12 +79,18 @@ def paged_attention(
         else:
             slots = _seq_slots(meta, s, kv_len)
             ks, vs = k_cache[slots], v_cache[slots]
-        mask = _prefill_mask(meta, s, ql, kv_len, sliding_window)
         qp = q[qs:qe].transpose(0, 1).unsqueeze(0)  # [1, H, ql, d]
         kp = ks.transpose(0, 1).unsqueeze(0)
         vp = vs.transpose(0, 1).unsqueeze(0)
-        out[qs:qe] = _attend(qp, kp, vp, mask, scale, softcap)[0].transpose(0, 1)
-    return out
+        if q.is_cuda and kv_len == ql and sliding_window is None and softcap is None:
+            gqa = qp.shape[1] != kp.shape[1]
+            o = F.scaled_dot_product_attention(
+                qp, kp, vp, is_causal=True, scale=scale, enable_gqa=gqa
+            )
+        else:
+            mask = _prefill_mask(meta, s, ql, kv_len, sliding_window)
+            o = _attend(qp, kp, vp, mask, scale, softcap)
+        out[qs:qe] = o[0].transpose(0, 1)
 
 
 def _attend(

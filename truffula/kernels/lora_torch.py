@@ -31,10 +31,11 @@ class LoRABatch:
     token_slots: torch.Tensor
     """[T] long, -1 for base-model tokens."""
     slots: list[int]
-    """Distinct slots present, ascending."""
-    rows: dict[int, torch.Tensor]
-    """slot -> [n] token indices using it."""
+    """Distinct slots present, ascending (empty in a captured CUDA graph: slots are data there)."""
     num_tokens: int
+    host_slots: list[int] = field(default_factory=list)
+    graph: bool = False
+    """Captured in a CUDA graph: kernels must read ``token_slots`` only."""
     cache: dict[object, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
@@ -42,9 +43,16 @@ class LoRABatch:
         present = sorted({s for s in slots_per_token if s >= 0})
         if not present:
             return None
-        token_slots = torch.tensor(slots_per_token, dtype=torch.long)
-        rows = {s: (token_slots == s).nonzero().squeeze(1).to(device) for s in present}
-        return cls(token_slots.to(device), present, rows, len(slots_per_token))
+        token_slots = torch.tensor(slots_per_token, dtype=torch.long).to(device)
+        return cls(token_slots, present, len(slots_per_token), list(slots_per_token))
+
+    def rows(self, slot: int) -> torch.Tensor:
+        """[n] indices of the tokens using ``slot``."""
+        key = ("rows", slot)
+        if key not in self.cache:
+            idx = [i for i, s in enumerate(self.host_slots) if s == slot]
+            self.cache[key] = torch.tensor(idx, dtype=torch.long, device=self.token_slots.device)
+        return self.cache[key]
 
     def onehot(self, used: tuple[int, ...]) -> torch.Tensor:
         """[T, len(used)] float: 1 where the token uses that slot."""
@@ -92,7 +100,7 @@ def _dense(y, x, a, bts, offsets, used, batch):  # type: ignore[no-untyped-def]
 
 def _segmented(y, x, a, bts, offsets, used, batch):  # type: ignore[no-untyped-def]
     for slot in used:
-        rows = batch.rows[slot]
+        rows = batch.rows(slot)
         xs = x.index_select(0, rows).to(a.dtype)
         for j, (bt, off) in enumerate(zip(bts, offsets, strict=True)):
             delta = (xs @ a[slot, j].t()) @ bt[slot]

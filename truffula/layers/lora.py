@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from truffula.kernels.lora_torch import lora_apply
+from truffula.kernels.select import lora_impl
 from truffula.layers.linear import Linear
 from truffula.runner.context import get_forward_context
 
@@ -38,7 +38,7 @@ class LoRALinear(nn.Module):
             for size in self.sizes
         ]
         self.loaded = [False] * num_slots
-        self.impl: LoRAFn = lora_apply
+        self.impl: LoRAFn = lora_impl(device)
 
     @property
     def in_features(self) -> int:
@@ -75,6 +75,8 @@ class LoRALinear(nn.Module):
         lora = get_forward_context().lora
         if lora is None:
             return y
+        if lora.graph:  # slots are device data here: every token's own slot, zeros if empty
+            return self.impl(y, x, self.a, self.bts, self.offsets, (), lora)
         used = tuple(s for s in lora.slots if self.loaded[s])
         if not used:
             return y

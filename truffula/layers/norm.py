@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from truffula.kernels import triton_kernels
+
 
 class RMSNorm(nn.Module):
     """``x / rms(x) * w`` in fp32, cast back; ``offset=1`` gives Gemma's ``(1 + w)`` scaling."""
@@ -28,6 +30,9 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without ``residual``: norm(x). With it: (norm(x + residual), x + residual)."""
+        if triton_kernels.use(x):
+            y, res = triton_kernels.add_rms_norm(x, residual, self.weight, self.eps, self.offset)
+            return y if res is None else (y, res)
         if residual is not None:
             x = x + residual
             residual = x

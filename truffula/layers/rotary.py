@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from truffula.errors import ModelLoadError
+from truffula.kernels import triton_kernels
 from truffula.runner.context import get_forward_context
 
 
@@ -204,6 +205,11 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Rotate x [T, heads, head_dim] (first ``rot_dim`` dims) by ``positions`` [T]."""
+        if triton_kernels.use(x) and self.params["rope_type"] != "longrope" and x.stride(-1) == 1:
+            if self._cos is None or self._cos.device != x.device:
+                self._build(x.device)
+            assert self._cos is not None and self._sin is not None
+            return triton_kernels.rotary(x, positions, self._cos, self._sin, self.rot_dim)
         cos, sin = self.cos_sin(positions)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         rd = self.rot_dim

@@ -10,7 +10,7 @@ from truffula.errors import ModelLoadError
 from truffula.model_store.default_model import DEFAULT_MODEL_ALIASES, ensure_default_model
 
 
-def resolve_model(model: str, progress: bool = True) -> Path:
+def resolve_model(model: str, progress: bool = True, need_weights: bool = True) -> Path:
     """Return the folder of ``model``: the default model, a local folder, or a cached hub id."""
     if model in DEFAULT_MODEL_ALIASES:
         return ensure_default_model(progress=progress)
@@ -20,7 +20,7 @@ def resolve_model(model: str, progress: bool = True) -> Path:
             raise ModelLoadError(
                 f"model path {model!r} is a file; pass the folder holding config.json"
             )
-        check_model_dir(path)
+        check_model_dir(path, need_weights)
         return path
     if model.count("/") == 1 and not model.startswith((".", "/")):
         folder = _from_hf_cache(model)
@@ -44,10 +44,10 @@ def _from_hf_cache(repo_id: str) -> Path:
         ) from exc
 
 
-def check_model_dir(folder: Path) -> None:
+def check_model_dir(folder: Path, need_weights: bool = True) -> None:
     """Raise ModelLoadError naming the first missing or unreadable file of a model folder."""
     read_config(folder)
-    if not list(folder.glob("*.safetensors")):
+    if need_weights and not list(folder.glob("*.safetensors")):
         raise ModelLoadError(f"no *.safetensors weights in {folder} (only safetensors are loaded)")
     if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer_config.json").exists():
         raise ModelLoadError(f"no tokenizer (tokenizer.json / tokenizer_config.json) in {folder}")

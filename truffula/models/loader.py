@@ -8,6 +8,7 @@ parameters (Mixtral's stacked experts) is cut into pieces by the model's
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +26,42 @@ def build_and_load(
     dtype: torch.dtype,
     device: torch.device,
     max_len: int,
+    weights: Mapping[str, torch.Tensor] | None = None,
 ) -> CausalLM:
     with torch.device("meta"):
         model = cls(config, max_len)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()
-    load_weights(model, folder)
+    load_weights(model, folder, weights)
     model.eval()
     return model
 
 
-def load_weights(model: CausalLM, folder: Path) -> None:
+class _StateSource:
+    """A name -> tensor mapping read like a safetensors file (``keys`` / ``get_tensor``)."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.state = state
+
+    def keys(self) -> list[str]:
+        return list(self.state)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+
+def load_weights(
+    model: CausalLM, folder: Path, weights: Mapping[str, torch.Tensor] | None = None
+) -> None:
+    """Load from the folder's safetensors files, or from ``weights`` (a HF-named state dict)."""
     params = dict(model.named_parameters())
     loaded: set[str] = set()
+    if weights is not None:
+        source = _StateSource(weights)
+        for name in weights:
+            _load_one(model, params, name, source, loaded)
+        _check_complete(params, loaded, folder)
+        return
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"no *.safetensors weights in {folder}")
@@ -50,6 +74,10 @@ def load_weights(model: CausalLM, folder: Path) -> None:
             raise ModelLoadError(
                 f"{file.name} in {folder} is corrupt or unreadable: {exc}"
             ) from exc
+    _check_complete(params, loaded, folder)
+
+
+def _check_complete(params: dict[str, torch.nn.Parameter], loaded: set[str], folder: Path) -> None:
     missing = sorted(set(params) - loaded)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""

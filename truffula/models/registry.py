@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,13 @@ class LoadedModel:
 
 
 def load_model(
-    folder: Path, dtype: torch.dtype, device: torch.device, max_len: int | None
+    folder: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_len: int | None,
+    weights: Mapping[str, torch.Tensor] | None = None,
 ) -> LoadedModel:
+    """Build the model of ``folder`` (config.json); weights from its safetensors or ``weights``."""
     from transformers import AutoConfig
 
     from truffula.model_store.resolve import read_config
@@ -83,5 +89,5 @@ def load_model(
         return LoadedModel(fallback, config, arch, folder, limit, "fallback")  # type: ignore[arg-type]
     from truffula.models.loader import build_and_load
 
-    model = build_and_load(model_class(arch), config, folder, dtype, device, limit)
+    model = build_and_load(model_class(arch), config, folder, dtype, device, limit, weights)
     return LoadedModel(model, config, arch, folder, limit)

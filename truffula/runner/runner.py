@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 import torch
 
 from truffula.config import EngineConfig
-from truffula.kernels import linear_cpu
+from truffula.kernels import linear_cpu, triton_kernels
 from truffula.kernels.lora_torch import LoRABatch
 from truffula.layers.attention import Attention
 from truffula.models.registry import LoadedModel
 from truffula.runner.context import AttentionMetadata, ForwardContext, forward_context
+from truffula.runner.graphs import DecodeGraphs
 from truffula.runner.output import RunnerOutput, SeqOutput, TokenLogprobs
 from truffula.sampling.metadata import build_sampling_batch
 from truffula.sampling.params import SamplingParams
@@ -80,6 +81,21 @@ class ModelRunner:
                 lin.pack_for_cpu()
         self.sampler = Sampler()
         self.states: dict[str, RequestState] = {}
+        self.graphs: DecodeGraphs | None = None
+        if (
+            device.type == "cuda"
+            and config.model.cuda_graphs
+            and triton_kernels.ENABLED
+            and not getattr(self.model, "is_fallback", False)
+        ):
+            self.graphs = DecodeGraphs(
+                self.model, device, config.scheduler.max_num_seqs, self.max_len, self.block_size
+            )
+
+    def capture_graphs(self) -> None:
+        """Capture the decode graphs (after LoRA wrapping, so adapters can join a graph)."""
+        if self.graphs is not None:
+            self.graphs.capture_all()
 
     # ---------------------------------------------------------------- set-up
     def _kv_bytes_per_block(self) -> int:
@@ -125,17 +141,12 @@ class ModelRunner:
             self.states.pop(rid, None)
         if sched.is_empty:
             return RunnerOutput([])
-        input_ids, positions, meta = self.prepare(sched.seqs)
-        slots = [s.adapter_slot for s in sched.seqs for _ in range(s.num_tokens)]
-        lora = LoRABatch.build(slots, self.device)
-        with forward_context(ForwardContext(meta, lora)):
-            hidden = self.model(input_ids, positions)
+        starts = [0]
+        for s in sched.seqs:
+            starts.append(starts[-1] + s.num_tokens)
         sample_idx = [i for i, s in enumerate(sched.seqs) if s.sample]
-        last_rows = [meta.query_start_loc_cpu[i + 1] - 1 for i in sample_idx]
-        device_parts: list[torch.Tensor] = []
-        sampled_lp = None
-        if sample_idx:
-            logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
+        batch = None
+        if sample_idx:  # built before the forward, so its host-to-device copies overlap it
             states = [self.states[sched.seqs[i].request_id] for i in sample_idx]
             batch = build_sampling_batch(
                 [st.params for st in states],
@@ -145,7 +156,16 @@ class ModelRunner:
                 self.vocab_size,
                 self.device,
             )
-            out = self.sampler(logits, batch)
+        hidden = self._forward(sched.seqs)
+        last_rows = [starts[i + 1] - 1 for i in sample_idx]
+        device_parts: list[torch.Tensor] = []
+        sampled_lp = None
+        if batch is not None:
+            if last_rows == list(range(len(last_rows))):
+                rows = hidden[: len(last_rows)]
+            else:
+                rows = hidden[torch.tensor(last_rows, device=self.device)]
+            out = self.sampler(self.model.compute_logits(rows), batch)
             device_parts.append(out.sampled)
             sampled_lp = out.logprobs
             if sampled_lp is not None:
@@ -156,7 +176,7 @@ class ModelRunner:
                     sampled_lp.ranks,
                     sampled_lp.entropy,
                 ]
-        jobs = self._prompt_jobs(sched.seqs, meta)
+        jobs = self._prompt_jobs(sched.seqs, starts)
         for job in jobs:
             device_parts += self._prompt_logprobs(hidden, job)
         host = _to_host(device_parts)
@@ -201,7 +221,16 @@ class ModelRunner:
         return ids, pos.to(dev, non_blocking=True), meta
 
     # ---------------------------------------------------------------- prompt logprobs
-    def _prompt_jobs(self, seqs: list[ScheduledSeq], meta: AttentionMetadata) -> list[_PromptJob]:
+    def _forward(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
+        """Hidden states of the step's tokens: a CUDA graph replay for decode-only steps."""
+        if self.graphs is not None and self.graphs.fits(seqs):
+            return self.graphs.run(seqs)
+        input_ids, positions, meta = self.prepare(seqs)
+        slots = [s.adapter_slot for s in seqs for _ in range(s.num_tokens)]
+        with forward_context(ForwardContext(meta, LoRABatch.build(slots, self.device))):
+            return self.model(input_ids, positions)
+
+    def _prompt_jobs(self, seqs: list[ScheduledSeq], starts: list[int]) -> list[_PromptJob]:
         jobs = []
         for i, s in enumerate(seqs):
             st = self.states[s.request_id]
@@ -214,7 +243,7 @@ class ModelRunner:
             last = min(s.start_pos + s.num_tokens, plen - 1)
             if first > last:
                 continue
-            base = meta.query_start_loc_cpu[i] - s.start_pos
+            base = starts[i] - s.start_pos
             rows = [base + t - 1 for t in range(first, last + 1)]
             jobs.append(
                 _PromptJob(

@@ -1,0 +1,335 @@
+"""truffula on one NVIDIA GPU, every number beside a peer or bound measured in the same run.
+
+    python benchmarks/gpu.py [--quick] [--out DIR]
+
+(a) Llama-3-8B-shaped model, random bf16 weights: batch-1 decode ms/token, % of the roofline
+    (weight bytes over the measured device copy bandwidth), HF transformers ``generate`` tok/s.
+(b) 64 concurrent requests, 512 in / 128 out (ignore_eos): output tok/s, decode step ms against
+    the batch-64 roofline (weights + KV bytes).
+(c) k = 0 / 5 / 20 alternatives for all 64 requests: throughput ratios.
+(d) 64 requests over 1, 16 and 64 distinct rank-16 adapters on all projections: ratio to base.
+(e) A Llama-3.2-1B-shaped model: batch-1 ms/token.
+Also a throughput-vs-concurrency sweep; PNG plots and a JSON of every number go to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from truffula.adapters.peft import LoRAWeights  # noqa: E402
+from truffula.config import EngineConfig  # noqa: E402
+from truffula.engine.core import EngineCore  # noqa: E402
+from truffula.sampling.params import SamplingParams  # noqa: E402
+
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_parameters={
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    tie_word_embeddings=False,
+    bos_token_id=0,
+    eos_token_id=1,
+)
+LLAMA32_1B = dict(
+    LLAMA3_8B,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_key_value_heads=8,
+    num_attention_heads=32,
+    tie_word_embeddings=True,
+)
+
+
+def measure_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written), median of 20."""
+    src = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() * 2 / statistics.median(times[5:])
+
+
+def tokenizer_folder(vocab: int) -> Path:
+    """A byte-level BPE tokenizer (trained here, no download) padded to the model's vocabulary."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(tempfile.mkdtemp(prefix="truffula-bench-"))
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        ["the quick brown fox jumps over the lazy dog"] * 50,
+        vocab_size=300,
+        special_tokens=["<s>", "</s>"],
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>"
+    ).save_pretrained(folder)
+    return folder
+
+
+def build(shape: dict[str, Any]) -> tuple[torch.nn.Module, Path]:
+    """A random bf16 HF Llama on the GPU and a folder with its config and a tokenizer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**shape)
+    with torch.device("cuda"):
+        hf = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    folder = tokenizer_folder(config.vocab_size)
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(folder)
+    return hf, folder
+
+
+def engine_for(folder: Path, hf: torch.nn.Module, **options: Any) -> EngineCore:
+    cfg = EngineConfig.from_kwargs(model=str(folder), device="cuda", dtype="bfloat16", **options)
+    return EngineCore(cfg, progress=False, weights=hf.state_dict())
+
+
+def weight_bytes(hf: torch.nn.Module) -> int:
+    """Bytes a decode step must read: every weight but the input embedding (only gathered)."""
+    total = sum(p.numel() * p.element_size() for p in hf.parameters())
+    emb = hf.model.embed_tokens.weight
+    tied = hf.lm_head.weight.data_ptr() == emb.data_ptr()
+    return total - (0 if tied else emb.numel() * emb.element_size())
+
+
+def run(
+    core: EngineCore, prompts: list[list[int]], params: list[SamplingParams]
+) -> dict[str, float]:
+    """Serve all requests at once; returns wall time, output tokens and decode-step times."""
+    for p, q in zip(prompts, params, strict=True):
+        core.add_request(p, q)
+    steps: list[float] = []
+    tokens = 0
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    while core.has_work():
+        s0 = time.perf_counter()
+        outs = core.step()
+        dt = time.perf_counter() - s0
+        if (
+            core.scheduler.running
+            and all(r.num_pending <= 1 for r in core.scheduler.running)
+            and len(outs) == len(prompts)
+        ):
+            steps.append(dt)
+        tokens += sum(len(o.tokens) for o in outs)
+    wall = time.perf_counter() - t0
+    return {
+        "wall": wall,
+        "tokens": tokens,
+        "tok_s": tokens / wall,
+        "step_ms": 1e3 * statistics.median(steps) if steps else float("nan"),
+    }
+
+
+def batch1_ms_per_token(core: EngineCore, n: int = 128) -> float:
+    p = SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)
+    run(core, [[5] * 16], [p.with_updates(max_new_tokens=8)])  # warm-up
+    core.add_request([7] * 16, p)
+    times = []
+    while core.has_work():
+        t = time.perf_counter()
+        core.step()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times[2:])
+
+
+def hf_generate_tok_s(hf: torch.nn.Module, n: int = 128) -> float:
+    ids = torch.full((1, 16), 7, device="cuda")
+    hf.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    return n / (time.perf_counter() - t)
+
+
+def random_adapters(core: EngineCore, count: int, rank: int) -> list[str]:
+    """``count`` random rank-``rank`` adapters on every projection, straight into host memory."""
+    store = core.adapters
+    keys = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for i in range(count):
+        w = LoRAWeights(f"bench-{i}", rank)
+        for name, layer in store.layers.items():
+            base = layer.base
+            shards = getattr(base, "shard_offsets", None) or {None: (0, base.out_features)}
+            w.modules[name] = {
+                s: (
+                    torch.randn(
+                        rank, base.in_features, device="cuda", generator=gen, dtype=torch.bfloat16
+                    )
+                    * 0.01,
+                    torch.randn(size, rank, device="cuda", generator=gen, dtype=torch.bfloat16)
+                    * 0.01,
+                )
+                for s, (_, size) in shards.items()
+            }
+        store.host[w.adapter_id] = w
+        keys.append(w.adapter_id)
+    return keys
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer requests and tokens (a smoke run)")
+    ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--skip-8b", action="store_true")
+    args = ap.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    bw = measure_bandwidth()
+    res["copy_bw_GBs"] = bw / 1e9
+    print(f"device {res['device']}: copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+
+    # (e) Llama-3.2-1B shape, batch 1
+    hf1, f1 = build(LLAMA32_1B)
+    core1 = engine_for(f1, hf1, max_num_seqs=8, kv_cache_memory=2 << 30)
+    res["e_1b_ms_per_token"] = batch1_ms_per_token(core1)
+    res["e_1b_roofline_ms"] = 1e3 * weight_bytes(hf1) / bw
+    res["e_1b_hf_tok_s"] = hf_generate_tok_s(hf1, 64)
+    print(
+        f"(e) 1B batch-1: {res['e_1b_ms_per_token']:.2f} ms/token (roofline {res['e_1b_roofline_ms']:.2f} ms; HF {res['e_1b_hf_tok_s']:.0f} tok/s)",
+        flush=True,
+    )
+    del core1, hf1
+    torch.cuda.empty_cache()
+    if args.skip_8b:
+        (out_dir / "gpu.json").write_text(json.dumps(res, indent=2))
+        return
+
+    n_req = 16 if args.quick else 64
+    new = 32 if args.quick else 128
+    hf8, f8 = build(LLAMA3_8B)
+    wbytes = weight_bytes(hf8)
+    res["a_hf_tok_s"] = hf_generate_tok_s(hf8, 64 if args.quick else 128)
+    core = engine_for(
+        f8,
+        hf8,
+        max_num_seqs=64,
+        kv_cache_memory=12 << 30,
+        max_num_batched_tokens=4096,
+        max_active_adapters=64,
+        max_lora_rank=16,
+    )
+    ms = batch1_ms_per_token(core)
+    res["a_ms_per_token"] = ms
+    res["a_roofline_ms"] = 1e3 * wbytes / bw
+    res["a_pct_roofline"] = 100 * res["a_roofline_ms"] / ms
+    res["a_vs_hf"] = (1e3 / ms) / res["a_hf_tok_s"]
+    print(
+        f"(a) 8B batch-1: {ms:.2f} ms/token = {res['a_pct_roofline']:.0f}% of roofline {res['a_roofline_ms']:.2f} ms; "
+        f"{1e3 / ms:.0f} tok/s vs HF generate {res['a_hf_tok_s']:.0f} tok/s = {res['a_vs_hf']:.1f}x",
+        flush=True,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, 128000, (512,), generator=gen).tolist() for _ in range(n_req)]
+    base = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
+    sweep = {}
+    for conc in [1, 8, 16] if args.quick else [1, 8, 16, 32, 64]:
+        r = run(core, prompts[:conc], [base] * conc)
+        sweep[conc] = r["tok_s"]
+    res["concurrency_tok_s"] = sweep
+    r0 = run(core, prompts, [base] * n_req)
+    kv_token = 2 * 32 * 8 * 128 * 2
+    ctx = 512 + new / 2
+    roof_step = 1e3 * (wbytes + n_req * ctx * kv_token) / bw
+    res["b_tok_s"], res["b_step_ms"], res["b_roofline_step_ms"] = (
+        r0["tok_s"],
+        r0["step_ms"],
+        roof_step,
+    )
+    res["b_step_over_roofline"] = r0["step_ms"] / roof_step
+    print(
+        f"(b) {n_req} x 512 in / {new} out: {r0['tok_s']:.0f} output tok/s; decode step {r0['step_ms']:.2f} ms = "
+        f"{res['b_step_over_roofline']:.2f}x its roofline {roof_step:.2f} ms",
+        flush=True,
+    )
+
+    for k in (5, 20):
+        r = run(core, prompts, [base.with_updates(return_k_alternatives=k)] * n_req)
+        res[f"c_k{k}_ratio"] = r["tok_s"] / r0["tok_s"]
+        res[f"c_k{k}_step_ratio"] = r["step_ms"] / r0["step_ms"]
+        print(
+            f"(c) k={k}: throughput {res[f'c_k{k}_ratio']:.3f}x of k=0 (decode step {res[f'c_k{k}_step_ratio']:.3f}x)",
+            flush=True,
+        )
+
+    keys = random_adapters(core, n_req, 16)
+    res["d"] = {}
+    for distinct in (1, 16, 64 if not args.quick else 16):
+        params = [base.with_updates(adapter_id=keys[i % distinct]) for i in range(n_req)]
+        r = run(core, prompts, params)
+        res["d"][distinct] = r["tok_s"] / r0["tok_s"]
+        print(
+            f"(d) {distinct} distinct rank-16 adapters: {res['d'][distinct]:.2f}x base throughput",
+            flush=True,
+        )
+    (out_dir / "gpu.json").write_text(json.dumps(res, indent=2))
+    plot(res, out_dir)
+
+
+def plot(res: dict[str, Any], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    conc = sorted(res["concurrency_tok_s"], key=int)
+    a.plot([int(c) for c in conc], [res["concurrency_tok_s"][c] for c in conc], "o-")
+    a.set_xlabel("concurrent requests (512 in / 128 out)")
+    a.set_ylabel("output tokens / s")
+    a.set_title("Llama-3-8B shape, bf16")
+    d = sorted(res["d"], key=int)
+    b.plot([int(x) for x in d], [res["d"][x] for x in d], "o-")
+    b.axhline(1.0, color="gray", lw=0.8)
+    b.set_xscale("log", base=2)
+    b.set_xlabel("distinct rank-16 adapters in 64 requests")
+    b.set_ylabel("throughput / base model")
+    b.set_ylim(0, 1.1)
+    fig.suptitle(f"truffula on {res['device']} ({res['date']})")
+    fig.tight_layout()
+    fig.savefig(out_dir / "gpu.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Triton kernels against their torch references over shape and dtype sweeps.
+
+Runs on CUDA; skipped without it (CI). ``TRITON_INTERPRET=1`` with triton installed runs the
+same checks on the CPU through Triton's interpreter (fp32 only, slowly).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from truffula.kernels import triton_kernels as tk
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not tk.AVAILABLE, reason="triton is not installed"),
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() or INTERPRET), reason="needs CUDA (or TRITON_INTERPRET=1)"
+    ),
+]
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32] if INTERPRET else [torch.float32, torch.bfloat16]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def tol(dtype: torch.dtype) -> float:
+    return 2e-5 if dtype == torch.float32 else 1e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "n", "offset"), [(1, 64, 0.0), (7, 576, 0.0), (33, 4096, 1.0)])
+def test_add_rms_norm(dtype, rows: int, n: int, offset: float) -> None:
+    from truffula.layers.norm import RMSNorm
+
+    g = torch.Generator(device=DEV).manual_seed(rows)
+    x = torch.randn(rows, n, device=DEV, generator=g).to(dtype)
+    r = torch.randn(rows, n, device=DEV, generator=g).to(dtype)
+    norm = RMSNorm(n, 1e-6, offset).to(DEV)
+    norm.weight.data = torch.randn(n, device=DEV, generator=g).to(dtype)
+    want_y, want_r = norm(x, r)
+    y, res = tk.add_rms_norm(x, r, norm.weight, 1e-6, offset)
+    assert torch.equal(res, want_r)
+    assert rel(y, want_y) < tol(dtype)
+    y2, none = tk.add_rms_norm(x, None, norm.weight, 1e-6, offset)
+    assert none is None and rel(y2, norm(x)) < tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("heads", "dim", "rot"), [(3, 64, 64), (12, 128, 128), (4, 80, 40)])
+def test_rotary(dtype, heads: int, dim: int, rot: int) -> None:
+    from truffula.layers.rotary import rotate_half
+
+    g = torch.Generator(device=DEV).manual_seed(heads)
+    t = 9
+    base = torch.randn(t, heads + 2, dim, device=DEV, generator=g).to(dtype)
+    x = base[:, :heads]  # a strided view, as q out of the fused qkv
+    pos = torch.randint(0, 100, (t,), device=DEV, generator=g)
+    freqs = torch.randn(100, rot // 2, device=DEV, generator=g)
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos().contiguous(), emb.sin().contiguous()
+    c, s = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
+    xr, rest = x[..., :rot].float(), x[..., rot:].float()
+    want = torch.cat((xr * c + rotate_half(xr) * s, rest), -1)
+    got = tk.rotary(x, pos, cos, sin, rot)
+    assert rel(got, want) < tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gelu", [False, True])
+def test_act_and_mul(dtype, gelu: bool) -> None:
+    from truffula.layers.activation import act_and_mul
+
+    x = torch.randn(5, 2 * 1536, device=DEV).to(dtype)
+    want = act_and_mul(x.float(), "gelu_pytorch_tanh" if gelu else "silu")
+    assert rel(tk.act_and_mul(x, gelu), want) < tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "block", "window", "softcap"),
+    [
+        (9, 3, 64, 16, None, None),
+        (32, 8, 128, 16, None, None),
+        (4, 4, 64, 8, 20, None),
+        (8, 2, 64, 16, None, 30.0),
+    ],
+)
+def test_decode_attention(dtype, heads, kv_heads, dim, block, window, softcap) -> None:
+    from truffula.kernels.attention_torch import paged_attention
+    from truffula.runner.context import AttentionMetadata
+
+    g = torch.Generator().manual_seed(heads * dim)
+    lens = [1, 17, 40, 75]
+    b = len(lens)
+    num_blocks = 64
+    perm = torch.randperm(num_blocks - 1, generator=g) + 1
+    tables = torch.zeros(b, 16, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(lens):
+        nb = -(-n // block)
+        tables[i, :nb] = perm[used : used + nb]
+        used += nb
+    k_cache = torch.randn(num_blocks * block, kv_heads, dim, generator=g).to(dtype).to(DEV)
+    v_cache = torch.randn(num_blocks * block, kv_heads, dim, generator=g).to(dtype).to(DEV)
+    q = torch.randn(b, heads, dim, generator=g).to(dtype).to(DEV)
+    k_new = torch.randn(b, kv_heads, dim, generator=g).to(dtype).to(DEV)
+    v_new = torch.randn(b, kv_heads, dim, generator=g).to(dtype).to(DEV)
+    pos = torch.tensor([n - 1 for n in lens])
+    slots = (tables[torch.arange(b), pos // block].long() * block + pos % block).to(DEV)
+    meta = AttentionMetadata(
+        slot_mapping=slots,
+        block_tables=tables.to(DEV),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=DEV),
+        query_start_loc=torch.arange(b + 1, dtype=torch.int32, device=DEV),
+        num_decodes=b,
+        max_query_len=1,
+        max_seq_len=max(lens),
+        block_size=block,
+        seq_lens_cpu=lens,
+        query_start_loc_cpu=list(range(b + 1)),
+    )
+    scale = dim**-0.5
+    kc, vc = k_cache.clone(), v_cache.clone()
+    want = paged_attention(
+        q.float(),
+        k_new.float(),
+        v_new.float(),
+        kc.float(),
+        vc.float(),
+        meta,
+        scale,
+        window,
+        softcap,
+    )
+    k_cache.index_copy_(0, slots, k_new)
+    v_cache.index_copy_(0, slots, v_new)
+    got = tk.decode_attention(
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, block, window, softcap
+    )
+    assert rel(got, want) < tol(dtype) * 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_bgmv(dtype) -> None:
+    from truffula.kernels.lora_torch import lora_reference
+
+    g = torch.Generator().manual_seed(3)
+    slots, shards, rank, n_in, sizes = 4, 3, 16, 200, [96, 32, 32]
+    a = (torch.randn(slots, shards, rank, n_in, generator=g) * 0.1).to(dtype).to(DEV)
+    bts = [(torch.randn(slots, rank, n, generator=g) * 0.1).to(dtype).to(DEV) for n in sizes]
+    x = torch.randn(11, n_in, generator=g).to(dtype).to(DEV)
+    token_slots = torch.tensor([0, -1, 3, 3, 1, -1, 2, 0, 0, 1, 3], device=DEV)
+    y = torch.randn(11, 160, generator=g).to(dtype).to(DEV)
+    want = lora_reference(
+        y.float(), x.float(), a.float(), [b.float() for b in bts], [0, 96, 128], token_slots.cpu()
+    )
+    got = tk.lora_bgmv(y.clone(), x, a, bts, [0, 96, 128], token_slots)
+    assert rel(got, want) < tol(dtype)

@@ -1,0 +1,133 @@
+"""CUDA graphs of the model's forward for decode-only steps, at a ladder of batch sizes.
+
+A decode step launches hundreds of small kernels; replaying a captured graph removes the launch
+gaps. Inputs live in static buffers that each step fills (padding rows point at the null KV block
+0, which no sequence owns); attention reads lengths and block tables from device memory, so one
+graph serves any mix of sequence lengths. A graph with LoRA (per-token adapter slots as data) is
+captured on first use of adapters. Steps with prefill chunks, or more sequences than the largest
+graph, run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from truffula.kernels.lora_torch import LoRABatch
+from truffula.runner.context import AttentionMetadata, ForwardContext, forward_context
+from truffula.scheduler.output import ScheduledSeq
+
+log = logging.getLogger("truffula.runner")
+
+
+def ladder(max_batch: int) -> list[int]:
+    sizes = [1, 2, 4, 8, *list(range(16, max_batch + 1, 8))]
+    return sorted({s for s in sizes if s <= max_batch} | {max_batch})
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        max_batch: int,
+        max_len: int,
+        block_size: int,
+    ):
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.max_len = max_len
+        self.sizes = ladder(max_batch)
+        n = self.sizes[-1]
+        width = -(-max_len // block_size)
+        self.ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.pos = torch.zeros(n, dtype=torch.long, device=device)
+        self.slots = torch.zeros(n, dtype=torch.long, device=device)
+        self.tables = torch.zeros(n, width, dtype=torch.int32, device=device)
+        self.lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.qsl = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.lora_slots = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def capture_all(self, with_lora: bool = False) -> None:
+        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
+            self._capture(bs, with_lora)
+
+    def _context(self, bs: int, with_lora: bool) -> ForwardContext:
+        meta = AttentionMetadata(
+            slot_mapping=self.slots[:bs],
+            block_tables=self.tables[:bs],
+            seq_lens=self.lens[:bs],
+            query_start_loc=self.qsl[: bs + 1],
+            num_decodes=bs,
+            max_query_len=1,
+            max_seq_len=self.max_len,
+            block_size=self.block_size,
+            seq_lens_cpu=[1] * bs,
+            query_start_loc_cpu=list(range(bs + 1)),
+        )
+        lora = LoRABatch(self.lora_slots[:bs], [], bs, graph=True) if with_lora else None
+        return ForwardContext(meta, lora)
+
+    @torch.inference_mode()
+    def _capture(self, bs: int, with_lora: bool) -> None:
+        ctx = self._context(bs, with_lora)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: Triton compiles and autotunes outside the capture
+                with forward_context(ctx):
+                    self.model(self.ids[:bs], self.pos[:bs])
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool), forward_context(self._context(bs, with_lora)):
+            out = self.model(self.ids[:bs], self.pos[:bs])
+        self.pool = graph.pool()
+        self.graphs[(bs, with_lora)] = (graph, out)
+
+    def fits(self, seqs: list[ScheduledSeq]) -> bool:
+        return len(seqs) <= self.sizes[-1] and all(s.num_tokens == 1 for s in seqs)
+
+    @torch.inference_mode()
+    def run(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
+        """Hidden states [len(seqs), hidden] of a decode-only step."""
+        n = len(seqs)
+        bs = next(s for s in self.sizes if s >= n)
+        with_lora = any(s.adapter_slot >= 0 for s in seqs)
+        if (bs, with_lora) not in self.graphs:
+            log.info(
+                "capturing a decode graph for batch %d%s", bs, " with LoRA" if with_lora else ""
+            )
+            self._capture(bs, with_lora)
+        graph, out = self.graphs[(bs, with_lora)]
+        bsz = self.block_size
+        pad = bs - n
+        pos = [s.start_pos for s in seqs] + [0] * pad
+        slots = [s.block_ids[s.start_pos // bsz] * bsz + s.start_pos % bsz for s in seqs] + [
+            0
+        ] * pad
+        width = max(len(s.block_ids) for s in seqs)
+        table = torch.zeros(bs, width, dtype=torch.int32)
+        for i, s in enumerate(seqs):
+            table[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
+        host = torch.tensor(
+            [
+                [s.token_ids[0] for s in seqs] + [0] * pad,
+                pos,
+                slots,
+                [s.start_pos + 1 for s in seqs] + [1] * pad,
+                [s.adapter_slot for s in seqs] + [-1] * pad,
+            ],
+            dtype=torch.long,
+        ).to(self.device, non_blocking=True)
+        self.ids[:bs].copy_(host[0])
+        self.pos[:bs].copy_(host[1])
+        self.slots[:bs].copy_(host[2])
+        self.lens[:bs].copy_(host[3])
+        self.lora_slots[:bs].copy_(host[4])
+        self.tables[:bs, :width].copy_(table.to(self.device, non_blocking=True))
+        graph.replay()
+        return out[:n]
