@@ -112,7 +112,7 @@ def build(shape: dict[str, Any]) -> tuple[torch.nn.Module, Path]:
 
 
 def engine_for(folder: Path, hf: torch.nn.Module, **options: Any) -> EngineCore:
-    cfg = EngineConfig.from_kwargs(model=str(folder), device="cuda", dtype="bfloat16", **options)
+    cfg = EngineConfig.from_kwargs(model=str(folder), device="cuda", dtype="bfloat16", max_model_len=4096, **options)
     return EngineCore(cfg, progress=False, weights=hf.state_dict())
 
 
