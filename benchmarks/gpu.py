@@ -112,7 +112,9 @@ def build(shape: dict[str, Any]) -> tuple[torch.nn.Module, Path]:
 
 
 def engine_for(folder: Path, hf: torch.nn.Module, **options: Any) -> EngineCore:
-    cfg = EngineConfig.from_kwargs(model=str(folder), device="cuda", dtype="bfloat16", max_model_len=4096, **options)
+    cfg = EngineConfig.from_kwargs(
+        model=str(folder), device="cuda", dtype="bfloat16", max_model_len=4096, **options
+    )
     return EngineCore(cfg, progress=False, weights=hf.state_dict())
 
 
@@ -207,6 +209,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer requests and tokens (a smoke run)")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--skip-8b", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print where decode steps spend time")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -235,6 +238,9 @@ def main() -> None:
         (out_dir / "gpu.json").write_text(json.dumps(res, indent=2))
         return
 
+    if args.profile:
+        profile(out_dir)
+        return
     n_req = 16 if args.quick else 64
     new = 32 if args.quick else 128
     hf8, f8 = build(LLAMA3_8B)
@@ -305,6 +311,74 @@ def main() -> None:
         )
     (out_dir / "gpu.json").write_text(json.dumps(res, indent=2))
     plot(res, out_dir)
+
+
+def profile(out_dir: Path) -> None:
+    """Kernel and host time of 8B decode steps: batch 1, batch 64 with k = 0 / 20, 64 adapters."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    hf8, f8 = build(LLAMA3_8B)
+    core = engine_for(
+        f8,
+        hf8,
+        max_num_seqs=64,
+        kv_cache_memory=12 << 30,
+        max_num_batched_tokens=4096,
+        max_active_adapters=64,
+        max_lora_rank=16,
+    )
+    del hf8
+    torch.cuda.empty_cache()
+    keys = random_adapters(core, 64, 16)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, 128000, (512,), generator=gen).tolist() for _ in range(64)]
+    report = []
+    base = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+    cases = {
+        "b1": ([prompts[0]], [base]),
+        "b64_k0": (prompts, [base] * 64),
+        "b64_k20": (prompts, [base.with_updates(return_k_alternatives=20)] * 64),
+        "b64_lora64": (prompts, [base.with_updates(adapter_id=keys[i]) for i in range(64)]),
+        "b64_lora1": (prompts, [base.with_updates(adapter_id=keys[0])] * 64),
+    }
+    runner = core.runner
+    for name, (ps, qs) in cases.items():
+        for p, q in zip(ps, qs, strict=True):
+            core.add_request(p, q)
+        while any(r.num_pending > 1 for r in core.scheduler.running) or core.scheduler.waiting:
+            core.step()
+        for _ in range(5):
+            core.step()
+        t_exec, t_step = [], []
+        orig = runner.execute
+
+        def timed(sched, _orig=orig, _acc=t_exec):  # type: ignore[no-untyped-def]
+            t = time.perf_counter()
+            out = _orig(sched)
+            _acc.append(time.perf_counter() - t)
+            return out
+
+        runner.execute = timed  # type: ignore[method-assign]
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                t = time.perf_counter()
+                core.step()
+                t_step.append(time.perf_counter() - t)
+        runner.execute = orig  # type: ignore[method-assign]
+        for rid in list(core.requests):
+            core.abort(rid)
+        core.step()
+        table = prof.key_averages().table(
+            sort_by="device_time_total", row_limit=14, max_name_column_width=60
+        )
+        line = (
+            f"== {name}: step {1e3 * statistics.median(t_step):.2f} ms, runner.execute "
+            f"{1e3 * statistics.median(t_exec):.2f} ms (engine host work = the rest)"
+        )
+        print(line, flush=True)
+        report += [line, table]
+    (out_dir / "profile.txt").write_text("\n".join(report))
 
 
 def plot(res: dict[str, Any], out_dir: Path) -> None:

@@ -151,14 +151,17 @@ def test_lora_bgmv(dtype) -> None:
     from truffula.kernels.lora_torch import lora_reference
 
     g = torch.Generator().manual_seed(3)
-    slots, shards, rank, n_in, sizes = 4, 3, 16, 200, [96, 32, 32]
+    slots, shards, rank, n_in, sizes = 4, 3, 12, 1200, [200, 100, 100]  # not block-aligned
     a = (torch.randn(slots, shards, rank, n_in, generator=g) * 0.1).to(dtype).to(DEV)
-    bts = [(torch.randn(slots, rank, n, generator=g) * 0.1).to(dtype).to(DEV) for n in sizes]
+    bt = (torch.randn(slots, rank, sum(sizes), generator=g) * 0.1).to(dtype).to(DEV)
+    offsets = [0, 200, 300]
+    bts = [bt[:, :, o : o + n] for o, n in zip(offsets, sizes, strict=True)]
     x = torch.randn(11, n_in, generator=g).to(dtype).to(DEV)
     token_slots = torch.tensor([0, -1, 3, 3, 1, -1, 2, 0, 0, 1, 3], device=DEV)
-    y = torch.randn(11, 160, generator=g).to(dtype).to(DEV)
-    want = lora_reference(
-        y.float(), x.float(), a.float(), [b.float() for b in bts], [0, 96, 128], token_slots.cpu()
-    )
-    got = tk.lora_bgmv(y.clone(), x, a, bts, [0, 96, 128], token_slots)
+    y = torch.randn(11, 400, generator=g).to(dtype).to(DEV)
+    ref_bts = [b.float() for b in bts]
+    want = lora_reference(y.float(), x.float(), a.float(), ref_bts, offsets, token_slots.cpu())
+    got = tk.lora_bgmv(y.clone(), x, a, bt, offsets, token_slots)
     assert rel(got, want) < tol(dtype)
+    one = tk.lora_bgmv(y[:, :200].clone(), x, a[:, :1], bt[:, :, :200], [0], token_slots)
+    assert rel(one, want[:, :200]) < tol(dtype)

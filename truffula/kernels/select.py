@@ -22,10 +22,12 @@ def lora_impl(device: torch.device):  # type: ignore[no-untyped-def]
     """The batched LoRA computation: Triton BGMV on CUDA, the torch strategies elsewhere."""
     if device.type == "cuda" and triton_kernels.ENABLED:
 
-        def bgmv(y, x, a, bts, offsets, used, batch):  # type: ignore[no-untyped-def]
-            return triton_kernels.lora_bgmv(y, x, a, bts, offsets, batch.token_slots)
+        def bgmv(y, x, a, bts, offsets, used, batch, bt):  # type: ignore[no-untyped-def]
+            return triton_kernels.lora_bgmv(y, x, a, bt, offsets, batch.token_slots)
 
         return bgmv
     from truffula.kernels.lora_torch import lora_apply
 
-    return lora_apply
+    return lambda y, x, a, bts, offsets, used, batch, bt: lora_apply(
+        y, x, a, bts, offsets, used, batch
+    )

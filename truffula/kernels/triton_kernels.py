@@ -202,25 +202,27 @@ if AVAILABLE:
         stride_aj,
         stride_ar,
         n_shards,
+        n_splits,
         RANK: tl.constexpr,
         RANK_PAD: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
+        """tmp[t, j, split] = A[slot(t), j, :, K-chunk] @ x[t, K-chunk] (a split-K partial)."""
         t = tl.program_id(0).to(tl.int64)
         j = tl.program_id(1)
+        split = tl.program_id(2)
         slot = tl.load(slots_ptr + t).to(tl.int64)
         r = tl.arange(0, RANK_PAD)
-        acc = tl.zeros([RANK_PAD], tl.float32)
-        if slot >= 0:
-            for k0 in range(0, n_in, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(x_ptr + t * stride_x + k, mask=k < n_in, other=0.0).to(tl.float32)
-                a_off = slot * stride_as + j * stride_aj + r[:, None] * stride_ar + k[None, :]
-                a = tl.load(
-                    a_ptr + a_off, mask=(r < RANK)[:, None] & (k < n_in)[None, :], other=0.0
-                ).to(tl.float32)
-                acc += tl.sum(a * x[None, :], axis=1)
-        tl.store(tmp_ptr + (t * n_shards + j) * RANK_PAD + r, acc)
+        k = split * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = k < tl.where(slot >= 0, n_in, 0)  # base-model tokens read nothing
+        x = tl.load(x_ptr + t * stride_x + k, mask=kmask, other=0.0).to(tl.float32)
+        safe = tl.maximum(slot, 0)
+        a_off = safe * stride_as + j * stride_aj + r[:, None] * stride_ar + k[None, :]
+        a = tl.load(a_ptr + a_off, mask=(r < RANK)[:, None] & kmask[None, :], other=0.0).to(
+            tl.float32
+        )
+        part = tl.sum(a * x[None, :], axis=1)
+        tl.store(tmp_ptr + ((t * n_shards + j) * n_splits + split) * RANK_PAD + r, part)
 
     @triton.jit
     def _lora_expand_kernel(
@@ -229,28 +231,41 @@ if AVAILABLE:
         bt_ptr,
         slots_ptr,
         n_out,
-        out_offset,
         stride_y,
         stride_bs,
         stride_br,
-        j,
-        n_shards,
+        off1,
+        off2,
+        n_splits,
+        N_SHARDS: tl.constexpr,
         RANK: tl.constexpr,
         RANK_PAD: tl.constexpr,
+        SPLITS_PAD: tl.constexpr,
         BLOCK_O: tl.constexpr,
     ):
+        """y[t, o] += sum_r shrink[t, shard(o), r] * Bt[slot(t), r, o] over the whole output;
+        shards start at 0, off1, off2; each shard's shrink is summed over its K splits."""
         t = tl.program_id(0).to(tl.int64)
-        o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
         slot = tl.load(slots_ptr + t).to(tl.int64)
         if slot >= 0:
+            o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+            shard = (o >= off1).to(tl.int32) + (o >= off2).to(tl.int32)
             r = tl.arange(0, RANK_PAD)
-            s = tl.load(tmp_ptr + (t * n_shards + j) * RANK_PAD + r)
+            sp = tl.arange(0, SPLITS_PAD)
             b_off = slot * stride_bs + r[:, None] * stride_br + o[None, :]
             bmat = tl.load(
                 bt_ptr + b_off, mask=(r < RANK)[:, None] & (o < n_out)[None, :], other=0.0
             ).to(tl.float32)
-            delta = tl.sum(s[:, None] * bmat, axis=0)
-            y = y_ptr + t * stride_y + out_offset + o
+            delta = tl.zeros([BLOCK_O], tl.float32)
+            for j in tl.static_range(N_SHARDS):
+                parts = tl.load(
+                    tmp_ptr + ((t * N_SHARDS + j) * n_splits + sp[:, None]) * RANK_PAD + r[None, :],
+                    mask=(sp < n_splits)[:, None],
+                    other=0.0,
+                )
+                sj = tl.sum(parts, axis=0)
+                delta += tl.where(shard == j, tl.sum(sj[:, None] * bmat, axis=0), 0.0)
+            y = y_ptr + t * stride_y + o
             prev = tl.load(y, mask=o < n_out, other=0.0).to(tl.float32)
             tl.store(y, (prev + delta).to(y_ptr.dtype.element_ty), mask=o < n_out)
 
@@ -360,20 +375,27 @@ def decode_attention(
     return out
 
 
+LORA_BLOCK_K = 512
+LORA_BLOCK_O = 128
+
+
 def lora_bgmv(
     y: torch.Tensor,
     x: torch.Tensor,
     a: torch.Tensor,
-    bts: list[torch.Tensor],
+    bt: torch.Tensor,
     offsets: list[int],
     token_slots: torch.Tensor,
 ) -> torch.Tensor:
-    """y[t, off_j:off_j+n_j] += Bt_j[s]^T (A[s, j] x[t]) for tokens with slot s >= 0; in place."""
+    """y[t, off_j:off_j+n_j] += Bt[s, :, off_j:off_j+n_j]^T (A[s, j] x[t]) for tokens with slot
+    s >= 0, in place. ``bt`` [slots, R, out] holds every shard's B side by side (up to 3 shards).
+    Two launches: a split-K shrink into fp32 partials, then one expand over the whole output."""
     t = x.shape[0]
     _, n_shards, rank, n_in = a.shape
     rank_pad = max(16, _pow2(rank))
-    tmp = torch.empty(t, n_shards, rank_pad, dtype=torch.float32, device=x.device)
-    _lora_shrink_kernel[(t, n_shards)](
+    splits = triton.cdiv(n_in, LORA_BLOCK_K)
+    tmp = torch.empty(t, n_shards, splits, rank_pad, dtype=torch.float32, device=x.device)
+    _lora_shrink_kernel[(t, n_shards, splits)](
         x,
         a,
         token_slots,
@@ -384,26 +406,29 @@ def lora_bgmv(
         a.stride(1),
         a.stride(2),
         n_shards,
+        splits,
         RANK=rank,
         RANK_PAD=rank_pad,
-        BLOCK_K=128,
+        BLOCK_K=LORA_BLOCK_K,
     )
-    for j, (bt, off) in enumerate(zip(bts, offsets, strict=True)):
-        n_out = bt.shape[2]
-        _lora_expand_kernel[(t, triton.cdiv(n_out, 128))](
-            y,
-            tmp,
-            bt,
-            token_slots,
-            n_out,
-            off,
-            y.stride(0),
-            bt.stride(0),
-            bt.stride(1),
-            j,
-            n_shards,
-            RANK=rank,
-            RANK_PAD=rank_pad,
-            BLOCK_O=128,
-        )
+    offs = [*offsets[1:], 1 << 62, 1 << 62][:2]  # shard starts; unused ones never reached
+    n_out = bt.shape[2]
+    _lora_expand_kernel[(t, triton.cdiv(n_out, LORA_BLOCK_O))](
+        y,
+        tmp,
+        bt,
+        token_slots,
+        n_out,
+        y.stride(0),
+        bt.stride(0),
+        bt.stride(1),
+        offs[0],
+        offs[1],
+        splits,
+        N_SHARDS=n_shards,
+        RANK=rank,
+        RANK_PAD=rank_pad,
+        SPLITS_PAD=max(2, _pow2(splits)),
+        BLOCK_O=LORA_BLOCK_O,
+    )
     return y

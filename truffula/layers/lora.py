@@ -33,9 +33,11 @@ class LoRALinear(nn.Module):
         self.max_rank = max_rank
         n = len(self.shard_names)
         self.a = torch.zeros(num_slots, n, max_rank, base.in_features, dtype=dtype, device=device)
+        # every shard's B side by side ([slots, R, out]); ``bts`` are per-shard views of it
+        self.bt = torch.zeros(num_slots, max_rank, base.out_features, dtype=dtype, device=device)
         self.bts = [
-            torch.zeros(num_slots, max_rank, size, dtype=dtype, device=device)
-            for size in self.sizes
+            self.bt[:, :, off : off + size]
+            for off, size in zip(self.offsets, self.sizes, strict=True)
         ]
         self.loaded = [False] * num_slots
         self.impl: LoRAFn = lora_impl(device)
@@ -54,8 +56,7 @@ class LoRALinear(nn.Module):
         """Write one adapter's factors into ``slot`` (None clears it). A factor pair given for the
         whole output of a fused projection is split into its shards (same A, B's row ranges)."""
         self.a[slot].zero_()
-        for bt in self.bts:
-            bt[slot].zero_()
+        self.bt[slot].zero_()
         self.loaded[slot] = bool(weights)
         for shard, (a, b) in (weights or {}).items():
             r = a.shape[0]
@@ -76,11 +77,11 @@ class LoRALinear(nn.Module):
         if lora is None:
             return y
         if lora.graph:  # slots are device data here: every token's own slot, zeros if empty
-            return self.impl(y, x, self.a, self.bts, self.offsets, (), lora)
+            return self.impl(y, x, self.a, self.bts, self.offsets, (), lora, self.bt)
         used = tuple(s for s in lora.slots if self.loaded[s])
         if not used:
             return y
-        return self.impl(y, x, self.a, self.bts, self.offsets, used, lora)
+        return self.impl(y, x, self.a, self.bts, self.offsets, used, lora, self.bt)
 
 
 def apply_lora(

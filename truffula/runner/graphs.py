@@ -110,9 +110,7 @@ class DecodeGraphs:
             0
         ] * pad
         width = max(len(s.block_ids) for s in seqs)
-        table = torch.zeros(bs, width, dtype=torch.int32)
-        for i, s in enumerate(seqs):
-            table[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
+        rows = [s.block_ids + [0] * (width - len(s.block_ids)) for s in seqs] + [[0] * width] * pad
         host = torch.tensor(
             [
                 [s.token_ids[0] for s in seqs] + [0] * pad,
@@ -128,6 +126,8 @@ class DecodeGraphs:
         self.slots[:bs].copy_(host[2])
         self.lens[:bs].copy_(host[3])
         self.lora_slots[:bs].copy_(host[4])
-        self.tables[:bs, :width].copy_(table.to(self.device, non_blocking=True))
+        self.tables[:bs, :width].copy_(
+            torch.tensor(rows, dtype=torch.int32).to(self.device, non_blocking=True)
+        )
         graph.replay()
         return out[:n]
