@@ -158,7 +158,7 @@ def run(
 
 def batch1_ms_per_token(core: EngineCore, n: int = 128) -> float:
     p = SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)
-    run(core, [[5] * 16], [p.with_updates(max_new_tokens=8)])  # warm-up
+    run(core, [[5] * 16], [p.with_updates(max_new_tokens=8)], warm=False)  # warm-up
     core.add_request([7] * 16, p)
     times = []
     while core.has_work():

@@ -140,10 +140,20 @@ def test_decode_attention(dtype, heads, kv_heads, dim, block, window, softcap) -
     )
     k_cache.index_copy_(0, slots, k_new)
     v_cache.index_copy_(0, slots, v_new)
-    got = tk.decode_attention(
-        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, block, window, softcap
-    )
-    assert rel(got, want) < tol(dtype) * 2
+    for splits in (None, 1, 4):
+        got = tk.decode_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            scale,
+            block,
+            window,
+            softcap,
+            splits=splits,
+        )
+        assert rel(got, want) < tol(dtype) * 2, splits
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -161,7 +171,44 @@ def test_lora_bgmv(dtype) -> None:
     y = torch.randn(11, 400, generator=g).to(dtype).to(DEV)
     ref_bts = [b.float() for b in bts]
     want = lora_reference(y.float(), x.float(), a.float(), ref_bts, offsets, token_slots.cpu())
-    got = tk.lora_bgmv(y.clone(), x, a, bt, offsets, token_slots)
+    from truffula.kernels.lora_torch import segments
+
+    seg = torch.tensor(segments(token_slots.tolist(), size=12), device=DEV)
+    got = tk.lora_bgmv(y.clone(), x, a, bt, offsets, seg)
     assert rel(got, want) < tol(dtype)
-    one = tk.lora_bgmv(y[:, :200].clone(), x, a[:, :1], bt[:, :, :200], [0], token_slots)
+    one = tk.lora_bgmv(y[:, :200].clone(), x, a[:, :1], bt[:, :, :200], [0], seg)
     assert rel(one, want[:, :200]) < tol(dtype)
+    long = torch.tensor([2] * 40 + [-1] * 3 + [1] * 21, device=DEV)  # segments longer than a tile
+    xl = torch.randn(64, n_in, generator=g).to(dtype).to(DEV)
+    yl = torch.randn(64, 400, generator=g).to(dtype).to(DEV)
+    want = lora_reference(yl.float(), xl.float(), a.float(), ref_bts, offsets, long.cpu())
+    got = tk.lora_bgmv(
+        yl.clone(), xl, a, bt, offsets, torch.tensor(segments(long.tolist()), device=DEV)
+    )
+    assert rel(got, want) < tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_into_cache(dtype) -> None:
+    from truffula.layers.rotary import rotate_half
+
+    g = torch.Generator(device=DEV).manual_seed(7)
+    t, h, hkv, d = 5, 8, 2, 64
+    qkv = torch.randn(t, h + 2 * hkv, d, device=DEV, generator=g).to(dtype)
+    pos = torch.tensor([3, 0, 17, 9, 40], device=DEV)
+    freqs = torch.randn(64, d // 2, device=DEV, generator=g)
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos().contiguous(), emb.sin().contiguous()
+    slots = torch.tensor([10, 3, 7, 0, 12], device=DEV)
+    k_cache = torch.zeros(16, hkv, d, device=DEV, dtype=dtype)
+    v_cache = torch.zeros(16, hkv, d, device=DEV, dtype=dtype)
+    q = tk.rotary_into_cache(qkv, h, hkv, pos, cos, sin, d, slots, k_cache, v_cache)
+    c, s = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
+    x = qkv.float()
+    want_q = x[:, :h] * c + rotate_half(x[:, :h]) * s
+    want_k = x[:, h : h + hkv] * c + rotate_half(x[:, h : h + hkv]) * s
+    assert rel(q, want_q) < tol(dtype)
+    assert rel(k_cache[slots], want_k) < tol(dtype)
+    assert torch.equal(v_cache[slots], qkv[:, h + hkv :])
+    untouched = [i for i in range(16) if i not in slots.tolist()]
+    assert not k_cache[untouched].any() and not v_cache[untouched].any()

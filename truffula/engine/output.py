@@ -6,6 +6,7 @@ renames fields for its dialect.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from truffula.engine.detokenizer import Detokenizer, TokenTable
@@ -32,7 +33,7 @@ class TokenInfo:
     logprob: float | None = None
     rank: int | None = None
     entropy: float | None = None
-    alternatives: list[Alternative] | None = None
+    alternatives: Sequence[Alternative] | None = None
 
 
 @dataclass
@@ -54,6 +55,43 @@ class RequestOutput:
     seed: int | None = None
 
 
+class LazyAlternatives(Sequence[Alternative]):
+    """A token's alternatives, turned into records (text, bytes) only when first read: the step
+    loop stores ids and logprobs; whoever serializes the token pays for the text."""
+
+    __slots__ = ("_items", "_src")
+
+    def __init__(
+        self, table: TokenTable, detok: Detokenizer, lp: TokenLogprobs, pending: bytes
+    ) -> None:
+        self._src: tuple[TokenTable, Detokenizer, TokenLogprobs, bytes] | None = (
+            table,
+            detok,
+            lp,
+            pending,
+        )
+        self._items: list[Alternative] = []
+
+    def _load(self) -> list[Alternative]:
+        if self._src is not None:
+            table, detok, lp, pending = self._src
+            self._items = alternatives(table, detok, lp, pending)
+            self._src = None
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self._src[2].top_ids) if self._src is not None else len(self._items)
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
+        return self._load()[i]
+
+    def __iter__(self) -> Iterator[Alternative]:
+        return iter(self._load())
+
+    def __repr__(self) -> str:
+        return repr(self._load())
+
+
 def token_info(
     table: TokenTable,
     detok: Detokenizer,
@@ -69,7 +107,7 @@ def token_info(
     if lp is not None:
         info.logprob, info.rank, info.entropy = lp.logprob, lp.rank, lp.entropy
         if k > 0:
-            info.alternatives = alternatives(table, detok, lp, pending_before)
+            info.alternatives = LazyAlternatives(table, detok, lp, pending_before)
     return info
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from truffula.kernels import triton_kernels
+from truffula.kernels.attention_torch import paged_attention as torch_paged_attention
 from truffula.kernels.attention_torch import prefill_attention, write_kv
 from truffula.runner.context import AttentionMetadata
 
@@ -22,6 +23,11 @@ def paged_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
+    d = q.shape[-1]
+    if d & (d - 1):  # the Triton kernel tiles the head dimension by powers of two
+        return torch_paged_attention(
+            q, k, v, k_cache, v_cache, meta, scale, sliding_window, softcap
+        )
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     nd = meta.num_decodes
     if nd == q.shape[0]:

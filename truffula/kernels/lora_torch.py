@@ -35,7 +35,9 @@ class LoRABatch:
     num_tokens: int
     host_slots: list[int] = field(default_factory=list)
     graph: bool = False
-    """Captured in a CUDA graph: kernels must read ``token_slots`` only."""
+    """Captured in a CUDA graph: kernels must read device data only (``seg_table``)."""
+    seg_table: torch.Tensor | None = None
+    """[segments * 3] (start, length, slot) runs of equal slot, for the CUDA kernels."""
     cache: dict[object, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
@@ -44,7 +46,10 @@ class LoRABatch:
         if not present:
             return None
         token_slots = torch.tensor(slots_per_token, dtype=torch.long).to(device)
-        return cls(token_slots, present, len(slots_per_token), list(slots_per_token))
+        seg = None
+        if device.type == "cuda":
+            seg = torch.tensor(segments(slots_per_token), dtype=torch.long).to(device)
+        return cls(token_slots, present, len(slots_per_token), list(slots_per_token), seg_table=seg)
 
     def rows(self, slot: int) -> torch.Tensor:
         """[n] indices of the tokens using ``slot``."""
@@ -67,6 +72,23 @@ class LoRABatch:
         if key not in self.cache:
             self.cache[key] = torch.tensor(used, device=self.token_slots.device)
         return self.cache[key]
+
+
+def segments(slots_per_token: list[int], size: int | None = None) -> list[int]:
+    """Runs of equal non-negative slot as a flat [start, length, slot] * n table, padded with
+    empty segments to ``size`` entries when given (fixed shapes for CUDA graphs)."""
+    table: list[int] = []
+    t = 0
+    while t < len(slots_per_token):
+        end = t
+        while end < len(slots_per_token) and slots_per_token[end] == slots_per_token[t]:
+            end += 1
+        if slots_per_token[t] >= 0:
+            table += [t, end - t, slots_per_token[t]]
+        t = end
+    if size is not None:
+        table += [0, 0, 0] * (size - len(table) // 3)
+    return table
 
 
 def lora_apply(

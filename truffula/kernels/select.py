@@ -23,7 +23,7 @@ def lora_impl(device: torch.device):  # type: ignore[no-untyped-def]
     if device.type == "cuda" and triton_kernels.ENABLED:
 
         def bgmv(y, x, a, bts, offsets, used, batch, bt):  # type: ignore[no-untyped-def]
-            return triton_kernels.lora_bgmv(y, x, a, bt, offsets, batch.token_slots)
+            return triton_kernels.lora_bgmv(y, x, a, bt, offsets, batch.seg_table)
 
         return bgmv
     from truffula.kernels.lora_torch import lora_apply

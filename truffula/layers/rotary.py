@@ -203,6 +203,28 @@ class RotaryEmbedding(nn.Module):
             step_cache[key] = (cos, sin)
         return step_cache[key]
 
+    def rotate_into_cache(
+        self, positions: torch.Tensor, qkv: torch.Tensor, attn: Any
+    ) -> torch.Tensor:
+        """CUDA: rotate q and k of ``qkv`` [T, H + 2 Hkv, d], store k and v in ``attn``'s cache
+        at the step's slots; returns q [T, H, d]."""
+        if self._cos is None or self._cos.device != qkv.device:
+            self._build(qkv.device)
+        assert self._cos is not None and self._sin is not None
+        slots = get_forward_context().attn.slot_mapping
+        return triton_kernels.rotary_into_cache(
+            qkv,
+            attn.num_heads,
+            attn.num_kv_heads,
+            positions,
+            self._cos,
+            self._sin,
+            self.rot_dim,
+            slots,
+            attn.k_cache,
+            attn.v_cache,
+        )
+
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Rotate x [T, heads, head_dim] (first ``rot_dim`` dims) by ``positions`` [T]."""
         if triton_kernels.use(x) and self.params["rope_type"] != "longrope" and x.stride(-1) == 1:

@@ -67,6 +67,10 @@ class SelfAttention(nn.Module):
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
         h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.q_norm is None and self.attn.can_fuse_decode(qkv, self.rotary):
+            # CUDA decode step: rotate q and k and write k, v to the cache in one kernel
+            q = self.rotary.rotate_into_cache(positions, qkv.view(t, h + 2 * hkv, d), self.attn)
+            return self.o_proj(self.attn.decode_from_cache(q))
         v = qkv[:, self.q_size + self.kv_size :].view(t, hkv, d)
         if self.q_norm is None:
             # q and k rotate together: one rotary call for both.

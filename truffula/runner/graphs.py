@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from truffula.kernels.lora_torch import LoRABatch
+from truffula.kernels.lora_torch import LoRABatch, segments
 from truffula.runner.context import AttentionMetadata, ForwardContext, forward_context
 from truffula.scheduler.output import ScheduledSeq
 
@@ -49,6 +49,7 @@ class DecodeGraphs:
         self.lens = torch.ones(n, dtype=torch.int32, device=device)
         self.qsl = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.lora_slots = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.segs = torch.zeros(3 * n, dtype=torch.long, device=device)
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
@@ -69,7 +70,11 @@ class DecodeGraphs:
             seq_lens_cpu=[1] * bs,
             query_start_loc_cpu=list(range(bs + 1)),
         )
-        lora = LoRABatch(self.lora_slots[:bs], [], bs, graph=True) if with_lora else None
+        lora = None
+        if with_lora:
+            lora = LoRABatch(
+                self.lora_slots[:bs], [], bs, graph=True, seg_table=self.segs[: 3 * bs]
+            )
         return ForwardContext(meta, lora)
 
     @torch.inference_mode()
@@ -126,6 +131,11 @@ class DecodeGraphs:
         self.slots[:bs].copy_(host[2])
         self.lens[:bs].copy_(host[3])
         self.lora_slots[:bs].copy_(host[4])
+        if with_lora:
+            table = segments([s.adapter_slot for s in seqs], size=bs)
+            self.segs[: 3 * bs].copy_(
+                torch.tensor(table, dtype=torch.long).to(self.device, non_blocking=True)
+            )
         self.tables[:bs, :width].copy_(
             torch.tensor(rows, dtype=torch.int32).to(self.device, non_blocking=True)
         )

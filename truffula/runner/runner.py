@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from truffula.config import EngineConfig
@@ -275,63 +276,71 @@ class ModelRunner:
         sample_idx: list[int],
         has_lp: bool,
         jobs: list[_PromptJob],
-        host: list[list],
+        host: list[np.ndarray],
     ) -> RunnerOutput:
         outs = [SeqOutput(s.request_id, None) for s in seqs]
         it = iter(host)
         if sample_idx:
-            sampled = [int(x) for x in next(it)]
+            sampled = next(it).astype(np.int64).tolist()
             for i, tok in zip(sample_idx, sampled, strict=True):
                 outs[i].sampled = tok
                 self.states[seqs[i].request_id].output_ids.append(tok)
             if has_lp:
                 rows, ids, lps, ranks, ents = (next(it) for _ in range(5))
-                for r, row_ids, row_lps, rank, ent in zip(rows, ids, lps, ranks, ents, strict=True):
-                    i = sample_idx[int(r)]
-                    k = self.states[seqs[i].request_id].params.return_k_alternatives
-                    outs[i].logprobs = _record(row_ids, row_lps, rank, ent, k)
+                ks = [
+                    self.states[seqs[sample_idx[int(r)]].request_id].params.return_k_alternatives
+                    for r in rows
+                ]
+                for r, rec in zip(
+                    rows.astype(np.int64).tolist(), _records(ids, lps, ranks, ents, ks), strict=True
+                ):
+                    outs[sample_idx[r]].logprobs = rec
         for job in jobs:
             ids, lps, ranks, ents = (next(it) for _ in range(4))
-            outs[job.seq_index].prompt_logprobs = [
-                _record(a, b, c, d, job.k) for a, b, c, d in zip(ids, lps, ranks, ents, strict=True)
-            ]
+            outs[job.seq_index].prompt_logprobs = _records(
+                ids, lps, ranks, ents, [job.k] * len(ranks)
+            )
             outs[job.seq_index].prompt_logprobs_start = job.first_pos
         return RunnerOutput(outs)
 
 
-def _record(ids: list, lps: list, rank: float, entropy: float, k: int) -> TokenLogprobs:
-    """Column 0 is the chosen token; -inf entries (filtered out) are never listed."""
-    top = [
-        (int(t), float(v))
-        for t, v in zip(ids[1 : 1 + k], lps[1 : 1 + k], strict=True)
-        if v > float("-inf")
-    ]
-    chosen = float(lps[0])
-    if not chosen > -1e30:  # a -inf / NaN logprob never leaves the engine
-        chosen = -9999.0
-    return TokenLogprobs(
-        token_id=int(ids[0]),
-        logprob=chosen,
-        rank=int(rank),
-        entropy=float(entropy) if entropy == entropy else 0.0,
-        top_ids=[t for t, _ in top],
-        top_logprobs=[v for _, v in top],
-    )
+def _records(
+    ids: np.ndarray, lps: np.ndarray, ranks: np.ndarray, ents: np.ndarray, ks: list[int]
+) -> list[TokenLogprobs]:
+    """Rows of [chosen | top-k] ids and logprobs -> records; -inf entries (tokens a processed
+    distribution filtered out) are never listed, and no -inf / NaN logprob leaves the engine."""
+    chosen = lps[:, 0]
+    chosen = np.where(chosen > -1e30, chosen, -9999.0).tolist()
+    ents = np.nan_to_num(ents, nan=0.0).tolist()
+    id_rows = ids.astype(np.int64)
+    finite = np.isfinite(lps)
+    out = []
+    for r, k in enumerate(ks):
+        top_ids, top_lps = id_rows[r, 1 : 1 + k], lps[r, 1 : 1 + k]
+        if k and not finite[r, k]:  # the row ran out of tokens: keep the finite prefix
+            keep = finite[r, 1 : 1 + k]
+            top_ids, top_lps = top_ids[keep], top_lps[keep]
+        out.append(
+            TokenLogprobs(
+                int(id_rows[r, 0]),
+                chosen[r],
+                int(ranks[r]),
+                ents[r],
+                top_ids.tolist(),
+                top_lps.tolist(),
+            )
+        )
+    return out
 
 
-def _to_host(parts: list[torch.Tensor]) -> list[list]:
-    """One device-to-host copy of every result tensor, split back into Python lists."""
+def _to_host(parts: list[torch.Tensor]) -> list[np.ndarray]:
+    """One device-to-host copy of every result tensor, split back into numpy arrays."""
     if not parts:
         return []
-    flat = torch.cat([p.reshape(-1).to(torch.float64) for p in parts]).cpu().tolist()
+    flat = torch.cat([p.reshape(-1).to(torch.float64) for p in parts]).cpu().numpy()
     out, pos = [], 0
     for p in parts:
         n = p.numel()
-        chunk = flat[pos : pos + n]
+        out.append(flat[pos : pos + n].reshape(p.shape))
         pos += n
-        out.append(
-            [chunk[j * p.shape[1] : (j + 1) * p.shape[1]] for j in range(p.shape[0])]
-            if p.dim() == 2
-            else chunk
-        )
     return out

@@ -11,9 +11,10 @@ from truffula.sampling.params import SamplingParams
 
 @dataclass
 class SamplingBatch:
-    temperature: torch.Tensor
-    """[B] float; 1.0 on greedy rows (their processed distribution is not temperature-scaled)."""
-    greedy: torch.Tensor
+    temperature: torch.Tensor | None
+    """[B] float; 1.0 on greedy rows (their processed distribution is not temperature-scaled).
+    None when every row is greedy (as is ``greedy``)."""
+    greedy: torch.Tensor | None
     """[B] bool."""
     all_greedy: bool
     top_k: torch.Tensor | None
@@ -70,10 +71,11 @@ def build_sampling_batch(
         presence = col([params[i].presence_penalty for i in pen], torch.float32)
         prompt_t = _padded([prompts[i] for i in pen], vocab_size, device)
         output_t = _padded([outputs[i] for i in pen], vocab_size, device)
-    return SamplingBatch(
-        temperature=col(temperature, torch.float32),
-        greedy=col(greedy, torch.bool),
-        all_greedy=all(greedy),
+    all_greedy = all(greedy)
+    return SamplingBatch(  # all-greedy batches skip the tensors only sampling needs
+        temperature=col(temperature, torch.float32) if not all_greedy else None,
+        greedy=col(greedy, torch.bool) if not all_greedy else None,
+        all_greedy=all_greedy,
         top_k=col([p.top_k for p in params], torch.long)
         if any(p.top_k > 0 for p in params)
         else None,

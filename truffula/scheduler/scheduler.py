@@ -162,7 +162,8 @@ class Scheduler:
             budget -= n
         self.waiting.extendleft(reversed(held))
         seqs = [self._scheduled(seq, n) for seq, n in chosen]
-        seqs.sort(key=lambda s: s.num_tokens != 1)  # stable: single-token sequences first
+        # single-token sequences first, grouped by adapter so LoRA kernels share weight reads
+        seqs.sort(key=lambda s: (s.num_tokens != 1, s.num_tokens == 1 and s.adapter_slot))
         out = SchedulerOutput(seqs, preempted, self._finished_since_step)
         self._finished_since_step = []
         return out

@@ -1,0 +1,184 @@
+"""Paged decode attention in Triton, split over the sequence when the batch is small.
+
+Reference: ``kernels.attention_torch.paged_attention`` for one-token queries. One program per
+(sequence, kv head, split) handles all query heads of the group with ``tl.dot`` over blocks of
+BLOCK_N cached tokens (online softmax). With several splits each writes a partial (max, sum,
+weighted values) and a second kernel merges them; lengths and block tables are read from
+device memory, so the launch is the same for any lengths (CUDA-graph safe).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SMS_TARGET = 264  # about two programs per SM of an H100/H200
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bt_ptr,
+    lens_ptr,
+    out_ptr,
+    part_ptr,
+    stride_qb,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_bt,
+    stride_ob,
+    stride_oh,
+    scale,
+    softcap,
+    window,
+    n_heads,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(lens_ptr + b)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(seq_len - window, 0)
+    per_split = tl.cdiv(tl.cdiv(seq_len - lo, SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    heads = kvh * GROUP + g
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+        mask=(g < GROUP)[:, None],
+        other=0.0,
+    )
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    lsum = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        valid = n < end
+        blk = tl.load(bt_ptr + b * stride_bt + n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        kv_off = (
+            (blk * BLOCK_SIZE + n % BLOCK_SIZE)[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+        )
+        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+        if HAS_SOFTCAP:
+            s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        lsum = lsum * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+    gmask = (g < GROUP)[:, None]
+    if SPLITS == 1:
+        o_ptr = out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
+        tl.store(o_ptr, (acc / lsum[:, None]).to(out_ptr.dtype.element_ty), mask=gmask)
+    else:
+        # partial record per (b, head, split): [HEAD_DIM values | max | sum]
+        row = ((b * n_heads + heads) * SPLITS + split) * (HEAD_DIM + 2)
+        tl.store(part_ptr + row[:, None] + d[None, :], acc, mask=gmask)
+        tl.store(part_ptr + row + HEAD_DIM, m, mask=g < GROUP)
+        tl.store(part_ptr + row + HEAD_DIM + 1, lsum, mask=g < GROUP)
+
+
+@triton.jit
+def _merge_kernel(
+    part_ptr, out_ptr, stride_ob, stride_oh, n_heads, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    sp = tl.arange(0, SPLITS)
+    d = tl.arange(0, HEAD_DIM)
+    rows = ((b * n_heads + h) * SPLITS + sp) * (HEAD_DIM + 2)
+    m = tl.load(part_ptr + rows + HEAD_DIM)
+    lsum = tl.load(part_ptr + rows + HEAD_DIM + 1)
+    top = tl.max(m, axis=0)
+    w = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)  # empty splits weigh nothing
+    acc = tl.load(part_ptr + rows[:, None] + d[None, :])
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(lsum * w, axis=0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    block_size: int,
+    window: int | None,
+    softcap: float | None,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """q [B, H, D]; caches [slots, Hkv, D] -> [B, H, D] over each sequence's cached tokens."""
+    b, h, d = q.shape
+    hkv = k_cache.shape[1]
+    group = h // hkv
+    if splits is None:  # depends on the shapes only, so a captured graph keeps it
+        splits = min(16, -(-SMS_TARGET // (b * hkv)))
+    splits = _pow2(max(1, splits))
+    out = torch.empty_like(q)
+    part = torch.empty(
+        b * h * splits * (d + 2) if splits > 1 else 1, dtype=torch.float32, device=q.device
+    )
+    _decode_kernel[(b, hkv, splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        part,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        scale,
+        softcap or 1.0,
+        window or 0,
+        h,
+        GROUP=group,
+        GROUP_PAD=max(16, _pow2(group)),
+        HEAD_DIM=d,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=max(16, min(64, block_size * 4)),
+        SPLITS=splits,
+        HAS_WINDOW=window is not None,
+        HAS_SOFTCAP=softcap is not None,
+        IEEE=q.dtype == torch.float32,
+    )
+    if splits > 1:
+        _merge_kernel[(b, h)](part, out, out.stride(0), out.stride(1), h, HEAD_DIM=d, SPLITS=splits)
+    return out
