@@ -127,9 +127,12 @@ def weight_bytes(hf: torch.nn.Module) -> int:
 
 
 def run(
-    core: EngineCore, prompts: list[list[int]], params: list[SamplingParams]
+    core: EngineCore, prompts: list[list[int]], params: list[SamplingParams], warm: bool = True
 ) -> dict[str, float]:
-    """Serve all requests at once; returns wall time, output tokens and decode-step times."""
+    """Serve all requests at once; returns wall time, output tokens and decode-step times.
+    A short untimed pass first compiles kernels and captures graphs for this configuration."""
+    if warm:
+        run(core, prompts, [q.with_updates(max_new_tokens=3) for q in params], warm=False)
     for p, q in zip(prompts, params, strict=True):
         core.add_request(p, q)
     steps: list[float] = []
