@@ -74,14 +74,15 @@ class LoRABatch:
         return self.cache[key]
 
 
-def segments(slots_per_token: list[int], size: int | None = None) -> list[int]:
-    """Runs of equal non-negative slot as a flat [start, length, slot] * n table, padded with
-    empty segments to ``size`` entries when given (fixed shapes for CUDA graphs)."""
+def segments(slots_per_token: list[int], size: int | None = None, max_len: int = 16) -> list[int]:
+    """Runs of equal non-negative slot, at most ``max_len`` tokens each (so one adapter's
+    tokens spread over several programs), as a flat [start, length, slot] * n table; padded
+    with empty segments to ``size`` entries when given (fixed shapes for CUDA graphs)."""
     table: list[int] = []
-    t = 0
-    while t < len(slots_per_token):
+    t, n = 0, len(slots_per_token)
+    while t < n:
         end = t
-        while end < len(slots_per_token) and slots_per_token[end] == slots_per_token[t]:
+        while end < n and end - t < max_len and slots_per_token[end] == slots_per_token[t]:
             end += 1
         if slots_per_token[t] >= 0:
             table += [t, end - t, slots_per_token[t]]
