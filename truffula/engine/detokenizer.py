@@ -58,9 +58,10 @@ class TokenTable:
                 self.raw[idx] = _piece_bytes(piece, decoder_kind)
         # complete-UTF-8 text of each token (None when its bytes are a partial character)
         self.text: list[str | None] = [_complete(b) for b in self.raw]
+        self.size = len(self.raw)
 
     def __len__(self) -> int:
-        return len(self.raw)
+        return self.size
 
 
 def _decoder_kind(backend: Any) -> str:
@@ -124,7 +125,7 @@ class Detokenizer:
     def token_text(self, token_id: int, pending: bytes | None = None) -> tuple[str, bytes]:
         """Text of ``token_id`` following ``pending`` bytes (default: the current state)."""
         pending = self.pending if pending is None else pending
-        if token_id >= len(self.table):
+        if token_id >= self.table.size:
             return "", pending
         if self.table.special[token_id]:
             return self.table.strings[token_id], pending

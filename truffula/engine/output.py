@@ -115,11 +115,13 @@ def alternatives(
     table: TokenTable, detok: Detokenizer, lp: TokenLogprobs, pending_before: bytes
 ) -> list[Alternative]:
     out = []
+    size, raws, special = table.size, table.raw, table.special
     for tid, value in zip(lp.top_ids, lp.top_logprobs, strict=True):
         text, _ = detok.token_text(tid, pending_before)
-        known = tid < len(table)
-        raw = table.raw[tid] if known else b""
-        out.append(Alternative(tid, text, value, raw, known and table.special[tid]))
+        known = tid < size
+        out.append(
+            Alternative(tid, text, value, raws[tid] if known else b"", known and special[tid])
+        )
     return out
 
 

@@ -51,10 +51,9 @@ def logprob_stats(lp: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch
     """lp [R, V] log-probabilities, chosen [R] -> ids [R, 1+k], lps [R, 1+k], ranks [R], entropy [R]."""
     chosen_lp = lp.gather(1, chosen.unsqueeze(1))  # [R, 1]
     ranks = (lp > chosen_lp).sum(dim=1) + 1
-    plogp = torch.where(
-        torch.isfinite(lp), lp.exp() * lp, torch.zeros((), dtype=lp.dtype, device=lp.device)
-    )
-    entropy = -plogp.sum(dim=1)
+    # a token with probability 0 (filtered out, or -inf logits) gives exp(-inf) * -inf = NaN:
+    # it contributes nothing to the entropy
+    entropy = -(lp.exp() * lp).nan_to_num_(nan=0.0).sum(dim=1)
     ids, lps = chosen.unsqueeze(1), chosen_lp
     if k > 0:
         top_lp, top_ids = torch.topk(lp, min(k, lp.shape[1]), dim=1)
@@ -92,14 +91,19 @@ class Sampler:
         batch: SamplingBatch,
     ) -> LogprobsTensors | None:
         groups = []
-        if batch.processed_rows is not None:
-            lp = x[batch.processed_rows].log_softmax(-1)
-            groups.append((batch.processed_rows, lp))
+        n = x.shape[0]
+        if batch.processed_rows is not None:  # every row: no gather copy
+            rows = batch.processed_rows
+            lp = (x if rows.numel() == n else x[rows]).log_softmax(-1)
+            groups.append((rows, lp))
         if batch.raw_rows is not None and raw_lp is not None:
             groups.append((batch.raw_rows, raw_lp))
         if not groups:
             return None
-        parts = [(rows, *logprob_stats(lp, sampled[rows], batch.max_k)) for rows, lp in groups]
+        parts = []
+        for rows, lp in groups:
+            chosen = sampled if rows.numel() == n else sampled[rows]
+            parts.append((rows, *logprob_stats(lp, chosen, batch.max_k)))
         cat = [torch.cat(t) for t in zip(*parts, strict=True)]
         return LogprobsTensors(
             rows=cat[0], token_ids=cat[1], logprobs=cat[2], ranks=cat[3], entropy=cat[4]
