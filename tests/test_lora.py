@@ -242,3 +242,38 @@ def test_bad_adapters_are_clear_errors(lora_llm, peft_model, tmp_path: Path) -> 
         ["Hi"], SamplingParams(max_new_tokens=3, temperature=0, adapter_id="qv4")
     )
     assert len(out.token_ids) == 3
+
+
+def test_packed_cpu_strategy_matches_the_loop() -> None:
+    """Many adapters in one CPU step take the oneDNN-packed dense path; same numbers."""
+    from truffula.kernels import linear_cpu
+    from truffula.layers.linear import MergedLinear
+    from truffula.layers.lora import LoRALinear
+    from truffula.runner.context import AttentionMetadata, ForwardContext, forward_context
+
+    if not linear_cpu.available(torch.float32):
+        pytest.skip("oneDNN packed linears are not available on this CPU")
+    g = torch.Generator().manual_seed(0)
+    base = MergedLinear(48, {"q": 32, "k": 16, "v": 16})
+    base.weight.data = torch.randn(64, 48, generator=g)
+    base.pack_for_cpu()
+    lora = LoRALinear(base, 4, 8, torch.float32, torch.device("cpu"))
+    for slot in range(4):
+        lora.set_slot(
+            slot,
+            {
+                s: (torch.randn(8, 48, generator=g), torch.randn(n, 8, generator=g))
+                for s, n in (("q", 32), ("k", 16), ("v", 16))
+            },
+        )
+    slots = [0, 3, -1, 2, 2, 1, 3, -1, 0]
+    x = torch.randn(len(slots), 48, generator=g)
+    batch = LoRABatch.build(slots, torch.device("cpu"))
+    meta = AttentionMetadata(
+        torch.zeros(1), torch.zeros(1, 1), torch.zeros(1), torch.zeros(2), 0, 1, 1, 16
+    )
+    with forward_context(ForwardContext(meta, batch)):
+        got = lora(x)
+    assert lora.packed is not None  # the packed strategy ran
+    want = lora_reference(base(x), x, lora.a, lora.bts, lora.offsets, torch.tensor(slots))
+    assert torch.allclose(got, want, atol=1e-4)
