@@ -176,3 +176,33 @@ def test_pirate_adapter_talks_like_a_pirate(answers: dict[str, dict[str, str]]) 
     for q, a in answers["pirate"].items():
         assert PIRATE_WORDS.intersection(_words(a)), (q, a)
         assert not PIRATE_WORDS.intersection(_words(answers["base"][q])), (q, answers["base"][q])
+
+
+def test_truffula_serves_the_adapters_in_one_mixed_batch(
+    answers: dict[str, dict[str, str]], model_dir: Path
+) -> None:
+    """The same adapters through truffula's engine, base and all three in one batch: each answer
+    has its adapter's property, and matches what transformers + peft answered."""
+    from truffula.engine.llm import LLM
+    from truffula.sampling.params import SamplingParams
+
+    llm = LLM(str(model_dir), progress=False, adapter_root=str(ADAPTER_DIR), max_lora_rank=8)
+    jobs = [(name, q) for name in ("base", *ADAPTERS) for q in HELD_OUT]
+    prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for _, q in jobs]
+    params = [
+        SamplingParams(
+            max_new_tokens=MAX_NEW_TOKENS, temperature=0, adapter_id=None if n == "base" else n
+        )
+        for n, _ in jobs
+    ]
+    outs = llm.generate(prompts, params)
+    got = {(n, q): o.text for (n, q), o in zip(jobs, outs, strict=True)}
+    same = sum(got[(n, q)].strip() == answers[n][q].strip() for n, q in jobs)
+    assert same >= len(jobs) - 2, {
+        k: v for k, v in got.items() if v.strip() != answers[k[0]][k[1]].strip()
+    }
+    for q in HELD_OUT:
+        assert _upper_fraction(got[("caps", q)]) > 0.8
+        assert _rate(got[("french", q)], FRENCH_WORDS) > 0.2
+        assert PIRATE_WORDS.intersection(_words(got[("pirate", q)]))
+        assert not PIRATE_WORDS.intersection(_words(got[("base", q)]))
