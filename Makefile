@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/truffula generate
+	$(VENV)/bin/truffula serve --adapter-root examples/adapters --preload-adapter french --preload-adapter caps --preload-adapter pirate
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -451,7 +451,8 @@ def wait_for_idle(server, timeout: float = 30) -> float:  # type: ignore[no-unty
 def test_client_disconnect_aborts_and_frees_blocks(server) -> None:  # type: ignore[no-untyped-def]
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2000, "ignore_eos_token": True}}
     with httpx.stream("POST", server.url + "/generate_stream", json=body, timeout=60) as resp:
-        first = next(line for line in resp.iter_lines() if line.startswith("data:"))
+        lines = resp.iter_lines()  # kept referenced: dropping it would close the connection
+        first = next(line for line in lines if line.startswith("data:"))
         assert "token" in json.loads(first[5:])
         metrics = httpx.get(server.url + "/metrics", headers={"accept": "application/json"}).json()
         assert metrics["truffula_kv_blocks_used"] > 0, (first, metrics)

@@ -185,7 +185,8 @@ def test_load_and_unload_endpoints(lora_server) -> None:  # type: ignore[no-unty
         "parameters": {"max_new_tokens": 300, "ignore_eos_token": True, "adapter_id": "qv4"},
     }
     with httpx.stream("POST", lora_server.url + "/generate_stream", json=body, timeout=120) as resp:
-        next(line for line in resp.iter_lines() if line.startswith("data:"))
+        lines = resp.iter_lines()  # kept referenced: dropping it would close the connection
+        next(line for line in lines if line.startswith("data:"))
         r = httpx.post(lora_server.url + "/adapters/unload", json={"adapter_id": "qv4"})
         assert r.status_code == 409 and "qv4" in r.json()["error"]
 
