@@ -67,3 +67,35 @@ def write_result(name: str, result: dict[str, Any]) -> None:
     result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), **result}
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote benchmarks/results/{name}.json")
+
+
+def random_adapters(
+    store: Any,
+    count: int,
+    rank: int,
+    scale: float,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> list[str]:
+    """``count`` random rank-``rank`` adapters on every projection, straight into the store's
+    host memory (no files); returns their ids."""
+    from truffula.adapters.peft import LoRAWeights
+
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype) * scale
+
+    keys = []
+    for i in range(count):
+        w = LoRAWeights(f"random-{i}", rank)
+        for name, layer in store.layers.items():
+            base = layer.base
+            shards = getattr(base, "shard_offsets", None) or {None: (0, base.out_features)}
+            w.modules[name] = {
+                s: (rand(rank, base.in_features), rand(size, rank))
+                for s, (_, size) in shards.items()
+            }
+        store.host[w.adapter_id] = w
+        keys.append(w.adapter_id)
+    return keys

@@ -28,7 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from truffula.adapters.peft import LoRAWeights  # noqa: E402
+from common import random_adapters  # noqa: E402
+
 from truffula.config import EngineConfig  # noqa: E402
 from truffula.engine.core import EngineCore  # noqa: E402
 from truffula.sampling.params import SamplingParams  # noqa: E402
@@ -181,32 +182,6 @@ def hf_generate_tok_s(hf: torch.nn.Module, n: int = 128) -> float:
     return n / (time.perf_counter() - t)
 
 
-def random_adapters(core: EngineCore, count: int, rank: int) -> list[str]:
-    """``count`` random rank-``rank`` adapters on every projection, straight into host memory."""
-    store = core.adapters
-    keys = []
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    for i in range(count):
-        w = LoRAWeights(f"bench-{i}", rank)
-        for name, layer in store.layers.items():
-            base = layer.base
-            shards = getattr(base, "shard_offsets", None) or {None: (0, base.out_features)}
-            w.modules[name] = {
-                s: (
-                    torch.randn(
-                        rank, base.in_features, device="cuda", generator=gen, dtype=torch.bfloat16
-                    )
-                    * 0.01,
-                    torch.randn(size, rank, device="cuda", generator=gen, dtype=torch.bfloat16)
-                    * 0.01,
-                )
-                for s, (_, size) in shards.items()
-            }
-        store.host[w.adapter_id] = w
-        keys.append(w.adapter_id)
-    return keys
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer requests and tokens (a smoke run)")
@@ -302,7 +277,7 @@ def main() -> None:
             flush=True,
         )
 
-    keys = random_adapters(core, n_req, 16)
+    keys = random_adapters(core.adapters, n_req, 16, 0.01, "cuda", torch.bfloat16)
     res["d"] = {}
     for distinct in (1, 16, 64 if not args.quick else 16):
         params = [base.with_updates(adapter_id=keys[i % distinct]) for i in range(n_req)]
@@ -333,7 +308,7 @@ def profile(out_dir: Path) -> None:
     )
     del hf8
     torch.cuda.empty_cache()
-    keys = random_adapters(core, 64, 16)
+    keys = random_adapters(core.adapters, 64, 16, 0.01, "cuda", torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, 128000, (512,), generator=gen).tolist() for _ in range(64)]
     report = []

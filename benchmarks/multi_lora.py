@@ -13,35 +13,12 @@ import argparse
 import statistics
 import time
 
-import torch
-from common import machine, random_prompts, write_result
+from common import machine, random_adapters, random_prompts, write_result
 
-from truffula.adapters.peft import LoRAWeights
 from truffula.engine.llm import LLM
 from truffula.sampling.params import SamplingParams
 
 RANK = 8
-
-
-def add_random_adapters(llm: LLM, count: int) -> list[str]:
-    store = llm.engine.adapters
-    gen = torch.Generator().manual_seed(0)
-    keys = []
-    for i in range(count):
-        w = LoRAWeights(f"random-{i}", RANK)
-        for name, layer in store.layers.items():
-            base = layer.base
-            shards = getattr(base, "shard_offsets", None) or {None: (0, base.out_features)}
-            w.modules[name] = {
-                s: (
-                    torch.randn(RANK, base.in_features, generator=gen) * 0.02,
-                    torch.randn(size, RANK, generator=gen) * 0.02,
-                )
-                for s, (_, size) in shards.items()
-            }
-        store.host[w.adapter_id] = w
-        keys.append(w.adapter_id)
-    return keys
 
 
 def run(llm: LLM, prompts: list[list[int]], adapters: list[str | None]) -> float:
@@ -64,7 +41,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     llm = LLM(progress=False, max_num_seqs=32, max_active_adapters=32, max_lora_rank=RANK)
-    keys = add_random_adapters(llm, 32)
+    keys = random_adapters(llm.engine.adapters, 32, RANK, 0.02)
     prompts = random_prompts(32, 64)
     configs: dict[str, list[str | None]] = {"base": [None]}
     for n in (1, 4, 16, 32):

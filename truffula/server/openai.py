@@ -91,6 +91,22 @@ async def _model_params(state: ServerState, body: Any, params: SamplingParams) -
     return await state.resolve_adapter(_Ask, params)
 
 
+def _submit_all(
+    state: ServerState, items: list[tuple[int, Any, SamplingParams]]
+) -> list[tuple[int, Any, RequestStream]]:
+    """Prepare and submit (index, prompt, params) requests; all or none (a failure closes the
+    ones already submitted, which aborts them)."""
+    jobs: list[tuple[int, Any, RequestStream]] = []
+    try:
+        for index, prompt, params in items:
+            jobs.append((index, prompt, state.submit(state.engine.prepare(prompt, params))))
+    except Exception:
+        for _, _, stream in jobs:
+            stream.close()
+        raise
+    return jobs
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,
@@ -175,16 +191,14 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.echo and k >= 0:
         params = params.with_updates(decoder_input_details=True, prompt_k_alternatives=max(k, 0))
     params = await _model_params(state, body, params)
-    jobs: list[tuple[int, str | list[int], RequestStream]] = []
-    try:
-        for pi, prompt in enumerate(prompts):
-            for j in range(n):
-                req = state.engine.prepare(prompt, _seeded(params, j))
-                jobs.append((pi * n + j, prompt, state.submit(req)))
-    except Exception:
-        for _, _, s in jobs:
-            s.close()
-        raise
+    jobs = _submit_all(
+        state,
+        [
+            (pi * n + j, prompt, _seeded(params, j))
+            for pi, prompt in enumerate(prompts)
+            for j in range(n)
+        ],
+    )
     cid, created, model = (
         f"cmpl-{uuid.uuid4().hex}",
         int(time.time()),
@@ -376,14 +390,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         raise invalid("max_tokens", "`max_tokens` must be >= 1")
     params = await _model_params(state, body, _common_params(body, max_tokens, k))
     ids = chat_ids(state, [{"role": m.role, "content": m.text()} for m in body.messages])
-    jobs: list[tuple[int, Any, RequestStream]] = []
-    try:
-        for j in range(n):
-            jobs.append((j, None, state.submit(state.engine.prepare(ids, _seeded(params, j)))))
-    except Exception:
-        for _, _, s in jobs:
-            s.close()
-        raise
+    jobs = _submit_all(state, [(j, ids, _seeded(params, j)) for j in range(n)])
     cid, created, model = (
         f"chatcmpl-{uuid.uuid4().hex}",
         int(time.time()),
