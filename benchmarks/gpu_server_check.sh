@@ -11,7 +11,7 @@ curl -sf localhost:8099/info | python3 -c "import json,sys; d=json.load(sys.stdi
 curl -sf localhost:8099/generate -H 'content-type: application/json' \
   -d '{"inputs": "the quick brown", "parameters": {"max_new_tokens": 4, "return_k_alternatives": 2}}'
 echo
-curl -sf localhost:8099/v1/chat/completions -H 'content-type: application/json' \
-  -d '{"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3, "logprobs": true, "top_logprobs": 2}' | head -c 300
+curl -sf localhost:8099/v1/completions -H 'content-type: application/json' \
+  -d '{"prompt": "hello world", "max_tokens": 3, "logprobs": 2}' | head -c 400
 echo
 kill -INT $pid; wait $pid; echo "server exited $?"
