@@ -54,6 +54,8 @@ class _PromptJob:
     targets: list[int]
     first_pos: int
     k: int
+    tensors: tuple[torch.Tensor, torch.Tensor] | None = None
+    """rows and targets on the device, copied before the forward pass (no sync after it)."""
 
 
 class ModelRunner:
@@ -157,15 +159,24 @@ class ModelRunner:
                 self.vocab_size,
                 self.device,
             )
-        hidden = self._forward(sched.seqs)
+        jobs = self._prompt_jobs(sched.seqs, starts)
+        for job in jobs:
+            job.tensors = (
+                torch.tensor(job.rows).to(self.device, non_blocking=True),
+                torch.tensor(job.targets).to(self.device, non_blocking=True),
+            )
         last_rows = [starts[i + 1] - 1 for i in sample_idx]
+        contiguous = last_rows == list(range(len(last_rows)))  # decodes come first
+        row_index = (
+            None if contiguous else torch.tensor(last_rows).to(self.device, non_blocking=True)
+        )
+        # every host-to-device copy of the step is issued above; after the forward pass the
+        # only synchronisation is the one copy of results back to the host
+        hidden = self._forward(sched.seqs)
         device_parts: list[torch.Tensor] = []
         sampled_lp = None
         if batch is not None:
-            if last_rows == list(range(len(last_rows))):
-                rows = hidden[: len(last_rows)]
-            else:
-                rows = hidden[torch.tensor(last_rows, device=self.device)]
+            rows = hidden[: len(last_rows)] if row_index is None else hidden[row_index]
             out = self.sampler(self.model.compute_logits(rows), batch)
             device_parts.append(out.sampled)
             sampled_lp = out.logprobs
@@ -177,7 +188,6 @@ class ModelRunner:
                     sampled_lp.ranks,
                     sampled_lp.entropy,
                 ]
-        jobs = self._prompt_jobs(sched.seqs, starts)
         for job in jobs:
             device_parts += self._prompt_logprobs(hidden, job)
         host = _to_host(device_parts)
@@ -257,8 +267,8 @@ class ModelRunner:
     def _prompt_logprobs(self, hidden: torch.Tensor, job: _PromptJob) -> list[torch.Tensor]:
         """Raw logprob stats of prompt targets, materializing at most ``chunk`` logit rows at once."""
         chunk = self.config.limits.prompt_logprobs_chunk
-        rows = torch.tensor(job.rows, device=self.device)
-        targets = torch.tensor(job.targets, device=self.device)
+        assert job.tensors is not None
+        rows, targets = job.tensors
         parts: list[list[torch.Tensor]] = [[], [], [], []]
         for lo in range(0, len(job.rows), chunk):
             lp = self.model.compute_logits(hidden[rows[lo : lo + chunk]]).log_softmax(-1)
