@@ -206,10 +206,10 @@ class ModelRunner:
             positions += range(s.start_pos, s.start_pos + s.num_tokens)
             seq_of_token += [i] * s.num_tokens
             starts.append(starts[-1] + s.num_tokens)
-        max_blocks = max(len(s.block_ids) for s in seqs)
-        table = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
-        for i, s in enumerate(seqs):
-            table[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
+        width = max(len(s.block_ids) for s in seqs)
+        table = torch.tensor(
+            [s.block_ids + [0] * (width - len(s.block_ids)) for s in seqs], dtype=torch.int32
+        )
         pos = torch.tensor(positions, dtype=torch.long)
         owner = torch.tensor(seq_of_token, dtype=torch.long)
         slots = table[owner, pos // bs].long() * bs + pos % bs

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import json
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -14,8 +13,6 @@ from fastapi.responses import JSONResponse
 from truffula import __version__
 from truffula.server import adapters, errors, lorax, openai, ops
 from truffula.server.state import ServerState
-
-UI_DIR = Path(__file__).parent / "ui"
 
 DESCRIPTION = """truffula serves many LoRA adapters on one base model and returns, for every
 token, its logprob, rank, the distribution's entropy and the k most likely alternatives.

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
 router = APIRouter(include_in_schema=False)
 
-_DIR = __import__("pathlib").Path(__file__).parent / "ui"
+_DIR = Path(__file__).parent / "ui"
 _TYPES = {
     ".html": "text/html",
     ".css": "text/css",
