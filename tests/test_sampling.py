@@ -8,7 +8,7 @@ import torch
 
 from truffula.sampling.metadata import build_sampling_batch
 from truffula.sampling.params import SamplingParams
-from truffula.sampling.sampler import Sampler, apply_filters, apply_penalties
+from truffula.sampling.sampler import Sampler, apply_filters, apply_penalties, logprob_stats
 
 V = 200
 
@@ -186,3 +186,25 @@ def test_stop_sequences_max_tokens_eos_and_ignore_eos(llm) -> None:  # type: ign
         [prompt], SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
     )
     assert forced.finish_reason == "length" and len(forced.token_ids) == 30
+
+
+@pytest.mark.parametrize("k", [0, 1, 5])
+def test_logprob_stats_against_a_float64_reference(k: int) -> None:
+    """Chosen tokens inside and outside the top k, rows with filtered (-inf) entries, and a row
+    where fewer than k tokens survive: every statistic equals the direct float64 computation."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, V, generator=gen) * 4
+    logits[1, ::2] = float("-inf")  # half filtered out
+    logits[2, 3:] = float("-inf")  # only three tokens left
+    chosen = torch.tensor([int(logits[0].argmax()), 1, 0, 7, 150, int(logits[5].argmin())])
+    lp = logits.log_softmax(-1)
+    ids, lps, ranks, entropy = logprob_stats(lp, chosen, k)
+    ref = logits.double().log_softmax(-1)
+    for r in range(len(chosen)):
+        c = int(chosen[r])
+        assert ids[r, 0] == c and abs(float(lps[r, 0]) - float(ref[r, c])) < 1e-5
+        assert int(ranks[r]) == 1 + int((ref[r] > ref[r, c]).sum())
+        finite = ref[r][torch.isfinite(ref[r])]
+        assert abs(float(entropy[r]) + float((finite.exp() * finite).sum())) < 1e-4
+        top = torch.topk(ref[r], k).values
+        torch.testing.assert_close(lps[r, 1:].double(), top, rtol=0, atol=1e-5)

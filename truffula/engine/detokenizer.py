@@ -58,6 +58,12 @@ class TokenTable:
                 self.raw[idx] = _piece_bytes(piece, decoder_kind)
         # complete-UTF-8 text of each token (None when its bytes are a partial character)
         self.text: list[str | None] = [_complete(b) for b in self.raw]
+        # what each token adds after complete text: its string if special, else the complete
+        # characters of its bytes (an unfinished character at the end adds nothing yet)
+        self.solo_text = [
+            s if sp else t if t is not None else decode_partial(b"", r)[0]
+            for s, sp, t, r in zip(self.strings, self.special, self.text, self.raw, strict=True)
+        ]
         self.size = len(self.raw)
 
     def __len__(self) -> int:

@@ -13,7 +13,7 @@ from truffula.engine.detokenizer import Detokenizer, TokenTable
 from truffula.runner.output import TokenLogprobs
 
 
-@dataclass
+@dataclass(slots=True)
 class Alternative:
     id: int
     text: str
@@ -114,8 +114,16 @@ def token_info(
 def alternatives(
     table: TokenTable, detok: Detokenizer, lp: TokenLogprobs, pending_before: bytes
 ) -> list[Alternative]:
-    out = []
     size, raws, special = table.size, table.raw, table.special
+    if not pending_before:  # the common case: each text is a table entry
+        solo = table.solo_text
+        return [
+            Alternative(t, solo[t], v, raws[t], special[t])
+            if t < size
+            else Alternative(t, "", v, b"", False)
+            for t, v in zip(lp.top_ids, lp.top_logprobs, strict=True)
+        ]
+    out = []
     for tid, value in zip(lp.top_ids, lp.top_logprobs, strict=True):
         text, _ = detok.token_text(tid, pending_before)
         known = tid < size

@@ -319,27 +319,24 @@ def _records(
 ) -> list[TokenLogprobs]:
     """Rows of [chosen | top-k] ids and logprobs -> records; -inf entries (tokens a processed
     distribution filtered out) are never listed, and no -inf / NaN logprob leaves the engine."""
-    chosen = lps[:, 0]
-    chosen = np.where(chosen > -1e30, chosen, -9999.0).tolist()
+    chosen = np.where(lps[:, 0] > -1e30, lps[:, 0], -9999.0).tolist()
     ents = np.nan_to_num(ents, nan=0.0).tolist()
+    rank_list = ranks.astype(np.int64).tolist()
     id_rows = ids.astype(np.int64)
     finite = np.isfinite(lps)
+    full = finite[np.arange(len(ks)), ks].tolist()  # the k-th alternative is finite
+    id_list, lp_list = id_rows.tolist(), lps.tolist()
     out = []
     for r, k in enumerate(ks):
-        top_ids, top_lps = id_rows[r, 1 : 1 + k], lps[r, 1 : 1 + k]
-        if k and not finite[r, k]:  # the row ran out of tokens: keep the finite prefix
+        if not full[r]:  # the row ran out of tokens: keep the finite prefix
             keep = finite[r, 1 : 1 + k]
-            top_ids, top_lps = top_ids[keep], top_lps[keep]
-        out.append(
-            TokenLogprobs(
-                int(id_rows[r, 0]),
-                chosen[r],
-                int(ranks[r]),
-                ents[r],
-                top_ids.tolist(),
-                top_lps.tolist(),
+            top_ids, top_lps = (
+                id_rows[r, 1 : 1 + k][keep].tolist(),
+                lps[r, 1 : 1 + k][keep].tolist(),
             )
-        )
+        else:
+            top_ids, top_lps = id_list[r][1 : 1 + k], lp_list[r][1 : 1 + k]
+        out.append(TokenLogprobs(id_list[r][0], chosen[r], rank_list[r], ents[r], top_ids, top_lps))
     return out
 
 

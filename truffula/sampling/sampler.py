@@ -47,18 +47,45 @@ class SamplerOutput:
     logprobs: LogprobsTensors | None
 
 
-def logprob_stats(lp: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
-    """lp [R, V] log-probabilities, chosen [R] -> ids [R, 1+k], lps [R, 1+k], ranks [R], entropy [R]."""
+def logprob_stats(
+    lp: torch.Tensor, chosen: torch.Tensor, k: int, probs: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
+    """lp [R, V] log-probabilities, chosen [R] -> ids [R, 1+k], lps [R, 1+k], ranks [R], entropy [R].
+
+    ``probs``, when the caller has them (``softmax`` of the same logits), saves an ``exp`` pass."""
     chosen_lp = lp.gather(1, chosen.unsqueeze(1))  # [R, 1]
-    ranks = (lp > chosen_lp).sum(dim=1) + 1
-    # a token with probability 0 (filtered out, or -inf logits) gives exp(-inf) * -inf = NaN:
-    # it contributes nothing to the entropy
-    entropy = -(lp.exp() * lp).nan_to_num_(nan=0.0).sum(dim=1)
+    entropy = _entropy(lp, lp.exp() if probs is None else probs)
     ids, lps = chosen.unsqueeze(1), chosen_lp
-    if k > 0:
-        top_lp, top_ids = torch.topk(lp, min(k, lp.shape[1]), dim=1)
-        ids, lps = torch.cat((ids, top_ids), dim=1), torch.cat((lps, top_lp), dim=1)
-    return ids, lps, ranks, entropy
+    if k <= 0:
+        return ids, lps, _rank(lp, chosen_lp), entropy
+    top_lp, top_ids = torch.topk(lp, min(k, lp.shape[1]), dim=1)
+    # Every entry larger than the k-th largest is in the top k: when the chosen token is at least
+    # that large (always, for greedy rows), its rank is counted there. On CPU that check is free
+    # and saves a pass over the vocabulary; on a GPU the full count is cheaper than a host sync.
+    if not lp.is_cuda and bool((chosen_lp >= top_lp[:, -1:]).all()):
+        ranks = (top_lp > chosen_lp).sum(dim=1) + 1
+    else:
+        ranks = _rank(lp, chosen_lp)
+    return torch.cat((ids, top_ids), dim=1), torch.cat((lps, top_lp), dim=1), ranks, entropy
+
+
+def _rank(lp: torch.Tensor, chosen_lp: torch.Tensor) -> torch.Tensor:
+    return (lp > chosen_lp).sum(dim=1) + 1
+
+
+def _entropy(lp: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats. A token with probability 0 (filtered out, or a -inf logit) contributes
+    nothing: its -inf logprob is clamped to the most negative finite value, as ``0 * -inf`` is
+    NaN. On CPU the clamp pass runs only for rows that need it."""
+    if lp.is_cuda:
+        return -torch.linalg.vecdot(p, lp.clamp(min=torch.finfo(lp.dtype).min))
+    entropy = -torch.linalg.vecdot(p, lp)
+    bad = entropy.isnan()
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(1)
+        fixed = lp[rows].clamp(min=torch.finfo(lp.dtype).min)
+        entropy[rows] = -torch.linalg.vecdot(p[rows], fixed)
+    return entropy
 
 
 class Sampler:
@@ -94,16 +121,17 @@ class Sampler:
         n = x.shape[0]
         if batch.processed_rows is not None:  # every row: no gather copy
             rows = batch.processed_rows
-            lp = (x if rows.numel() == n else x[rows]).log_softmax(-1)
-            groups.append((rows, lp))
+            sub = x if rows.numel() == n else x[rows]
+            # softmax is one fused pass, cheaper than exp() of the log-softmax
+            groups.append((rows, sub.log_softmax(-1), sub.softmax(-1)))
         if batch.raw_rows is not None and raw_lp is not None:
-            groups.append((batch.raw_rows, raw_lp))
+            groups.append((batch.raw_rows, raw_lp, None))
         if not groups:
             return None
         parts = []
-        for rows, lp in groups:
+        for rows, lp, probs in groups:
             chosen = sampled if rows.numel() == n else sampled[rows]
-            parts.append((rows, *logprob_stats(lp, chosen, batch.max_k)))
+            parts.append((rows, *logprob_stats(lp, chosen, batch.max_k, probs)))
         cat = [torch.cat(t) for t in zip(*parts, strict=True)]
         return LogprobsTensors(
             rows=cat[0], token_ids=cat[1], logprobs=cat[2], ranks=cat[3], entropy=cat[4]
