@@ -7,11 +7,14 @@ Semantics, as a loop::
             y[t, off_j : off_j + n_j] += B_j[s] @ (A[s, j] @ x[t])
 
 with ``A [slots, shards, R, in]`` and ``Bt_j [slots, R, n_j]`` (B transposed, scale folded in,
-ranks below R zero-padded). Two strategies compute it:
+ranks below R zero-padded). Three strategies compute it:
 
-- dense (decode-sized steps): one shrink over the adapters present, ``x @ A_u^T``, a one-hot mask
-  that keeps each token's own adapter, one expand per shard. Few ops, reads each adapter once.
-- segmented (prefill-sized steps): tokens grouped by adapter, one small matmul pair per adapter.
+- gathered (the CPU path, ``lora_gather``): each token reads only its own adapter's factors, as
+  two weighted embedding-bag sums over factor rows: no per-adapter loop, no compute spent on
+  other adapters, no copy of the factors. Fastest on CPU at every batch shape measured.
+- dense (decode-sized steps elsewhere): one shrink over the adapters present, ``x @ A_u^T``, a
+  one-hot mask that keeps each token's own adapter, one expand per shard.
+- segmented (prefill-sized steps elsewhere): tokens grouped by adapter, one matmul pair each.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
+BAG_CHUNK = 64
+"""Longest run of products one embedding bag sums (see ``LoRABatch.bag``)."""
 DENSE_LIMIT = 4096
 """Use the dense strategy while tokens x adapters present stays under this."""
 
@@ -67,6 +73,32 @@ class LoRABatch:
             self.cache[key] = (self.token_slots.unsqueeze(1) == ref.unsqueeze(0)).float()
         return self.cache[key]
 
+    def bag(self, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+        """Embedding-bag input for factor rows laid out ``[slots * width, n]``: the indices
+        ``slot * width + i`` (i < width) of every adapter token, split into bags of at most
+        ``BAG_CHUNK`` (``chunks`` bags per token, summed after: shorter fp32 accumulation
+        chains, as accurate as a GEMM; base tokens get empty bags, hence zeros), and the
+        adapter tokens' rows (None: every token)."""
+        key = ("bag", width)
+        if key not in self.cache:
+            lora_rows = [t for t, s in enumerate(self.host_slots) if s >= 0]
+            slots = torch.tensor([self.host_slots[t] for t in lora_rows], dtype=torch.long)
+            indices = (slots[:, None] * width + torch.arange(width)).reshape(-1)
+            chunks = -(-width // BAG_CHUNK)
+            starts = torch.arange(chunks) * BAG_CHUNK
+            before = torch.tensor([0] + [int(s >= 0) for s in self.host_slots[:-1]]).cumsum(0)
+            lora = torch.tensor([s >= 0 for s in self.host_slots])
+            offsets = before[:, None] * width + torch.where(lora[:, None], starts, 0)
+            dev = self.token_slots.device
+            rows = None if len(lora_rows) == self.num_tokens else torch.tensor(lora_rows)
+            self.cache[key] = (
+                indices.to(dev),
+                offsets.reshape(-1).to(dev),
+                None if rows is None else rows.to(dev),
+                chunks,
+            )
+        return self.cache[key]  # type: ignore[return-value]
+
     def index(self, used: tuple[int, ...]) -> torch.Tensor:
         key = ("index", used)
         if key not in self.cache:
@@ -90,6 +122,34 @@ def segments(slots_per_token: list[int], size: int | None = None, max_len: int =
     if size is not None:
         table += [0, 0, 0] * (size - len(table) // 3)
     return table
+
+
+def lora_gather(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a_rows: torch.Tensor,
+    b_rows: list[torch.Tensor],
+    offsets: list[int],
+    batch: LoRABatch,
+) -> torch.Tensor:
+    """The gathered strategy: ``a_rows [slots * in, shards * R]`` holds ``A[s, j, r, d]`` at row
+    ``s * in + d``, column ``j * R + r``; ``b_rows[j] [slots * R, n_j]`` holds ``Bt_j[s, r]`` at
+    row ``s * R + r``. Adds the deltas to ``y`` in place; returns ``y``."""
+    d_in, rank = x.shape[1], a_rows.shape[1] // len(b_rows)
+    idx, bag_offsets, rows, chunks = batch.bag(d_in)
+    xs = x if rows is None else x.index_select(0, rows)
+    shrink = F.embedding_bag(
+        idx, a_rows, bag_offsets, mode="sum", per_sample_weights=xs.reshape(-1).to(a_rows.dtype)
+    )  # [T * chunks, shards * R], zero rows for base tokens
+    shrink = shrink.view(batch.num_tokens, chunks, -1).sum(1)
+    h = (shrink if rows is None else shrink.index_select(0, rows)).view(-1, len(b_rows), rank)
+    idx_r, offsets_r, _, _ = batch.bag(rank)
+    for j, (b, off) in enumerate(zip(b_rows, offsets, strict=True)):
+        delta = F.embedding_bag(
+            idx_r, b, offsets_r, mode="sum", per_sample_weights=h[:, j].reshape(-1)
+        )
+        y[:, off : off + b.shape[1]] += delta.to(y.dtype)
+    return y
 
 
 def lora_apply(

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from truffula.kernels.lora_torch import LoRABatch
+from truffula.kernels.lora_torch import lora_gather
 from truffula.kernels.select import lora_impl
 from truffula.layers.linear import Linear
 from truffula.runner.context import get_forward_context
@@ -42,10 +42,14 @@ class LoRALinear(nn.Module):
         ]
         self.loaded = [False] * num_slots
         self.impl: LoRAFn = lora_impl(device)
-        # CPU: every slot's factors also pre-packed for oneDNN (refreshed when a slot changes),
-        # used when most slots are in the batch
-        self.use_packed = device.type == "cpu" and base.packed is not None
-        self.packed: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        # CPU: the factors also laid out as rows for the gathered strategy (kept in step with
+        # ``a`` and ``bt`` by ``set_slot``)
+        self.rows: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        if device.type == "cpu":
+            self.rows = (
+                torch.zeros(num_slots * base.in_features, n * max_rank, dtype=dtype),
+                [torch.zeros(num_slots * max_rank, size, dtype=dtype) for size in self.sizes],
+            )
 
     @property
     def in_features(self) -> int:
@@ -75,7 +79,14 @@ class LoRALinear(nn.Module):
             for j, bj in parts:
                 self.a[slot, j, :r] = a.to(self.a.dtype)
                 self.bts[j][slot, :r] = bj.t().to(self.a.dtype)
-        self.packed = None
+        if self.rows is not None:
+            a_rows, b_rows = self.rows
+            d_in, rank = self.in_features, self.max_rank
+            a_rows[slot * d_in : (slot + 1) * d_in] = (
+                self.a[slot].permute(2, 0, 1).reshape(d_in, -1)
+            )
+            for b, bt in zip(b_rows, self.bts, strict=True):
+                b[slot * rank : (slot + 1) * rank] = bt[slot]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -85,33 +96,11 @@ class LoRALinear(nn.Module):
         if lora.graph:  # slots are device data here: every token's own slot, zeros if empty
             return self.impl(y, x, self.a, self.bts, self.offsets, (), lora, self.bt)
         used = tuple(s for s in lora.slots if self.loaded[s])
-        if self.use_packed and used and 2 * len(used) >= len(self.loaded):
-            return self._packed_delta(y, x, lora)
         if not used:
             return y
+        if self.rows is not None:
+            return lora_gather(y, x, *self.rows, self.offsets, lora)
         return self.impl(y, x, self.a, self.bts, self.offsets, used, lora, self.bt)
-
-    def _packed_delta(self, y: torch.Tensor, x: torch.Tensor, lora: LoRABatch) -> torch.Tensor:
-        """The dense strategy over every slot with oneDNN-packed factors (CPU, many adapters)."""
-        from truffula.kernels import linear_cpu
-
-        slots, n_sh, rank, d_in = self.a.shape
-        if self.packed is None:
-            b_cols = [bt.permute(2, 0, 1).reshape(bt.shape[2], slots * rank) for bt in self.bts]
-            self.packed = (
-                linear_cpu.pack(self.a.reshape(slots * n_sh * rank, d_in)),
-                [linear_cpu.pack(b.contiguous()) for b in b_cols],
-            )
-        pa, pbs = self.packed
-        onehot = lora.onehot(tuple(range(slots)))
-        shrink = (
-            linear_cpu.linear(x, pa, None).view(-1, slots, n_sh, rank) * onehot[:, :, None, None]
-        )
-        for j, (pb, off, size) in enumerate(zip(pbs, self.offsets, self.sizes, strict=True)):
-            y[:, off : off + size] += linear_cpu.linear(
-                shrink[:, :, j, :].reshape(-1, slots * rank), pb, None
-            )
-        return y
 
 
 def apply_lora(
