@@ -73,12 +73,6 @@ def test_logits_match_peft(model_dir, peft_model, adapter: str) -> None:
     for t in ids[11:]:
         got.append(h.step({"x": [t]}, {"x": slot})["x"])
     got_t = torch.cat(got)
-    print(
-        "DIFF",
-        adapter,
-        (got_t - ref).abs().max().item(),
-        (base - base_ref[7:]).abs().max().item() if False else 0,
-    )
     assert (got_t - ref).abs().max().item() <= 1e-4
     assert (got_t - base_ref).abs().max().item() > 1e-2  # the adapter changes the distribution
     base = h.step({"b": ids[7:]})["b"]
