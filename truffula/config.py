@@ -86,6 +86,9 @@ class SchedulerConfig:
     """Most requests running in one step."""
     max_queued_requests: int = 1024
     """Most requests held (running + waiting) before new ones are refused as overloaded."""
+    async_scheduling: str = "auto"
+    """``on``: launch step N+1 before reading step N's results, so the host's work (results,
+    text, scheduling) overlaps the device's; ``auto``: on CUDA only; ``off``."""
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -94,6 +97,10 @@ class SchedulerConfig:
             raise ValueError("max_num_seqs must be at least 1")
         if self.max_queued_requests < 1:
             raise ValueError("max_queued_requests must be at least 1")
+        if self.async_scheduling not in ("auto", "on", "off"):
+            raise ValueError(
+                f"async_scheduling must be auto, on or off, not {self.async_scheduling!r}"
+            )
 
 
 @dataclass(frozen=True)

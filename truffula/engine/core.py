@@ -29,9 +29,10 @@ from truffula.layers.lora import apply_lora
 from truffula.model_store.resolve import resolve_model
 from truffula.models.registry import load_model
 from truffula.runner.output import SeqOutput, TokenLogprobs
-from truffula.runner.runner import ModelRunner
+from truffula.runner.runner import Launched, ModelRunner
 from truffula.sampling.params import SamplingParams
 from truffula.scheduler.block_pool import BlockPool
+from truffula.scheduler.output import PLACEHOLDER, SchedulerOutput
 from truffula.scheduler.scheduler import Scheduler, SeqState
 
 log = logging.getLogger("truffula.engine")
@@ -56,6 +57,15 @@ class Request:
     first_token_at: float | None = None
     finished_at: float | None = None
     finish_reason: str | None = None
+    in_flight: int = 0
+    """Tokens sampled by launched steps whose results are not read yet."""
+
+
+@dataclass(eq=False)
+class _InFlight:
+    launched: Launched
+    placeholders: dict[str, int | None]
+    """Request -> index of its ``PLACEHOLDER`` in ``seq.token_ids`` (None: its last token)."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -112,6 +122,11 @@ class EngineCore:
         )
         self.requests: dict[str, Request] = {}
         self.metrics: MetricsSink | None = None
+        mode = config.scheduler.async_scheduling
+        self.overlap = self.serving_path != "fallback" and (
+            mode == "on" or (mode == "auto" and self.device.type == "cuda")
+        )
+        self.inflight: _InFlight | None = None
         log.info(
             "engine ready: %s (%s) on %s/%s, %d KV blocks of %d tokens, max length %d",
             folder,
@@ -238,15 +253,65 @@ class EngineCore:
         )
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.inflight is not None
 
     # ---------------------------------------------------------------- one step
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step, and return the outputs of the step before it.
+
+        With asynchronous scheduling the step launched here stays in flight: its tokens are
+        ``PLACEHOLDER``s that the next step reads on the device, and its results are read by the
+        next call, while that call's step runs. A request that finishes (EOS, stop sequence)
+        computes one token past its end, which is dropped. Without it, the step launched here
+        is read before returning."""
+        prev, self.inflight = self.inflight, None
         sched = self.scheduler.schedule()
-        if sched.is_empty:
-            return []
-        result = self.runner.execute(sched)
-        self.scheduler.step_done(sched)
+        outputs: list[RequestOutput] = []
+        if prev is not None and (sched.is_empty or self._needs_history(sched)):
+            outputs += self._process(prev)  # penalties need every output token on the host
+            sched.seqs = [s for s in sched.seqs if s.request_id in self.requests]
+            prev_done, prev = prev, None
+        else:
+            prev_done = None
+        before = prev or prev_done
+        launched = self.runner.launch(sched, before.launched if before is not None else None)
+        current = None
+        if not sched.is_empty:
+            self.scheduler.step_done(sched)
+            current = _InFlight(launched, self._mark_in_flight(launched))
+        if prev is not None:
+            outputs += self._process(prev)
+        if current is not None:
+            if self.overlap:
+                self.inflight = current
+            else:
+                outputs += self._process(current)
+        return outputs
+
+    def _needs_history(self, sched: SchedulerOutput) -> bool:
+        reqs = (self.requests.get(s.request_id) for s in sched.seqs if s.sample)
+        return any(r is not None and r.params.needs_penalties for r in reqs)
+
+    def _mark_in_flight(self, launched: Launched) -> dict[str, int | None]:
+        """Give each sampling request a ``PLACEHOLDER`` for its coming token, unless that token
+        is its last by length (then it is not scheduled again)."""
+        placeholders: dict[str, int | None] = {}
+        for i in launched.sample_idx:
+            req = self.requests.get(launched.sched.seqs[i].request_id)
+            if req is None:
+                continue
+            generated = len(req.output_ids) + req.in_flight + 1
+            req.in_flight += 1
+            if generated >= req.max_new_tokens or len(req.prompt_ids) + generated >= self.max_len:
+                placeholders[req.request_id] = None
+                continue
+            req.seq.token_ids.append(PLACEHOLDER)
+            req.seq.unresolved += 1
+            placeholders[req.request_id] = len(req.seq.token_ids) - 1
+        return placeholders
+
+    def _process(self, inflight: _InFlight) -> list[RequestOutput]:
+        result = self.runner.collect(inflight.launched)
         outputs = []
         for seq_out in result.seqs:
             req = self.requests.get(seq_out.request_id)
@@ -254,16 +319,22 @@ class EngineCore:
                 continue
             for i, rec in enumerate(seq_out.prompt_logprobs):
                 req.prompt_records[seq_out.prompt_logprobs_start + i] = rec
-            if seq_out.sampled is not None:
-                outputs.append(self._on_token(req, seq_out))
+            if seq_out.sampled is not None and seq_out.request_id in inflight.placeholders:
+                req.in_flight -= 1
+                ph = inflight.placeholders[seq_out.request_id]
+                outputs.append(self._on_token(req, seq_out, ph))
         return outputs
 
-    def _on_token(self, req: Request, seq_out: SeqOutput) -> RequestOutput:
+    def _on_token(self, req: Request, seq_out: SeqOutput, placeholder: int | None) -> RequestOutput:
         tok = seq_out.sampled
         assert tok is not None
         params = req.params
         req.output_ids.append(tok)
-        req.seq.token_ids.append(tok)
+        if placeholder is None:
+            req.seq.token_ids.append(tok)
+        else:
+            req.seq.token_ids[placeholder] = tok
+            req.seq.unresolved -= 1
         pending = req.detok.pending
         step = req.detok.add(tok)
         info: TokenInfo = token_info(
@@ -289,7 +360,10 @@ class EngineCore:
             reason = "stop_sequence"
         elif tok in self.tokenizer.eos_ids and not params.ignore_eos:
             reason = "eos_token"
-        elif len(req.output_ids) >= req.max_new_tokens or len(req.seq.token_ids) >= self.max_len:
+        elif (
+            len(req.output_ids) >= req.max_new_tokens
+            or len(req.prompt_ids) + len(req.output_ids) >= self.max_len
+        ):
             reason = "length"
         elif tok in params.extra_stop_token_ids:
             reason = "stop_sequence"

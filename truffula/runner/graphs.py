@@ -97,8 +97,11 @@ class DecodeGraphs:
         return len(seqs) <= self.sizes[-1] and all(s.num_tokens == 1 for s in seqs)
 
     @torch.inference_mode()
-    def run(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
-        """Hidden states [len(seqs), hidden] of a decode-only step."""
+    def run(
+        self, seqs: list[ScheduledSeq], fill: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Hidden states [len(seqs), hidden] of a decode-only step; ``fill`` (rows, ids on the
+        device) overwrites placeholder tokens."""
         n = len(seqs)
         bs = next(s for s in self.sizes if s >= n)
         with_lora = any(s.adapter_slot >= 0 for s in seqs)
@@ -127,6 +130,8 @@ class DecodeGraphs:
             dtype=torch.long,
         ).to(self.device, non_blocking=True)
         self.ids[:bs].copy_(host[0])
+        if fill is not None:
+            self.ids.index_copy_(0, fill[0], fill[1])
         self.pos[:bs].copy_(host[1])
         self.slots[:bs].copy_(host[2])
         self.lens[:bs].copy_(host[3])

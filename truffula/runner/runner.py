@@ -15,6 +15,7 @@ request id; it never sees the tokenizer.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,7 +32,7 @@ from truffula.runner.output import RunnerOutput, SeqOutput, TokenLogprobs
 from truffula.sampling.metadata import build_sampling_batch
 from truffula.sampling.params import SamplingParams
 from truffula.sampling.sampler import Sampler, logprob_stats
-from truffula.scheduler.output import ScheduledSeq, SchedulerOutput
+from truffula.scheduler.output import PLACEHOLDER, ScheduledSeq, SchedulerOutput
 
 log = logging.getLogger("truffula.runner")
 
@@ -138,19 +139,25 @@ class ModelRunner:
             release(request_id)
 
     # ---------------------------------------------------------------- one step
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        return self.collect(self.launch(sched))
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, prev: Launched | None = None) -> Launched:
+        """Issue the step's device work and the copy of its results to the host; returns
+        without waiting for them. ``PLACEHOLDER`` tokens are read from ``prev``'s samples on
+        the device."""
         for rid in sched.finished_ids:
             self.states.pop(rid, None)
         if sched.is_empty:
-            return RunnerOutput([])
+            return Launched(sched, [], [], False, [])
         starts = [0]
         for s in sched.seqs:
             starts.append(starts[-1] + s.num_tokens)
         sample_idx = [i for i, s in enumerate(sched.seqs) if s.sample]
         batch = None
         if sample_idx:  # built before the forward, so its host-to-device copies overlap it
-            states = [self.states[sched.seqs[i].request_id] for i in sample_idx]
+            states = [self._state(sched.seqs[i].request_id) for i in sample_idx]
             batch = build_sampling_batch(
                 [st.params for st in states],
                 [st.prompt_ids for st in states],
@@ -170,28 +177,40 @@ class ModelRunner:
         row_index = (
             None if contiguous else torch.tensor(last_rows).to(self.device, non_blocking=True)
         )
+        fill = _placeholder_fill(sched.seqs, starts, prev, self.device)
         # every host-to-device copy of the step is issued above; after the forward pass the
         # only synchronisation is the one copy of results back to the host
-        hidden = self._forward(sched.seqs)
+        hidden = self._forward(sched.seqs, fill)
         device_parts: list[torch.Tensor] = []
-        sampled_lp = None
+        sampled = None
+        has_lp = False
         if batch is not None:
             rows = hidden[: len(last_rows)] if row_index is None else hidden[row_index]
             out = self.sampler(self.model.compute_logits(rows), batch)
-            device_parts.append(out.sampled)
-            sampled_lp = out.logprobs
-            if sampled_lp is not None:
-                device_parts += [
-                    sampled_lp.rows,
-                    sampled_lp.token_ids,
-                    sampled_lp.logprobs,
-                    sampled_lp.ranks,
-                    sampled_lp.entropy,
-                ]
+            sampled = out.sampled
+            device_parts.append(sampled)
+            if out.logprobs is not None:
+                has_lp = True
+                lp = out.logprobs
+                device_parts += [lp.rows, lp.token_ids, lp.logprobs, lp.ranks, lp.entropy]
         for job in jobs:
             device_parts += self._prompt_logprobs(hidden, job)
-        host = _to_host(device_parts)
-        return self._unpack(sched.seqs, sample_idx, sampled_lp is not None, jobs, host)
+        return Launched(sched, sample_idx, jobs, has_lp, _to_host_async(device_parts), sampled)
+
+    def collect(self, launched: Launched) -> RunnerOutput:
+        """Wait for a launched step's results and turn them into plain data."""
+        if launched.sched.is_empty:
+            return RunnerOutput([])
+        host = launched.host()
+        return self._unpack(
+            launched.sched.seqs, launched.sample_idx, launched.has_lp, launched.jobs, host
+        )
+
+    def _state(self, request_id: str) -> RequestState:
+        """A request's state; one that left while its step was being scheduled (asynchronous
+        scheduling) computes a throw-away greedy token."""
+        st = self.states.get(request_id)
+        return st if st is not None else _GONE
 
     def prepare(
         self, seqs: list[ScheduledSeq]
@@ -232,11 +251,13 @@ class ModelRunner:
         return ids, pos.to(dev, non_blocking=True), meta
 
     # ---------------------------------------------------------------- prompt logprobs
-    def _forward(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
+    def _forward(self, seqs: list[ScheduledSeq], fill: Fill | None) -> torch.Tensor:
         """Hidden states of the step's tokens: a CUDA graph replay for decode-only steps."""
         if self.graphs is not None and self.graphs.fits(seqs):
-            return self.graphs.run(seqs)
+            return self.graphs.run(seqs, fill)
         input_ids, positions, meta = self.prepare(seqs)
+        if fill is not None:
+            input_ids.index_copy_(0, fill[0], fill[1])
         slots = [s.adapter_slot for s in seqs for _ in range(s.num_tokens)]
         with forward_context(ForwardContext(meta, LoRABatch.build(slots, self.device))):
             return self.model(input_ids, positions)
@@ -294,11 +315,13 @@ class ModelRunner:
             sampled = next(it).astype(np.int64).tolist()
             for i, tok in zip(sample_idx, sampled, strict=True):
                 outs[i].sampled = tok
-                self.states[seqs[i].request_id].output_ids.append(tok)
+                st = self.states.get(seqs[i].request_id)
+                if st is not None:
+                    st.output_ids.append(tok)
             if has_lp:
                 rows, ids, lps, ranks, ents = (next(it) for _ in range(5))
                 ks = [
-                    self.states[seqs[sample_idx[int(r)]].request_id].params.return_k_alternatives
+                    self._state(seqs[sample_idx[int(r)]].request_id).params.return_k_alternatives
                     for r in rows
                 ]
                 for r, rec in zip(
@@ -340,14 +363,71 @@ def _records(
     return out
 
 
-def _to_host(parts: list[torch.Tensor]) -> list[np.ndarray]:
-    """One device-to-host copy of every result tensor, split back into numpy arrays."""
+Fill = tuple[torch.Tensor, torch.Tensor]
+"""(token rows of this step, their ids on the device) for ``PLACEHOLDER`` tokens."""
+
+
+@dataclass(eq=False)
+class Launched:
+    """A step whose device work and result copy are issued; ``host()`` waits for the copy."""
+
+    sched: SchedulerOutput
+    sample_idx: list[int]
+    jobs: list[_PromptJob]
+    has_lp: bool
+    host: Callable[[], list[np.ndarray]]
+    sampled: torch.Tensor | None = None
+    """[len(sample_idx)] sampled ids on the device (the next step's placeholder tokens)."""
+
+
+_GONE = RequestState([], SamplingParams(temperature=0.0))
+
+
+def _placeholder_fill(
+    seqs: list[ScheduledSeq], starts: list[int], prev: Launched | None, device: torch.device
+) -> Fill | None:
+    dst, src = [], []
+    rows = None
+    for i, s in enumerate(seqs):
+        for j, tok in enumerate(s.token_ids):
+            if tok != PLACEHOLDER:
+                continue
+            if rows is None:
+                assert prev is not None and prev.sampled is not None, "placeholder without a step"
+                rows = {prev.sched.seqs[k].request_id: r for r, k in enumerate(prev.sample_idx)}
+            dst.append(starts[i] + j)
+            src.append(rows[s.request_id])
+    if not dst:
+        return None
+    assert prev is not None and prev.sampled is not None
+    index = torch.tensor([dst, src], dtype=torch.long).to(device, non_blocking=True)
+    return index[0], prev.sampled.index_select(0, index[1])
+
+
+def _to_host_async(parts: list[torch.Tensor]) -> Callable[[], list[np.ndarray]]:
+    """Issue one device-to-host copy of every result tensor; the returned function waits for
+    it and splits it back into numpy arrays."""
     if not parts:
-        return []
-    flat = torch.cat([p.reshape(-1).to(torch.float64) for p in parts]).cpu().numpy()
-    out, pos = [], 0
-    for p in parts:
-        n = p.numel()
-        out.append(flat[pos : pos + n].reshape(p.shape))
-        pos += n
-    return out
+        return list
+    flat = torch.cat([p.reshape(-1).to(torch.float64) for p in parts])
+    if flat.is_cuda:
+        buf = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        buf.copy_(flat, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+    else:
+        buf, done = flat, None
+    shapes = [p.shape for p in parts]
+
+    def wait() -> list[np.ndarray]:
+        if done is not None:
+            done.synchronize()
+        host = buf.numpy()
+        out, pos = [], 0
+        for shape in shapes:
+            n = int(np.prod(shape)) if len(shape) else 1
+            out.append(host[pos : pos + n].reshape(shape))
+            pos += n
+        return out
+
+    return wait

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+PLACEHOLDER = -1
+"""A token id not known on the host yet: sampled by a step still in flight, whose device result
+the runner feeds to the next step directly (asynchronous scheduling)."""
+
 
 @dataclass(frozen=True)
 class ScheduledSeq:
     request_id: str
     token_ids: list[int]
-    """Tokens computed this step (one for a decode, a chunk for a prefill)."""
+    """Tokens computed this step (one for a decode, a chunk for a prefill); a decode's token may
+    be ``PLACEHOLDER``, the one the previous step sampled."""
     start_pos: int
     """Position of ``token_ids[0]``: tokens already in the KV cache."""
     block_ids: list[int]

@@ -11,8 +11,9 @@ Step by step (``schedule``):
    when the pool is empty the newest running request is preempted (blocks freed, tokens kept,
    requeued at the front of the waiting queue to be recomputed later).
 2. Waiting requests, in order, while budget, running-slot and block limits allow. A request
-   whose admission hook (adapter slots) says "not yet" keeps its place and the next one is
-   tried, so a busy adapter never blocks the base model. Waiting requests never preempt.
+   whose admission hook (adapter slots) says "not yet", or a preempted one whose last token is
+   still in flight, keeps its place and the next one is tried, so a busy adapter never blocks
+   the base model. Waiting requests never preempt.
 3. The result lists decodes first, then prefill chunks.
 """
 
@@ -47,6 +48,8 @@ class SeqState:
     status: SeqStatus = SeqStatus.WAITING
     num_preemptions: int = 0
     adapter_slot: int = -1
+    unresolved: int = 0
+    """``PLACEHOLDER`` tokens at the end of ``token_ids`` (sampled by a step in flight)."""
 
     @property
     def num_pending(self) -> int:
@@ -147,7 +150,7 @@ class Scheduler:
         held: list[SeqState] = []  # waiting requests whose admission hook said "not yet"
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             seq = self.waiting.popleft()
-            if self.admit is not None and not self.admit(seq):
+            if seq.unresolved or (self.admit is not None and not self.admit(seq)):
                 held.append(seq)
                 continue
             n = min(seq.num_pending, budget)
