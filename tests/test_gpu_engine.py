@@ -223,3 +223,36 @@ def test_lora_on_cuda_matches_peft(tiny: Path, tmp_path: Path) -> None:
             assert out.token_ids == ref[n - 1 : -1].argmax(-1).tolist(), (graphs, i)
             for j, t in enumerate(out.tokens):
                 assert abs(t.logprob - ref[n - 1 + j, t.id].item()) < 1e-4
+
+
+def test_async_scheduling_on_cuda_equals_sync(tiny: Path) -> None:
+    """Steps launched ahead (placeholder tokens read on the device, CUDA graphs) give the
+    synchronous engine's tokens and logprobs, with seeds, penalties, stops and early ends."""
+    from truffula.engine.llm import LLM
+    from truffula.sampling.params import SamplingParams
+
+    params = [
+        SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True, return_k_alternatives=5),
+        SamplingParams(max_new_tokens=24, temperature=0.9, seed=4, stop=("e",), details=True),
+        SamplingParams(max_new_tokens=16, temperature=0, repetition_penalty=1.5, details=True),
+        SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=2, details=True),
+    ]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(8)]
+    params = [params[i % len(params)] for i in range(8)]
+    results = []
+    for mode in ("off", "on"):
+        llm = LLM(
+            str(tiny),
+            progress=False,
+            device="cuda",
+            dtype="float32",
+            max_num_seqs=8,
+            async_scheduling=mode,
+        )
+        assert llm.engine.overlap == (mode == "on")
+        results.append(llm.generate(prompts, params))
+        assert llm.engine.pool.num_used == 0
+    for a, b in zip(*results, strict=True):
+        assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+        for x, y in zip(a.tokens, b.tokens, strict=True):
+            assert abs(x.logprob - y.logprob) < 1e-5
