@@ -337,22 +337,28 @@ def profile(out_dir: Path) -> None:
             core.step()
         for _ in range(5):
             core.step()
-        t_exec, t_step = [], []
-        orig = runner.execute
+        t_launch: list[float] = []
+        t_collect: list[float] = []
+        t_step: list[float] = []
+        originals = {"launch": runner.launch, "collect": runner.collect}
 
-        def timed(sched, _orig=orig, _acc=t_exec):  # type: ignore[no-untyped-def]
-            t = time.perf_counter()
-            out = _orig(sched)
-            _acc.append(time.perf_counter() - t)
-            return out
+        def timer(fn, acc):  # type: ignore[no-untyped-def]
+            def timed(*args):  # type: ignore[no-untyped-def]
+                t = time.perf_counter()
+                out = fn(*args)
+                acc.append(time.perf_counter() - t)
+                return out
 
-        runner.execute = timed  # type: ignore[method-assign]
+            return timed
+
+        runner.launch = timer(runner.launch, t_launch)  # type: ignore[method-assign]
+        runner.collect = timer(runner.collect, t_collect)  # type: ignore[method-assign]
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
                 t = time.perf_counter()
                 core.step()
                 t_step.append(time.perf_counter() - t)
-        runner.execute = orig  # type: ignore[method-assign]
+        runner.launch, runner.collect = originals["launch"], originals["collect"]  # type: ignore[method-assign]
         for rid in list(core.requests):
             core.abort(rid)
         core.step()
@@ -360,8 +366,9 @@ def profile(out_dir: Path) -> None:
             sort_by="device_time_total", row_limit=14, max_name_column_width=60
         )
         line = (
-            f"== {name}: step {1e3 * statistics.median(t_step):.2f} ms, runner.execute "
-            f"{1e3 * statistics.median(t_exec):.2f} ms (engine host work = the rest)"
+            f"== {name}: step {1e3 * statistics.median(t_step):.2f} ms, runner.launch "
+            f"{1e3 * statistics.median(t_launch):.2f} ms, runner.collect (waits for the "
+            f"previous step) {1e3 * statistics.median(t_collect):.2f} ms"
         )
         print(line, flush=True)
         report += [line, table]

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from truffula.device import host_tensor
+
 BAG_CHUNK = 64
 """Longest run of products one embedding bag sums (see ``LoRABatch.bag``)."""
 DENSE_LIMIT = 4096
@@ -51,10 +53,10 @@ class LoRABatch:
         present = sorted({s for s in slots_per_token if s >= 0})
         if not present:
             return None
-        token_slots = torch.tensor(slots_per_token, dtype=torch.long).to(device)
+        token_slots = host_tensor(slots_per_token, torch.long, device)
         seg = None
         if device.type == "cuda":
-            seg = torch.tensor(segments(slots_per_token), dtype=torch.long).to(device)
+            seg = host_tensor(segments(slots_per_token), torch.long, device)
         return cls(token_slots, present, len(slots_per_token), list(slots_per_token), seg_table=seg)
 
     def rows(self, slot: int) -> torch.Tensor:
@@ -62,14 +64,14 @@ class LoRABatch:
         key = ("rows", slot)
         if key not in self.cache:
             idx = [i for i, s in enumerate(self.host_slots) if s == slot]
-            self.cache[key] = torch.tensor(idx, dtype=torch.long, device=self.token_slots.device)
+            self.cache[key] = host_tensor(idx, torch.long, self.token_slots.device)
         return self.cache[key]
 
     def onehot(self, used: tuple[int, ...]) -> torch.Tensor:
         """[T, len(used)] float: 1 where the token uses that slot."""
         key = ("onehot", used)
         if key not in self.cache:
-            ref = torch.tensor(used, device=self.token_slots.device)
+            ref = host_tensor(used, torch.long, self.token_slots.device)
             self.cache[key] = (self.token_slots.unsqueeze(1) == ref.unsqueeze(0)).float()
         return self.cache[key]
 
@@ -102,7 +104,7 @@ class LoRABatch:
     def index(self, used: tuple[int, ...]) -> torch.Tensor:
         key = ("index", used)
         if key not in self.cache:
-            self.cache[key] = torch.tensor(used, device=self.token_slots.device)
+            self.cache[key] = host_tensor(used, torch.long, self.token_slots.device)
         return self.cache[key]
 
 

@@ -14,6 +14,7 @@ import logging
 
 import torch
 
+from truffula.device import host_tensor
 from truffula.kernels.lora_torch import LoRABatch, segments
 from truffula.runner.context import AttentionMetadata, ForwardContext, forward_context
 from truffula.scheduler.output import ScheduledSeq
@@ -119,7 +120,7 @@ class DecodeGraphs:
         ] * pad
         width = max(len(s.block_ids) for s in seqs)
         rows = [s.block_ids + [0] * (width - len(s.block_ids)) for s in seqs] + [[0] * width] * pad
-        host = torch.tensor(
+        host = host_tensor(
             [
                 [s.token_ids[0] for s in seqs] + [0] * pad,
                 pos,
@@ -127,8 +128,9 @@ class DecodeGraphs:
                 [s.start_pos + 1 for s in seqs] + [1] * pad,
                 [s.adapter_slot for s in seqs] + [-1] * pad,
             ],
-            dtype=torch.long,
-        ).to(self.device, non_blocking=True)
+            torch.long,
+            self.device,
+        )
         self.ids[:bs].copy_(host[0])
         if fill is not None:
             self.ids.index_copy_(0, fill[0], fill[1])
@@ -138,11 +140,7 @@ class DecodeGraphs:
         self.lora_slots[:bs].copy_(host[4])
         if with_lora:
             table = segments([s.adapter_slot for s in seqs], size=bs)
-            self.segs[: 3 * bs].copy_(
-                torch.tensor(table, dtype=torch.long).to(self.device, non_blocking=True)
-            )
-        self.tables[:bs, :width].copy_(
-            torch.tensor(rows, dtype=torch.int32).to(self.device, non_blocking=True)
-        )
+            self.segs[: 3 * bs].copy_(host_tensor(table, torch.long, self.device))
+        self.tables[:bs, :width].copy_(host_tensor(rows, torch.int32, self.device))
         graph.replay()
         return out[:n]

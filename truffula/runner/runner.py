@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from truffula.config import EngineConfig
+from truffula.device import host_tensor, to_device
 from truffula.kernels import linear_cpu, triton_kernels
 from truffula.kernels.lora_torch import LoRABatch
 from truffula.layers.attention import Attention
@@ -169,14 +170,12 @@ class ModelRunner:
         jobs = self._prompt_jobs(sched.seqs, starts)
         for job in jobs:
             job.tensors = (
-                torch.tensor(job.rows).to(self.device, non_blocking=True),
-                torch.tensor(job.targets).to(self.device, non_blocking=True),
+                host_tensor(job.rows, torch.long, self.device),
+                host_tensor(job.targets, torch.long, self.device),
             )
         last_rows = [starts[i + 1] - 1 for i in sample_idx]
         contiguous = last_rows == list(range(len(last_rows)))  # decodes come first
-        row_index = (
-            None if contiguous else torch.tensor(last_rows).to(self.device, non_blocking=True)
-        )
+        row_index = None if contiguous else host_tensor(last_rows, torch.long, self.device)
         fill = _placeholder_fill(sched.seqs, starts, prev, self.device)
         # every host-to-device copy of the step is issued above; after the forward pass the
         # only synchronisation is the one copy of results back to the host
@@ -235,10 +234,10 @@ class ModelRunner:
         seq_lens = [s.start_pos + s.num_tokens for s in seqs]
         dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=slots.to(dev, non_blocking=True),
-            block_tables=table.to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32).to(dev, non_blocking=True),
+            slot_mapping=to_device(slots, dev),
+            block_tables=to_device(table, dev),
+            seq_lens=host_tensor(seq_lens, torch.int32, dev),
+            query_start_loc=host_tensor(starts, torch.int32, dev),
             num_decodes=sum(1 for s in seqs if s.num_tokens == 1),
             max_query_len=max(s.num_tokens for s in seqs),
             max_seq_len=max(seq_lens),
@@ -247,8 +246,7 @@ class ModelRunner:
             query_start_loc_cpu=starts,
             request_ids=[s.request_id for s in seqs],
         )
-        ids = torch.tensor(tokens, dtype=torch.long).to(dev, non_blocking=True)
-        return ids, pos.to(dev, non_blocking=True), meta
+        return host_tensor(tokens, torch.long, dev), to_device(pos, dev), meta
 
     # ---------------------------------------------------------------- prompt logprobs
     def _forward(self, seqs: list[ScheduledSeq], fill: Fill | None) -> torch.Tensor:
@@ -400,7 +398,7 @@ def _placeholder_fill(
     if not dst:
         return None
     assert prev is not None and prev.sampled is not None
-    index = torch.tensor([dst, src], dtype=torch.long).to(device, non_blocking=True)
+    index = host_tensor([dst, src], torch.long, device)
     return index[0], prev.sampled.index_select(0, index[1])
 
 

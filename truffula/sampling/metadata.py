@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from truffula.device import host_tensor, to_device
 from truffula.sampling.params import SamplingParams
 
 
@@ -54,7 +55,7 @@ def build_sampling_batch(
     n = len(params)
 
     def col(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=device)
+        return host_tensor(values, dtype, device)
 
     def rows(pred: list[bool]) -> torch.Tensor | None:
         idx = [i for i in range(n) if pred[i]]
@@ -110,4 +111,4 @@ def _padded(seqs: list[list[int]], pad: int, device: torch.device) -> torch.Tens
     for i, s in enumerate(seqs):
         if s:
             out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out.to(device)
+    return to_device(out, device)
