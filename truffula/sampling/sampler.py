@@ -166,7 +166,7 @@ def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
 
 def apply_filters(x: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     """top-k, top-p, min-p, typical-p in HF transformers' order; removed entries become -inf."""
-    neg_inf = torch.tensor(float("-inf"), device=x.device)
+    neg_inf = x.new_full((), float("-inf"))  # made on the device: no host copy, no sync
     if b.top_k is not None:
         k_max = min(b.top_k_max, x.shape[1])
         kth_vals = torch.topk(x, k_max, dim=1).values
