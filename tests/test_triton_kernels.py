@@ -212,3 +212,35 @@ def test_rotary_into_cache(dtype) -> None:
     assert torch.equal(v_cache[slots], qkv[:, h + hkv :])
     untouched = [i for i in range(16) if i not in slots.tolist()]
     assert not k_cache[untouched].any() and not v_cache[untouched].any()
+
+
+@pytest.mark.parametrize(
+    ("rows", "vocab"), [(1, 300), (5, 4099), (64, 49152 if INTERPRET else 128256)]
+)
+def test_row_stats(rows: int, vocab: int) -> None:
+    """Log-sum-exp, entropy, chosen logit and rank in one pass against ``logprob_stats`` on the
+    log-softmax: filtered (-inf) entries, a row with three tokens left, chosen tokens inside and
+    outside the top, and ties with the chosen logit (rank counts strictly larger entries)."""
+    from truffula.sampling.sampler import logprob_stats, stats_of_logits
+
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, vocab, generator=g) * 4
+    chosen = torch.randint(0, vocab, (rows,), generator=g)
+    chosen[0] = int(x[0].argmax())
+    if rows > 1:
+        x[1, ::3] = float("-inf")
+        x[1, chosen[1]] = 2.0
+        x[1, 7] = 2.0  # a tie with the chosen logit
+    if rows > 2:
+        x[2, 3:] = float("-inf")
+        chosen[2] = 1
+    x, chosen = x.to(DEV), chosen.to(DEV)
+    st = tk.row_stats(x, chosen).cpu()
+    _, lps, ranks, entropy = logprob_stats(x.cpu().double().log_softmax(-1), chosen.cpu(), 0)
+    lse = x.cpu().double().logsumexp(-1)
+    assert (st[:, 0].double() - lse).abs().max() < 1e-4
+    assert (st[:, 1].double() - entropy).abs().max() < 1e-4
+    assert torch.equal(st[:, 2], x.cpu().gather(1, chosen.cpu()[:, None]).squeeze(1))
+    assert torch.equal(st[:, 3].long(), ranks)
+    got = stats_of_logits(x, chosen, 5)  # the sampler's CUDA path, top-k included
+    torch.testing.assert_close(got[1].cpu().double()[:, 0], lps[:, 0], rtol=0, atol=1e-4)

@@ -8,6 +8,7 @@ Triton is installed. Each wrapper states its torch reference (the CPU path and t
 - ``decode_attention``  -> ``kernels.attention_torch.paged_attention`` for one-token queries
                            (kernels in ``triton_attention.py``)
 - ``lora_bgmv``         -> ``kernels.lora_torch.lora_reference`` (``triton_lora.py``)
+- ``row_stats``         -> ``sampling.sampler.logprob_stats`` (``triton_stats.py``)
 """
 
 from __future__ import annotations
@@ -258,3 +259,10 @@ def lora_bgmv(*args, **kwargs):  # type: ignore[no-untyped-def]
     from truffula.kernels import triton_lora
 
     return triton_lora.lora_sgmv(*args, **kwargs)
+
+
+def row_stats(x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """See ``truffula.kernels.triton_stats.row_stats``."""
+    from truffula.kernels import triton_stats
+
+    return triton_stats.row_stats(x, chosen)

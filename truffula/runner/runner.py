@@ -32,7 +32,7 @@ from truffula.runner.graphs import DecodeGraphs
 from truffula.runner.output import RunnerOutput, SeqOutput, TokenLogprobs
 from truffula.sampling.metadata import build_sampling_batch
 from truffula.sampling.params import SamplingParams
-from truffula.sampling.sampler import Sampler, logprob_stats
+from truffula.sampling.sampler import Sampler, stats_of_logits
 from truffula.scheduler.output import PLACEHOLDER, ScheduledSeq, SchedulerOutput
 
 log = logging.getLogger("truffula.runner")
@@ -290,12 +290,11 @@ class ModelRunner:
         rows, targets = job.tensors
         parts: list[list[torch.Tensor]] = [[], [], [], []]
         for lo in range(0, len(job.rows), chunk):
-            lp = self.model.compute_logits(hidden[rows[lo : lo + chunk]]).log_softmax(-1)
-            for acc, t in zip(
-                parts, logprob_stats(lp, targets[lo : lo + chunk], job.k), strict=True
-            ):
+            logits = self.model.compute_logits(hidden[rows[lo : lo + chunk]]).float()
+            stats = stats_of_logits(logits, targets[lo : lo + chunk], job.k)
+            for acc, t in zip(parts, stats, strict=True):
                 acc.append(t)
-            del lp
+            del logits
         return [torch.cat(p) for p in parts]
 
     # ---------------------------------------------------------------- results

@@ -1,18 +1,19 @@
 """The sampler: logits -> sampled ids and, for rows that asked, token-probability tensors.
 
 Stages, each a pure function of its inputs:
-1. raw log-softmax, only for rows reporting the raw distribution;
-2. penalties (repetition over prompt + output, frequency / presence over output);
-3. temperature (greedy rows keep 1.0);
-4. filters top-k, top-p, min-p, typical-p (HF transformers' order and semantics), -inf outside;
-5. sampling: argmax for greedy rows, the exponential race ``argmax(p / q), q ~ Exp(1)`` for the
+1. penalties (repetition over prompt + output, frequency / presence over output);
+2. temperature (greedy rows keep 1.0);
+3. filters top-k, top-p, min-p, typical-p (HF transformers' order and semantics), -inf outside;
+4. sampling: argmax for greedy rows, the exponential race ``argmax(p / q), q ~ Exp(1)`` for the
    others, each seeded row drawing ``q`` from its own generator (so a seed gives the same output
    whatever else is in the batch);
-6. logprob statistics on the reported distribution: chosen logprob, rank (1 + entries strictly
-   larger), entropy (nats) and ``topk`` with k = the largest k asked in the step.
+5. logprob statistics on the reported distribution (the processed logits, or the raw ones):
+   chosen logprob, rank (1 + entries strictly larger), entropy (nats) and ``topk`` with k = the
+   largest k asked in the step (``stats_of_logits``: one Triton pass on CUDA).
 
-Nothing here sorts the whole vocabulary for logprobs, copies [batch, vocab] to the host, or
-touches the tokenizer. Rows that asked for nothing pay nothing in stage 1 and 6.
+A batch of plain greedy rows (no penalty, filter or logprob) is one argmax on the logits as the
+model made them. Nothing here sorts the whole vocabulary for logprobs, copies [batch, vocab] to
+the host, or touches the tokenizer. Rows that asked for nothing pay nothing in stage 5.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from truffula.kernels import triton_kernels
 from truffula.sampling.metadata import SamplingBatch
 
 
@@ -90,14 +92,15 @@ def _entropy(lp: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        if _plain_greedy(batch):  # argmax of the model's own dtype: no fp32 copy of the logits
+            return SamplerOutput(logits.argmax(dim=-1), None)
         logits = logits.float()
-        raw_lp = logits[batch.raw_rows].log_softmax(-1) if batch.raw_rows is not None else None
         x = apply_penalties(logits, batch) if batch.penalty_rows is not None else logits
         if not batch.all_greedy:
             x = x / batch.temperature.unsqueeze(1)
         x = apply_filters(x, batch)
         sampled = self._sample(x, batch)
-        return SamplerOutput(sampled, self._logprobs(x, raw_lp, sampled, batch))
+        return SamplerOutput(sampled, self._logprobs(logits, x, sampled, batch))
 
     def _sample(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         greedy_ids = x.argmax(dim=-1)
@@ -111,31 +114,57 @@ class Sampler:
         return torch.where(batch.greedy, greedy_ids, random_ids)
 
     def _logprobs(
-        self,
-        x: torch.Tensor,
-        raw_lp: torch.Tensor | None,
-        sampled: torch.Tensor,
-        batch: SamplingBatch,
+        self, logits: torch.Tensor, x: torch.Tensor, sampled: torch.Tensor, batch: SamplingBatch
     ) -> LogprobsTensors | None:
+        """Statistics of the processed distribution (``x``) and the raw one (``logits``)."""
         groups = []
         n = x.shape[0]
-        if batch.processed_rows is not None:  # every row: no gather copy
-            rows = batch.processed_rows
-            sub = x if rows.numel() == n else x[rows]
-            # softmax is one fused pass, cheaper than exp() of the log-softmax
-            groups.append((rows, sub.log_softmax(-1), sub.softmax(-1)))
-        if batch.raw_rows is not None and raw_lp is not None:
-            groups.append((batch.raw_rows, raw_lp, None))
+        if batch.processed_rows is not None:
+            groups.append((batch.processed_rows, x))
+        if batch.raw_rows is not None:
+            groups.append((batch.raw_rows, logits))
         if not groups:
             return None
         parts = []
-        for rows, lp, probs in groups:
-            chosen = sampled if rows.numel() == n else sampled[rows]
-            parts.append((rows, *logprob_stats(lp, chosen, batch.max_k, probs)))
+        for rows, source in groups:
+            every = rows.numel() == n  # every row: no gather copies
+            chosen = sampled if every else sampled[rows]
+            parts.append(
+                (rows, *stats_of_logits(source if every else source[rows], chosen, batch.max_k))
+            )
         cat = [torch.cat(t) for t in zip(*parts, strict=True)]
         return LogprobsTensors(
             rows=cat[0], token_ids=cat[1], logprobs=cat[2], ranks=cat[3], entropy=cat[4]
         )
+
+
+def _plain_greedy(b: SamplingBatch) -> bool:
+    """Every row greedy, with no penalty, filter or logprob to compute."""
+    return (
+        b.all_greedy
+        and b.penalty_rows is None
+        and b.processed_rows is None
+        and b.raw_rows is None
+        and b.top_k is None
+        and b.top_p is None
+        and b.min_p is None
+        and b.typical_p is None
+    )
+
+
+def stats_of_logits(x: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """``logprob_stats`` of the distribution ``softmax(x)``, x [R, V] fp32 logits. On CUDA one
+    Triton pass gives the log-sum-exp, entropy, chosen logit and rank; only the top-k is a
+    separate op. Elsewhere: log-softmax and softmax, then ``logprob_stats``."""
+    if not triton_kernels.use(x):
+        return logprob_stats(x.log_softmax(-1), chosen, k, x.softmax(-1))
+    st = triton_kernels.row_stats(x, chosen)
+    lse = st[:, :1]
+    ids, lps = chosen.unsqueeze(1), st[:, 2:3] - lse
+    if k > 0:
+        top_x, top_ids = torch.topk(x, min(k, x.shape[1]), dim=1)
+        ids, lps = torch.cat((ids, top_ids), dim=1), torch.cat((lps, top_x - lse), dim=1)
+    return ids, lps, st[:, 3].long(), st[:, 1]
 
 
 def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
