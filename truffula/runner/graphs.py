@@ -11,8 +11,6 @@ graph, run eagerly.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 
@@ -22,23 +20,6 @@ from truffula.runner.context import AttentionMetadata, ForwardContext, forward_c
 from truffula.scheduler.output import ScheduledSeq
 
 log = logging.getLogger("truffula.runner")
-
-
-LT_BATCHES = range(32, 65)
-"""Graph batch sizes captured with cuBLASLt's GEMMs: on an H200 (8B shape) they take 118 µs
-per layer at 64 rows against 125 µs for the default choice, and win at 32 rows too; at 8, 16
-and 128+ rows the default is as fast or faster (a graph keeps the kernels chosen at capture)."""
-
-
-@contextmanager
-def _blas_for(bs: int) -> Iterator[None]:
-    before = torch.backends.cuda.preferred_blas_library()
-    if bs in LT_BATCHES:
-        torch.backends.cuda.preferred_blas_library("cublaslt")
-    try:
-        yield
-    finally:
-        torch.backends.cuda.preferred_blas_library(before)
 
 
 def ladder(max_batch: int) -> list[int]:
@@ -99,10 +80,6 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture(self, bs: int, with_lora: bool) -> None:
-        with _blas_for(bs):
-            self._capture_with(bs, with_lora)
-
-    def _capture_with(self, bs: int, with_lora: bool) -> None:
         ctx = self._context(bs, with_lora)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
