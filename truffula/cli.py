@@ -39,6 +39,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-concurrent-requests", type=int, default=1024, help="requests held before 429"
     )
+    g.add_argument(
+        "--async-scheduling",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="launch each step before reading the previous one's results (auto: on CUDA)",
+    )
     g.add_argument("--max-k-alternatives", type=int, default=20, help="largest k a request may ask")
     g.add_argument("--max-stop-sequences", type=int, default=4)
     g.add_argument(
@@ -65,6 +71,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_batch_tokens,
         max_num_seqs=args.max_num_seqs,
         max_queued_requests=args.max_concurrent_requests,
+        async_scheduling=args.async_scheduling,
         max_k_alternatives=args.max_k_alternatives,
         max_stop_sequences=args.max_stop_sequences,
         max_active_adapters=args.max_active_adapters,
