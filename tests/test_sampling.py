@@ -8,7 +8,13 @@ import torch
 
 from truffula.sampling.metadata import build_sampling_batch
 from truffula.sampling.params import SamplingParams
-from truffula.sampling.sampler import Sampler, apply_filters, apply_penalties, logprob_stats
+from truffula.sampling.sampler import (
+    Sampler,
+    apply_filters,
+    apply_penalties,
+    logprob_stats,
+    stats_of_logits,
+)
 
 V = 200
 
@@ -198,7 +204,14 @@ def test_logprob_stats_against_a_float64_reference(k: int) -> None:
     logits[2, 3:] = float("-inf")  # only three tokens left
     chosen = torch.tensor([int(logits[0].argmax()), 1, 0, 7, 150, int(logits[5].argmin())])
     lp = logits.log_softmax(-1)
-    ids, lps, ranks, entropy = logprob_stats(lp, chosen, k)
+    for ids, lps, ranks, entropy in (
+        logprob_stats(lp, chosen, k),
+        stats_of_logits(logits, chosen, k),  # the sampler's path from the logits
+    ):
+        check_stats(logits, chosen, k, ids, lps, ranks, entropy)
+
+
+def check_stats(logits, chosen, k, ids, lps, ranks, entropy) -> None:  # type: ignore[no-untyped-def]
     ref = logits.double().log_softmax(-1)
     for r in range(len(chosen)):
         c = int(chosen[r])

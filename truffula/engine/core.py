@@ -21,6 +21,7 @@ import torch
 
 from truffula.adapters.store import AdapterStore
 from truffula.config import EngineConfig
+from truffula.device import keep_host_memory
 from truffula.engine.detokenizer import Detokenizer, TokenTable
 from truffula.engine.output import RequestOutput, TokenInfo, prompt_token_infos, token_info
 from truffula.engine.tokenizer import Tokenizer
@@ -127,6 +128,7 @@ class EngineCore:
             mode == "on" or (mode == "auto" and self.device.type == "cuda")
         )
         self.inflight: _InFlight | None = None
+        keep_host_memory()
         log.info(
             "engine ready: %s (%s) on %s/%s, %d KV blocks of %d tokens, max length %d",
             folder,

@@ -406,19 +406,18 @@ def _to_host_async(parts: list[torch.Tensor]) -> Callable[[], list[np.ndarray]]:
     it and splits it back into numpy arrays."""
     if not parts:
         return list
+    if not parts[0].is_cuda:  # already on the host: no copy to batch
+        arrays = [p.numpy() for p in parts]
+        return lambda: arrays
     flat = torch.cat([p.reshape(-1).to(torch.float64) for p in parts])
-    if flat.is_cuda:
-        buf = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-        buf.copy_(flat, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-    else:
-        buf, done = flat, None
+    buf = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+    buf.copy_(flat, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
     shapes = [p.shape for p in parts]
 
     def wait() -> list[np.ndarray]:
-        if done is not None:
-            done.synchronize()
+        done.synchronize()
         host = buf.numpy()
         out, pos = [], 0
         for shape in shapes:

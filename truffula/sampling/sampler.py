@@ -153,18 +153,44 @@ def _plain_greedy(b: SamplingBatch) -> bool:
 
 
 def stats_of_logits(x: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
-    """``logprob_stats`` of the distribution ``softmax(x)``, x [R, V] fp32 logits. On CUDA one
-    Triton pass gives the log-sum-exp, entropy, chosen logit and rank; only the top-k is a
-    separate op. Elsewhere: log-softmax and softmax, then ``logprob_stats``."""
-    if not triton_kernels.use(x):
+    """``logprob_stats`` of the distribution ``softmax(x)``, x [R, V] fp32 logits.
+
+    On CUDA one Triton pass gives the log-sum-exp, entropy, chosen logit and rank, and only the
+    top-k is a separate op. On CPU one softmax pass gives the probabilities; the log-sum-exp is
+    read off the most likely token (``x_top - log p_top``), log-probabilities are ``x - lse``,
+    and the entropy is ``lse - p . x``: no log-softmax matrix is written."""
+    if triton_kernels.use(x):
+        st = triton_kernels.row_stats(x, chosen)
+        lse, chosen_x, ranks, entropy = st[:, :1], st[:, 2:3], st[:, 3].long(), st[:, 1]
+        top_x, top_ids = torch.topk(x, min(k, x.shape[1]), dim=1) if k > 0 else (None, None)
+    elif x.is_cuda:  # CUDA without Triton: the torch reference
         return logprob_stats(x.log_softmax(-1), chosen, k, x.softmax(-1))
-    st = triton_kernels.row_stats(x, chosen)
-    lse = st[:, :1]
-    ids, lps = chosen.unsqueeze(1), st[:, 2:3] - lse
+    else:
+        p = x.softmax(-1)
+        top_x, top_ids = torch.topk(x, min(max(k, 1), x.shape[1]), dim=1)
+        lse = top_x[:, :1] - p.gather(1, top_ids[:, :1]).log()
+        chosen_x = x.gather(1, chosen.unsqueeze(1))
+        if bool((chosen_x >= top_x[:, -1:]).all()):  # see logprob_stats
+            ranks = (top_x > chosen_x).sum(dim=1) + 1
+        else:
+            ranks = _rank(x, chosen_x)
+        entropy = lse.squeeze(1) - _expectation(p, x)
+    ids, lps = chosen.unsqueeze(1), chosen_x - lse
     if k > 0:
-        top_x, top_ids = torch.topk(x, min(k, x.shape[1]), dim=1)
+        assert top_x is not None and top_ids is not None
+        top_x, top_ids = top_x[:, :k], top_ids[:, :k]
         ids, lps = torch.cat((ids, top_ids), dim=1), torch.cat((lps, top_x - lse), dim=1)
-    return ids, lps, st[:, 3].long(), st[:, 1]
+    return ids, lps, ranks, entropy
+
+
+def _expectation(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``sum(p * x)`` per row; entries with p = 0 and x = -inf (filtered) contribute nothing."""
+    out = torch.linalg.vecdot(p, x)
+    bad = out.isnan()
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(1)
+        out[rows] = torch.linalg.vecdot(p[rows], x[rows].clamp(min=torch.finfo(x.dtype).min))
+    return out
 
 
 def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
