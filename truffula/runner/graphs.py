@@ -11,6 +11,8 @@ graph, run eagerly.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -20,6 +22,23 @@ from truffula.runner.context import AttentionMetadata, ForwardContext, forward_c
 from truffula.scheduler.output import ScheduledSeq
 
 log = logging.getLogger("truffula.runner")
+
+
+LT_BATCHES = range(32, 65)
+"""Graph batch sizes captured with cuBLASLt's GEMMs: on an H200 (8B shape) they take 118 µs
+per layer at 64 rows against 125 µs for the default choice, and win at 32 rows too; at 8, 16
+and 128+ rows the default is as fast or faster (a graph keeps the kernels chosen at capture)."""
+
+
+@contextmanager
+def _blas_for(bs: int) -> Iterator[None]:
+    before = torch.backends.cuda.preferred_blas_library()
+    if bs in LT_BATCHES:
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
 
 
 def ladder(max_batch: int) -> list[int]:
@@ -53,6 +72,8 @@ class DecodeGraphs:
         self.segs = torch.zeros(3 * n, dtype=torch.long, device=device)
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        self.stream = torch.cuda.Stream(device)
+        """Warm-up and capture stream of every graph."""
 
     def capture_all(self, with_lora: bool = False) -> None:
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
@@ -80,8 +101,12 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture(self, bs: int, with_lora: bool) -> None:
+        with _blas_for(bs):
+            self._capture_with(bs, with_lora)
+
+    def _capture_with(self, bs: int, with_lora: bool) -> None:
         ctx = self._context(bs, with_lora)
-        stream = torch.cuda.Stream(self.device)
+        stream = self.stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: Triton compiles and autotunes outside the capture
@@ -89,7 +114,13 @@ class DecodeGraphs:
                     self.model(self.ids[:bs], self.pos[:bs])
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool), forward_context(self._context(bs, with_lora)):
+        # captured on the warm-up stream: the BLAS workspaces cached for it were allocated by the
+        # warm-up, outside the graphs' memory pool (one allocated during a capture lands in the
+        # pool, where later captures may reuse its memory)
+        with (
+            torch.cuda.graph(graph, pool=self.pool, stream=stream),
+            forward_context(self._context(bs, with_lora)),
+        ):
             out = self.model(self.ids[:bs], self.pos[:bs])
         self.pool = graph.pool()
         self.graphs[(bs, with_lora)] = (graph, out)
