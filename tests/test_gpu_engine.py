@@ -256,3 +256,50 @@ def test_async_scheduling_on_cuda_equals_sync(tiny: Path) -> None:
         assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
         for x, y in zip(a.tokens, b.tokens, strict=True):
             assert abs(x.logprob - y.logprob) < 1e-5
+
+
+def test_large_decode_graphs_with_and_without_lora_equal_eager(tiny: Path, tmp_path: Path) -> None:
+    """48 concurrent requests, half with an adapter: decode graphs of 48 rows (captured with
+    cuBLASLt GEMMs, base graph at start-up and LoRA graph on first use) give the eager engine's
+    tokens and logprobs, run after run."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from truffula.engine.llm import LLM
+    from truffula.runner.graphs import LT_BATCHES
+    from truffula.sampling.params import SamplingParams
+
+    assert 48 in LT_BATCHES
+    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    cfg = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "o_proj", "down_proj"],
+        init_lora_weights=False,
+    )
+    model = get_peft_model(base, cfg)
+    model.save_pretrained(tmp_path / "ad")
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(48)]
+    p = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True, details=True)
+    params = [p.with_updates(adapter_id="ad" if i % 2 else None) for i in range(48)]
+    results = []
+    for graphs in (False, True):
+        llm = LLM(
+            str(tiny),
+            progress=False,
+            device="cuda",
+            dtype="float32",
+            adapter_root=str(tmp_path),
+            cuda_graphs=graphs,
+            max_num_seqs=48,
+        )
+        runs = [llm.generate(prompts, params) for _ in range(3)]
+        if graphs:
+            assert (48, True) in llm.engine.runner.graphs.graphs
+        results.append(runs)
+    eager = results[0][0]
+    for run in results[1]:
+        for a, b in zip(run, eager, strict=True):
+            assert a.token_ids == b.token_ids
+            for x, y in zip(a.tokens, b.tokens, strict=True):
+                assert abs(x.logprob - y.logprob) < 1e-4
