@@ -214,10 +214,11 @@ def test_rotary_into_cache(dtype) -> None:
     assert not k_cache[untouched].any() and not v_cache[untouched].any()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("rows", "vocab"), [(1, 300), (5, 4099), (64, 49152 if INTERPRET else 128256)]
 )
-def test_row_stats(rows: int, vocab: int) -> None:
+def test_row_stats(dtype, rows: int, vocab: int) -> None:
     """Log-sum-exp, entropy, chosen logit and rank in one pass against ``logprob_stats`` on the
     log-softmax: filtered (-inf) entries, a row with three tokens left, chosen tokens inside and
     outside the top, and ties with the chosen logit (rank counts strictly larger entries)."""
@@ -234,13 +235,14 @@ def test_row_stats(rows: int, vocab: int) -> None:
     if rows > 2:
         x[2, 3:] = float("-inf")
         chosen[2] = 1
+    x = x.to(dtype).float()  # values a bf16 model could produce, exactly
     x, chosen = x.to(DEV), chosen.to(DEV)
-    st = tk.row_stats(x, chosen).cpu()
+    st = tk.row_stats(x.to(dtype), chosen).cpu()
     _, lps, ranks, entropy = logprob_stats(x.cpu().double().log_softmax(-1), chosen.cpu(), 0)
     lse = x.cpu().double().logsumexp(-1)
     assert (st[:, 0].double() - lse).abs().max() < 1e-4
     assert (st[:, 1].double() - entropy).abs().max() < 1e-4
     assert torch.equal(st[:, 2], x.cpu().gather(1, chosen.cpu()[:, None]).squeeze(1))
     assert torch.equal(st[:, 3].long(), ranks)
-    got = stats_of_logits(x, chosen, 5)  # the sampler's CUDA path, top-k included
+    got = stats_of_logits(x.to(dtype), chosen, 5)  # the sampler's CUDA path, top-k included
     torch.testing.assert_close(got[1].cpu().double()[:, 0], lps[:, 0], rtol=0, atol=1e-4)

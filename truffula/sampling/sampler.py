@@ -94,7 +94,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         if _plain_greedy(batch):  # argmax of the model's own dtype: no fp32 copy of the logits
             return SamplerOutput(logits.argmax(dim=-1), None)
-        logits = logits.float()
+        if not (_unprocessed(batch) and triton_kernels.use(logits)):
+            # the Triton statistics and top-k read bf16 logits as they are (a bf16 -> fp32
+            # conversion is exact and keeps the order); everything else computes in fp32
+            logits = logits.float()
         x = apply_penalties(logits, batch) if batch.penalty_rows is not None else logits
         if not batch.all_greedy:
             x = x / batch.temperature.unsqueeze(1)
@@ -138,13 +141,11 @@ class Sampler:
         )
 
 
-def _plain_greedy(b: SamplingBatch) -> bool:
-    """Every row greedy, with no penalty, filter or logprob to compute."""
+def _unprocessed(b: SamplingBatch) -> bool:
+    """Every row greedy, with no penalty or filter: the processed logits are the logits."""
     return (
         b.all_greedy
         and b.penalty_rows is None
-        and b.processed_rows is None
-        and b.raw_rows is None
         and b.top_k is None
         and b.top_p is None
         and b.min_p is None
@@ -152,8 +153,14 @@ def _plain_greedy(b: SamplingBatch) -> bool:
     )
 
 
+def _plain_greedy(b: SamplingBatch) -> bool:
+    """Unprocessed, and no logprob to compute."""
+    return _unprocessed(b) and b.processed_rows is None and b.raw_rows is None
+
+
 def stats_of_logits(x: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
-    """``logprob_stats`` of the distribution ``softmax(x)``, x [R, V] fp32 logits.
+    """``logprob_stats`` of the distribution ``softmax(x)``, x [R, V] logits (fp32; on CUDA
+    with Triton also bf16).
 
     On CUDA one Triton pass gives the log-sum-exp, entropy, chosen logit and rank, and only the
     top-k is a separate op. On CPU one softmax pass gives the probabilities; the log-sum-exp is
@@ -163,6 +170,7 @@ def stats_of_logits(x: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torc
         st = triton_kernels.row_stats(x, chosen)
         lse, chosen_x, ranks, entropy = st[:, :1], st[:, 2:3], st[:, 3].long(), st[:, 1]
         top_x, top_ids = torch.topk(x, min(k, x.shape[1]), dim=1) if k > 0 else (None, None)
+        top_x = top_x.float() if top_x is not None else None
     elif x.is_cuda:  # CUDA without Triton: the torch reference
         return logprob_stats(x.log_softmax(-1), chosen, k, x.softmax(-1))
     else:
