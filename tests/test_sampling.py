@@ -120,6 +120,20 @@ def test_greedy_rows_in_a_sampling_batch_take_the_argmax() -> None:
     assert torch.isfinite(logits).all()
 
 
+def test_greedy_rows_with_alternatives_take_the_first_of_tied_maxima() -> None:
+    """All-greedy batches with alternatives take the token from the top-k; where the two
+    largest logits tie, the first index wins, as with argmax (and HF)."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, V, generator=gen)
+    logits[1, 7] = logits[1, 150] = logits[1].max() + 1.0  # a tie at the top
+    logits[2, 9] = logits[2, 3] = logits[2].max() + 1.0
+    params = [SamplingParams(temperature=0.0, return_k_alternatives=3)] * 4
+    out = Sampler()(logits, batch_for(params))
+    assert torch.equal(out.sampled, logits.argmax(-1))
+    assert out.sampled[1] == 7 and out.sampled[2] == 3
+    assert out.logprobs is not None and torch.equal(out.logprobs.ranks, torch.ones(4).long())
+
+
 def test_seeded_rows_draw_from_their_own_generator() -> None:
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(4, V, generator=gen)

@@ -25,6 +25,9 @@ import torch
 from truffula.kernels import triton_kernels
 from truffula.sampling.metadata import SamplingBatch
 
+Top = tuple[torch.Tensor, torch.Tensor]
+"""(values, indices) of a row-wise ``torch.topk``."""
+
 
 @dataclass
 class LogprobsTensors:
@@ -102,8 +105,16 @@ class Sampler:
         if not batch.all_greedy:
             x = x / batch.temperature.unsqueeze(1)
         x = apply_filters(x, batch)
-        sampled = self._sample(x, batch)
-        return SamplerOutput(sampled, self._logprobs(logits, x, sampled, batch))
+        top = None
+        if _greedy_with_top_k(x, batch):  # the top-k already holds the argmax
+            top = torch.topk(x, min(max(batch.max_k, 2), x.shape[1]), dim=1)
+            sampled = top.indices[:, 0]
+            tie = top.values[:, 0] == top.values[:, 1]
+            if bool(tie.any()):  # argmax takes the first of equal values; topk may not
+                sampled = torch.where(tie, x.argmax(dim=-1), sampled)
+        else:
+            sampled = self._sample(x, batch)
+        return SamplerOutput(sampled, self._logprobs(logits, x, sampled, batch, top))
 
     def _sample(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         greedy_ids = x.argmax(dim=-1)
@@ -117,7 +128,12 @@ class Sampler:
         return torch.where(batch.greedy, greedy_ids, random_ids)
 
     def _logprobs(
-        self, logits: torch.Tensor, x: torch.Tensor, sampled: torch.Tensor, batch: SamplingBatch
+        self,
+        logits: torch.Tensor,
+        x: torch.Tensor,
+        sampled: torch.Tensor,
+        batch: SamplingBatch,
+        top: Top | None = None,
     ) -> LogprobsTensors | None:
         """Statistics of the processed distribution (``x``) and the raw one (``logits``)."""
         groups = []
@@ -132,13 +148,26 @@ class Sampler:
         for rows, source in groups:
             every = rows.numel() == n  # every row: no gather copies
             chosen = sampled if every else sampled[rows]
-            parts.append(
-                (rows, *stats_of_logits(source if every else source[rows], chosen, batch.max_k))
-            )
+            sub = source if every else source[rows]
+            reuse = top if source is x else None
+            parts.append((rows, *stats_of_logits(sub, chosen, batch.max_k, reuse)))
         cat = [torch.cat(t) for t in zip(*parts, strict=True)]
         return LogprobsTensors(
             rows=cat[0], token_ids=cat[1], logprobs=cat[2], ranks=cat[3], entropy=cat[4]
         )
+
+
+def _greedy_with_top_k(x: torch.Tensor, b: SamplingBatch) -> bool:
+    """CPU, every row greedy and reporting the processed distribution with alternatives: one
+    top-k serves the sampling and the statistics (no separate argmax pass)."""
+    return (
+        not x.is_cuda
+        and b.all_greedy
+        and b.max_k > 0
+        and b.raw_rows is None
+        and b.processed_rows is not None
+        and b.processed_rows.numel() == x.shape[0]
+    )
 
 
 def _unprocessed(b: SamplingBatch) -> bool:
@@ -158,14 +187,17 @@ def _plain_greedy(b: SamplingBatch) -> bool:
     return _unprocessed(b) and b.processed_rows is None and b.raw_rows is None
 
 
-def stats_of_logits(x: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+def stats_of_logits(
+    x: torch.Tensor, chosen: torch.Tensor, k: int, top: Top | None = None
+) -> tuple[torch.Tensor, ...]:
     """``logprob_stats`` of the distribution ``softmax(x)``, x [R, V] logits (fp32; on CUDA
     with Triton also bf16).
 
     On CUDA one Triton pass gives the log-sum-exp, entropy, chosen logit and rank, and only the
     top-k is a separate op. On CPU one softmax pass gives the probabilities; the log-sum-exp is
     read off the most likely token (``x_top - log p_top``), log-probabilities are ``x - lse``,
-    and the entropy is ``lse - p . x``: no log-softmax matrix is written."""
+    and the entropy is ``lse - p . x``: no log-softmax matrix is written. ``top``: a top-k of
+    ``x`` already computed (at least max(k, 1) wide, CPU only)."""
     if triton_kernels.use(x):
         st = triton_kernels.row_stats(x, chosen)
         lse, chosen_x, ranks, entropy = st[:, :1], st[:, 2:3], st[:, 3].long(), st[:, 1]
@@ -175,7 +207,9 @@ def stats_of_logits(x: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torc
         return logprob_stats(x.log_softmax(-1), chosen, k, x.softmax(-1))
     else:
         p = x.softmax(-1)
-        top_x, top_ids = torch.topk(x, min(max(k, 1), x.shape[1]), dim=1)
+        if top is None:
+            top = torch.topk(x, min(max(k, 1), x.shape[1]), dim=1)
+        top_x, top_ids = top
         lse = top_x[:, :1] - p.gather(1, top_ids[:, :1]).log()
         chosen_x = x.gather(1, chosen.unsqueeze(1))
         if bool((chosen_x >= top_x[:, -1:]).all()):  # see logprob_stats
