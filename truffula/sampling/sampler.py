@@ -149,7 +149,9 @@ class Sampler:
             every = rows.numel() == n  # every row: no gather copies
             chosen = sampled if every else sampled[rows]
             sub = source if every else source[rows]
-            reuse = top if source is x else None
+            reuse = None
+            if top is not None and source is x:
+                reuse = (top[0], top[1]) if every else (top[0][rows], top[1][rows])
             parts.append((rows, *stats_of_logits(sub, chosen, batch.max_k, reuse)))
         cat = [torch.cat(t) for t in zip(*parts, strict=True)]
         return LogprobsTensors(
@@ -158,16 +160,9 @@ class Sampler:
 
 
 def _greedy_with_top_k(x: torch.Tensor, b: SamplingBatch) -> bool:
-    """CPU, every row greedy and reporting the processed distribution with alternatives: one
-    top-k serves the sampling and the statistics (no separate argmax pass)."""
-    return (
-        not x.is_cuda
-        and b.all_greedy
-        and b.max_k > 0
-        and b.raw_rows is None
-        and b.processed_rows is not None
-        and b.processed_rows.numel() == x.shape[0]
-    )
+    """CPU, every row greedy, some asking for alternatives: one top-k serves the sampling and
+    the statistics (no separate argmax pass)."""
+    return not x.is_cuda and b.all_greedy and b.max_k > 0
 
 
 def _unprocessed(b: SamplingBatch) -> bool:
