@@ -1,12 +1,14 @@
 """The model runner: SchedulerOutput (plain data) -> device tensors -> model -> sampler -> RunnerOutput.
 
-Steps of ``execute``:
+Steps of ``launch`` (which returns without waiting for the device):
 1. drop the state of requests that left;
-2. ``prepare``: flatten the scheduled tokens, positions and cache slots into one ForwardBatch;
+2. ``prepare``: flatten the scheduled tokens, positions and cache slots into one ForwardBatch
+   (``PLACEHOLDER`` tokens are read from the previous step's samples on the device);
 3. run the model under ``forward_context`` and compute logits only for rows that sample;
 4. sample (``truffula.sampling.sampler``) and, for requests that asked, prompt logprobs over
    the prefill hidden states in chunks of positions;
-5. one device-to-host copy of everything the engine needs, turned into plain lists.
+5. issue one device-to-host copy of everything the engine needs.
+``collect`` waits for that copy and turns it into plain lists.
 
 The runner keeps per-request state (prompt, outputs so far, sampling params, RNG) keyed by
 request id; it never sees the tokenizer.
@@ -140,9 +142,6 @@ class ModelRunner:
             release(request_id)
 
     # ---------------------------------------------------------------- one step
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        return self.collect(self.launch(sched))
-
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, prev: Launched | None = None) -> Launched:
         """Issue the step's device work and the copy of its results to the host; returns
