@@ -235,3 +235,22 @@ def check_stats(logits, chosen, k, ids, lps, ranks, entropy) -> None:  # type: i
         assert abs(float(entropy[r]) + float((finite.exp() * finite).sum())) < 1e-4
         top = torch.topk(ref[r], k).values
         torch.testing.assert_close(lps[r, 1:].double(), top, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_two_stage_topk_equals_torch_topk(k: int) -> None:
+    """The CPU top-k over chunk maxima gives torch.topk's values and (without ties) indices,
+    for a vocabulary that is not a multiple of the chunk, with filtered (-inf) rows."""
+    from truffula.sampling.sampler import topk_rows
+
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(6, 49157, generator=gen) * 3
+    x[1, ::2] = float("-inf")
+    x[2, 10:] = float("-inf")  # fewer finite entries than k for k = 20
+    x[3, -1] = 100.0  # the largest entry in the partial last chunk
+    values, indices = topk_rows(x, k)
+    want = torch.topk(x, k, dim=1)
+    assert torch.equal(values, want.values)
+    finite = torch.isfinite(want.values)
+    assert torch.equal(indices[finite], want.indices[finite])
+    assert torch.equal(x.gather(1, indices), values)

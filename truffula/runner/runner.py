@@ -339,7 +339,7 @@ def _records(
     """Rows of [chosen | top-k] ids and logprobs -> records; -inf entries (tokens a processed
     distribution filtered out) are never listed, and no -inf / NaN logprob leaves the engine."""
     chosen = np.where(lps[:, 0] > -1e30, lps[:, 0], -9999.0).tolist()
-    ents = np.nan_to_num(ents, nan=0.0).tolist()
+    ents = np.where(np.isnan(ents), 0.0, ents).tolist()
     rank_list = ranks.astype(np.int64).tolist()
     id_rows = ids.astype(np.int64)
     finite = np.isfinite(lps)
