@@ -8,8 +8,8 @@
    repeat's ratio, so drift of a shared machine cancels). The alternatives' text is
    materialized in the timed loop, as a server does when it answers.
 2. Per-step cost of the reference system's approach (log-softmax, full sort and ``.tolist()``
-   of [batch, vocab]) against truffula's sampler statistics (log-softmax, chosen logprob, rank,
-   entropy, top-20 on the device) on the same logits.
+   of [batch, vocab]) against truffula's sampler statistics (``stats_of_logits``: chosen
+   logprob, rank, entropy, top-20, and the one copy of the results) on the same logits.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from common import machine, random_prompts, write_result
 
 from truffula.engine.llm import LLM
 from truffula.sampling.params import SamplingParams
-from truffula.sampling.sampler import logprob_stats
+from truffula.sampling.sampler import stats_of_logits
 
 CONFIGS = {"k=0": (0, 8), "k=5": (5, 8), "k=20": (20, 8), "k=20 half": (20, 4)}
 
@@ -55,7 +55,7 @@ def step_costs(batch: int, vocab: int, repeats: int = 20) -> dict[str, float]:
         ids.tolist()
 
     def ours() -> None:
-        ids, lps, ranks, ent = logprob_stats(logits.log_softmax(-1), chosen, 20)
+        ids, lps, ranks, ent = stats_of_logits(logits, chosen, 20)
         torch.cat(
             [ids.double().flatten(), lps.double().flatten(), ranks.double(), ent.double()]
         ).tolist()
