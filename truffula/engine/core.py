@@ -267,16 +267,14 @@ class EngineCore:
         computes one token past its end, which is dropped. Without it, the step launched here
         is read before returning."""
         prev, self.inflight = self.inflight, None
+        source = prev.launched if prev is not None else None  # where placeholders are read
         sched = self.scheduler.schedule()
         outputs: list[RequestOutput] = []
         if prev is not None and (sched.is_empty or self._needs_history(sched)):
             outputs += self._process(prev)  # penalties need every output token on the host
             sched.seqs = [s for s in sched.seqs if s.request_id in self.requests]
-            prev_done, prev = prev, None
-        else:
-            prev_done = None
-        before = prev or prev_done
-        launched = self.runner.launch(sched, before.launched if before is not None else None)
+            prev = None
+        launched = self.runner.launch(sched, source)
         current = None
         if not sched.is_empty:
             self.scheduler.step_done(sched)
