@@ -119,6 +119,19 @@ def engine_for(folder: Path, hf: torch.nn.Module, **options: Any) -> EngineCore:
     return EngineCore(cfg, progress=False, weights=hf.state_dict())
 
 
+def engine_8b(folder: Path, hf: torch.nn.Module) -> EngineCore:
+    """The engine of (a)-(d): 64 running requests, room for 64 rank-16 adapters."""
+    return engine_for(
+        folder,
+        hf,
+        max_num_seqs=64,
+        kv_cache_memory=12 << 30,
+        max_num_batched_tokens=4096,
+        max_active_adapters=64,
+        max_lora_rank=16,
+    )
+
+
 def weight_bytes(hf: torch.nn.Module) -> int:
     """Bytes a decode step must read: every weight but the input embedding (only gathered)."""
     total = sum(p.numel() * p.element_size() for p in hf.parameters())
@@ -224,15 +237,7 @@ def main() -> None:
     hf8, f8 = build(LLAMA3_8B)
     wbytes = weight_bytes(hf8)
     res["a_hf_tok_s"] = hf_generate_tok_s(hf8, 64 if args.quick else 128)
-    core = engine_for(
-        f8,
-        hf8,
-        max_num_seqs=64,
-        kv_cache_memory=12 << 30,
-        max_num_batched_tokens=4096,
-        max_active_adapters=64,
-        max_lora_rank=16,
-    )
+    core = engine_8b(f8, hf8)
     core.overlap = False  # the same engine without asynchronous scheduling, for comparison
     res["a_ms_per_token_sync"] = batch1_ms_per_token(core)
     core.overlap = True
@@ -309,15 +314,7 @@ def profile(out_dir: Path) -> None:
     from torch.profiler import profile as torch_profile
 
     hf8, f8 = build(LLAMA3_8B)
-    core = engine_for(
-        f8,
-        hf8,
-        max_num_seqs=64,
-        kv_cache_memory=12 << 30,
-        max_num_batched_tokens=4096,
-        max_active_adapters=64,
-        max_lora_rank=16,
-    )
+    core = engine_8b(f8, hf8)
     del hf8
     torch.cuda.empty_cache()
     keys = random_adapters(core.adapters, 64, 16, 0.01, "cuda", torch.bfloat16)
