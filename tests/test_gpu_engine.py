@@ -67,6 +67,11 @@ def tiny(request, tmp_path_factory):  # type: ignore[no-untyped-def]
     return folder
 
 
+def cuda_logsoftmax(model, ids: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """A transformers model's log-softmax over the vocabulary at every position, on the host."""
+    return model(torch.tensor([ids], device="cuda")).logits[0].float().log_softmax(-1).cpu()
+
+
 def hf(folder: Path, dtype: torch.dtype):  # type: ignore[no-untyped-def]
     from transformers import AutoModelForCausalLM
 
@@ -107,13 +112,7 @@ def test_fp32_cuda_matches_hf(tiny: Path, graphs: bool) -> None:
     for out in outs:
         ids = out.prompt_token_ids + out.token_ids
         with torch.no_grad():
-            ref = (
-                ref_model(torch.tensor([ids], device="cuda"))
-                .logits[0]
-                .float()
-                .log_softmax(-1)
-                .cpu()
-            )
+            ref = cuda_logsoftmax(ref_model, ids)
         n = len(out.prompt_token_ids)
         assert out.token_ids == ref[n - 1 : -1].argmax(-1).tolist()
         for i, t in enumerate(out.tokens):
@@ -139,13 +138,7 @@ def test_bf16_cuda_within_bf16_tolerance(tiny: Path) -> None:
     for out in outs:
         ids = out.prompt_token_ids + out.token_ids
         with torch.no_grad():
-            ref = (
-                ref_model(torch.tensor([ids], device="cuda"))
-                .logits[0]
-                .float()
-                .log_softmax(-1)
-                .cpu()
-            )
+            ref = cuda_logsoftmax(ref_model, ids)
         n = len(out.prompt_token_ids)
         for i, t in enumerate(out.tokens):
             row = ref[n - 1 + i]
@@ -203,22 +196,10 @@ def test_lora_on_cuda_matches_peft(tiny: Path, tmp_path: Path) -> None:
             ids = out.prompt_token_ids + out.token_ids
             with torch.no_grad():
                 if i % 2:
-                    ref = (
-                        model(torch.tensor([ids], device="cuda"))
-                        .logits[0]
-                        .float()
-                        .log_softmax(-1)
-                        .cpu()
-                    )
+                    ref = cuda_logsoftmax(model, ids)
                 else:
                     with model.disable_adapter():
-                        ref = (
-                            model(torch.tensor([ids], device="cuda"))
-                            .logits[0]
-                            .float()
-                            .log_softmax(-1)
-                            .cpu()
-                        )
+                        ref = cuda_logsoftmax(model, ids)
             n = len(out.prompt_token_ids)
             assert out.token_ids == ref[n - 1 : -1].argmax(-1).tolist(), (graphs, i)
             for j, t in enumerate(out.tokens):
