@@ -150,7 +150,7 @@ class ModelRunner:
         for rid in sched.finished_ids:
             self.states.pop(rid, None)
         if sched.is_empty:
-            return Launched(sched, [], [], False, [])
+            return Launched(sched, [], [], False, list)
         starts = [0]
         for s in sched.seqs:
             starts.append(starts[-1] + s.num_tokens)
