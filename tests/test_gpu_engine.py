@@ -72,6 +72,21 @@ def cuda_logsoftmax(model, ids: list[int]) -> torch.Tensor:  # type: ignore[no-u
     return model(torch.tensor([ids], device="cuda")).logits[0].float().log_softmax(-1).cpu()
 
 
+def lora_llm(tiny: Path, adapter_root: Path, graphs: bool, max_num_seqs: int):  # type: ignore[no-untyped-def]
+    """An fp32 CUDA engine serving the adapters saved under ``adapter_root``."""
+    from truffula.engine.llm import LLM
+
+    return LLM(
+        str(tiny),
+        progress=False,
+        device="cuda",
+        dtype="float32",
+        adapter_root=str(adapter_root),
+        cuda_graphs=graphs,
+        max_num_seqs=max_num_seqs,
+    )
+
+
 def hf(folder: Path, dtype: torch.dtype):  # type: ignore[no-untyped-def]
     from transformers import AutoModelForCausalLM
 
@@ -152,7 +167,6 @@ def test_lora_on_cuda_matches_peft(tiny: Path, tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from truffula.engine.llm import LLM
     from truffula.sampling.params import SamplingParams
 
     base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
@@ -178,15 +192,7 @@ def test_lora_on_cuda_matches_peft(tiny: Path, tmp_path: Path) -> None:
     model.save_pretrained(tmp_path / "ad")
     model = model.cuda().eval()
     for graphs in (True, False):
-        llm = LLM(
-            str(tiny),
-            progress=False,
-            device="cuda",
-            dtype="float32",
-            adapter_root=str(tmp_path),
-            cuda_graphs=graphs,
-            max_num_seqs=8,
-        )
+        llm = lora_llm(tiny, tmp_path, graphs, max_num_seqs=8)
         p = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True, details=True)
         outs = llm.generate(
             PROMPTS,
@@ -246,7 +252,6 @@ def test_large_decode_graphs_with_and_without_lora_equal_eager(tiny: Path, tmp_p
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from truffula.engine.llm import LLM
     from truffula.runner.graphs import LT_BATCHES
     from truffula.sampling.params import SamplingParams
 
@@ -265,15 +270,7 @@ def test_large_decode_graphs_with_and_without_lora_equal_eager(tiny: Path, tmp_p
     params = [p.with_updates(adapter_id="ad" if i % 2 else None) for i in range(48)]
     results = []
     for graphs in (False, True):
-        llm = LLM(
-            str(tiny),
-            progress=False,
-            device="cuda",
-            dtype="float32",
-            adapter_root=str(tmp_path),
-            cuda_graphs=graphs,
-            max_num_seqs=48,
-        )
+        llm = lora_llm(tiny, tmp_path, graphs, max_num_seqs=48)
         runs = [llm.generate(prompts, params) for _ in range(3)]
         if graphs:
             assert (48, True) in llm.engine.runner.graphs.graphs
