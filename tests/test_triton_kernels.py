@@ -140,7 +140,7 @@ def test_decode_attention(dtype, heads, kv_heads, dim, block, window, softcap) -
     )
     k_cache.index_copy_(0, slots, k_new)
     v_cache.index_copy_(0, slots, v_new)
-    for splits in (None, 1, 4):
+    for splits in (None, 1, 4, 16, 4):  # 16: splits left empty; 4 again: counters were reset
         got = tk.decode_attention(
             q,
             k_cache,
@@ -154,6 +154,9 @@ def test_decode_attention(dtype, heads, kv_heads, dim, block, window, softcap) -
             splits=splits,
         )
         assert rel(got, want) < tol(dtype) * 2, splits
+    from truffula.kernels.triton_attention import _COUNTERS
+
+    assert all(int(c.abs().sum()) == 0 for c in _COUNTERS.values())  # left zero for the next
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -176,16 +179,20 @@ def test_lora_bgmv(dtype) -> None:
     seg = torch.tensor(segments(token_slots.tolist(), size=12), device=DEV)
     got = tk.lora_bgmv(y.clone(), x, a, bt, offsets, seg)
     assert rel(got, want) < tol(dtype)
+    per_token = tk.lora_bgmv(y.clone(), x, a, bt, offsets, seg, token_slots)
+    assert rel(per_token, want) < tol(dtype)
     one = tk.lora_bgmv(y[:, :200].clone(), x, a[:, :1], bt[:, :, :200], [0], seg)
     assert rel(one, want[:, :200]) < tol(dtype)
     long = torch.tensor([2] * 40 + [-1] * 3 + [1] * 21, device=DEV)  # segments longer than a tile
     xl = torch.randn(64, n_in, generator=g).to(dtype).to(DEV)
     yl = torch.randn(64, 400, generator=g).to(dtype).to(DEV)
     want = lora_reference(yl.float(), xl.float(), a.float(), ref_bts, offsets, long.cpu())
-    got = tk.lora_bgmv(
-        yl.clone(), xl, a, bt, offsets, torch.tensor(segments(long.tolist()), device=DEV)
-    )
-    assert rel(got, want) < tol(dtype)
+    for max_len in (16, 64):  # 64: a shrink program loops over tiles of its segment
+        seg = torch.tensor(segments(long.tolist(), max_len=max_len), device=DEV)
+        got = tk.lora_bgmv(yl.clone(), xl, a, bt, offsets, seg)
+        assert rel(got, want) < tol(dtype), max_len
+        got = tk.lora_bgmv(yl.clone(), xl, a, bt, offsets, seg, long)
+        assert rel(got, want) < tol(dtype), max_len
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -246,3 +253,22 @@ def test_row_stats(dtype, rows: int, vocab: int) -> None:
     assert torch.equal(st[:, 3].long(), ranks)
     got = stats_of_logits(x.to(dtype), chosen, 5)  # the sampler's CUDA path, top-k included
     torch.testing.assert_close(got[1].cpu().double()[:, 0], lps[:, 0], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 300), (3, 4096), (5, 9001)])
+def test_argmax_rows(dtype, rows: int, vocab: int) -> None:
+    """First index of the maximum, as ``torch.argmax``: ties inside a chunk and across chunks
+    (the earlier wins), a row all -inf, maxima in the last partial chunk."""
+    g = torch.Generator().manual_seed(vocab)
+    x = (torch.randn(rows, vocab, generator=g) * 3).to(dtype)
+    x[0, vocab - 1] = 50.0  # in the last, partial chunk
+    if rows > 1:
+        x[1, [17, 40, vocab - 2]] = 60.0  # tied: the first wins
+    if rows > 2:
+        x[2] = float("-inf")
+    if rows > 3:
+        x[3, [4095, 4096]] = 70.0  # tied across the chunk boundary
+    got = tk.argmax_rows(x.to(DEV)).cpu()
+    assert got.dtype == torch.long
+    assert torch.equal(got, x.float().argmax(-1))

@@ -56,7 +56,10 @@ class LoRABatch:
         token_slots = host_tensor(slots_per_token, torch.long, device)
         seg = None
         if device.type == "cuda":
-            seg = host_tensor(segments(slots_per_token), torch.long, device)
+            # long segments (prefill) let each program reuse its factor tiles over 64 tokens;
+            # short ones spread a decode-sized step's tokens over more programs
+            max_len = 16 if len(slots_per_token) <= 128 else 64
+            seg = host_tensor(segments(slots_per_token, max_len=max_len), torch.long, device)
         return cls(token_slots, present, len(slots_per_token), list(slots_per_token), seg_table=seg)
 
     def rows(self, slot: int) -> torch.Tensor:

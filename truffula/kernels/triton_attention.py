@@ -3,8 +3,10 @@
 Reference: ``kernels.attention_torch.paged_attention`` for one-token queries. One program per
 (sequence, kv head, split) handles all query heads of the group with ``tl.dot`` over blocks of
 BLOCK_N cached tokens (online softmax). With several splits each writes a partial (max, sum,
-weighted values) and a second kernel merges them; lengths and block tables are read from
-device memory, so the launch is the same for any lengths (CUDA-graph safe).
+weighted values); the split program that finishes last for its (sequence, kv head) merges them
+(an atomic counter per group, reset by that program, so no second launch and no clearing
+between launches). Lengths and block tables are read from device memory, so the launch is the
+same for any lengths (CUDA-graph safe).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def _decode_kernel(
     lens_ptr,
     out_ptr,
     part_ptr,
+    count_ptr,
     stride_qb,
     stride_qh,
     stride_ks,
@@ -103,28 +106,83 @@ def _decode_kernel(
         tl.store(part_ptr + row[:, None] + d[None, :], acc, mask=gmask)
         tl.store(part_ptr + row + HEAD_DIM, m, mask=g < GROUP)
         tl.store(part_ptr + row + HEAD_DIM + 1, lsum, mask=g < GROUP)
+        # publish the partials, then count; the last split of the group merges all of them
+        tl.debug_barrier()
+        counter = count_ptr + b * tl.num_programs(1) + kvh
+        done = tl.atomic_add(counter, 1, sem="acq_rel")
+        if done == SPLITS - 1:
+            _merge_group(
+                part_ptr,
+                out_ptr,
+                b,
+                heads,
+                g < GROUP,
+                stride_ob,
+                stride_oh,
+                n_heads,
+                GROUP_PAD,
+                HEAD_DIM,
+                SPLITS,
+            )
+            tl.atomic_xchg(counter, 0)
 
 
 @triton.jit
-def _merge_kernel(
-    part_ptr, out_ptr, stride_ob, stride_oh, n_heads, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr
+def _merge_group(
+    part_ptr,
+    out_ptr,
+    b,
+    heads,
+    hmask,
+    stride_ob,
+    stride_oh,
+    n_heads,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    sp = tl.arange(0, SPLITS)
+    """Online merge of the SPLITS partial records of each head in ``heads``; empty splits
+    (max -inf) weigh nothing. Loads bypass L1: other SMs wrote the records."""
     d = tl.arange(0, HEAD_DIM)
-    rows = ((b * n_heads + h) * SPLITS + sp) * (HEAD_DIM + 2)
-    m = tl.load(part_ptr + rows + HEAD_DIM)
-    lsum = tl.load(part_ptr + rows + HEAD_DIM + 1)
-    top = tl.max(m, axis=0)
-    w = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)  # empty splits weigh nothing
-    acc = tl.load(part_ptr + rows[:, None] + d[None, :])
-    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(lsum * w, axis=0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+    gmask = hmask[:, None]
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    lsum = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for sp in tl.static_range(SPLITS):
+        row = ((b * n_heads + heads) * SPLITS + sp) * (HEAD_DIM + 2)
+        ms = tl.load(
+            part_ptr + row + HEAD_DIM, mask=hmask, other=float("-inf"), cache_modifier=".cg"
+        )
+        ls = tl.load(part_ptr + row + HEAD_DIM + 1, mask=hmask, other=0.0, cache_modifier=".cg")
+        accs = tl.load(
+            part_ptr + row[:, None] + d[None, :], mask=gmask, other=0.0, cache_modifier=".cg"
+        )
+        m_new = tl.maximum(m, ms)
+        live = m_new > float("-inf")
+        alpha = tl.where(live, tl.exp(m - m_new), 0.0)
+        beta = tl.where(live, tl.exp(ms - m_new), 0.0)
+        lsum = lsum * alpha + ls * beta
+        acc = acc * alpha[:, None] + accs * beta[:, None]
+        m = m_new
+    o_ptr = out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
+    tl.store(o_ptr, (acc / lsum[:, None]).to(out_ptr.dtype.element_ty), mask=gmask)
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 split counters, kept per device (each launch leaves them zero). Grown only
+    outside a graph capture: the warm-up before a capture runs the same shapes first."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < n:
+        have = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = have
+    return have
 
 
 def decode_attention(
@@ -158,6 +216,7 @@ def decode_attention(
         seq_lens,
         out,
         part,
+        _counters(b * hkv, q.device) if splits > 1 else out,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -179,6 +238,4 @@ def decode_attention(
         HAS_SOFTCAP=softcap is not None,
         IEEE=q.dtype == torch.float32,
     )
-    if splits > 1:
-        _merge_kernel[(b, h)](part, out, out.stride(0), out.stride(1), h, HEAD_DIM=d, SPLITS=splits)
     return out

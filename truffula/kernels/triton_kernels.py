@@ -9,6 +9,7 @@ Triton is installed. Each wrapper states its torch reference (the CPU path and t
                            (kernels in ``triton_attention.py``)
 - ``lora_bgmv``         -> ``kernels.lora_torch.lora_reference`` (``triton_lora.py``)
 - ``row_stats``         -> ``sampling.sampler.logprob_stats`` (``triton_stats.py``)
+- ``argmax_rows``       -> ``torch.argmax`` over the last dimension (``triton_stats.py``)
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ def add_rms_norm(
         offset,
         HAS_RES=residual is not None,
         BLOCK=_pow2(n),
+        num_warps=8 if n >= 4096 else 4,  # H200, hidden 4096: 1.6 against 1.9 µs with 4
     )
     return out.view(x.shape), (res_out.view(x.shape) if residual is not None else None)
 
@@ -266,3 +268,10 @@ def row_stats(x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     from truffula.kernels import triton_stats
 
     return triton_stats.row_stats(x, chosen)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """See ``truffula.kernels.triton_stats.argmax_rows``."""
+    from truffula.kernels import triton_stats
+
+    return triton_stats.argmax_rows(x)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from truffula.kernels.lora_torch import lora_gather
-from truffula.kernels.select import lora_impl
+from truffula.kernels.select import lora_impl, lora_overlapped
 from truffula.layers.linear import Linear
 from truffula.runner.context import get_forward_context
 
@@ -42,6 +42,7 @@ class LoRALinear(nn.Module):
         ]
         self.loaded = [False] * num_slots
         self.impl: LoRAFn = lora_impl(device)
+        self.overlapped: LoRAFn | None = lora_overlapped(device)
         # CPU: the factors also laid out as rows for the gathered strategy (kept in step with
         # ``a`` and ``bt`` by ``set_slot``)
         self.rows: tuple[torch.Tensor, list[torch.Tensor]] | None = None
@@ -89,13 +90,16 @@ class LoRALinear(nn.Module):
                 b[slot * rank : (slot + 1) * rank] = bt[slot]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         lora = get_forward_context().lora
         if lora is None:
-            return y
-        if lora.graph:  # slots are device data here: every token's own slot, zeros if empty
+            return self.base(x)
+        # in a graph, slots are device data: every token's own slot, zeros if empty
+        used = () if lora.graph else tuple(s for s in lora.slots if self.loaded[s])
+        if self.overlapped is not None and (lora.graph or used):
+            return self.overlapped(self.base, x, self.a, self.bt, self.offsets, lora)
+        y = self.base(x)
+        if lora.graph:
             return self.impl(y, x, self.a, self.bts, self.offsets, (), lora, self.bt)
-        used = tuple(s for s in lora.slots if self.loaded[s])
         if not used:
             return y
         if self.rows is not None:

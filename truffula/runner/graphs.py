@@ -3,9 +3,10 @@
 A decode step launches hundreds of small kernels; replaying a captured graph removes the launch
 gaps. Inputs live in static buffers that each step fills (padding rows point at the null KV block
 0, which no sequence owns); attention reads lengths and block tables from device memory, so one
-graph serves any mix of sequence lengths. A graph with LoRA (per-token adapter slots as data) is
-captured on first use of adapters. Steps with prefill chunks, or more sequences than the largest
-graph, run eagerly.
+graph serves any mix of sequence lengths. Each size also has a graph with LoRA (per-token adapter
+slots as data), captured at start-up too: a capture costs far more than a step, so none happens
+while requests wait. Steps with prefill chunks, or more sequences than the largest graph, run
+eagerly.
 """
 
 from __future__ import annotations
@@ -75,9 +76,10 @@ class DecodeGraphs:
         self.stream = torch.cuda.Stream(device)
         """Warm-up and capture stream of every graph."""
 
-    def capture_all(self, with_lora: bool = False) -> None:
+    def capture_all(self, lora: bool = True) -> None:
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
-            self._capture(bs, with_lora)
+            for with_lora in (False, True) if lora else (False,):
+                self._capture(bs, with_lora)
 
     def _context(self, bs: int, with_lora: bool) -> ForwardContext:
         meta = AttentionMetadata(
