@@ -272,3 +272,21 @@ def test_argmax_rows(dtype, rows: int, vocab: int) -> None:
     got = tk.argmax_rows(x.to(DEV)).cpu()
     assert got.dtype == torch.long
     assert torch.equal(got, x.float().argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("n_out", "n_in", "bias"), [(4096, 2048, False), (20000, 1024, True), (300, 1000, False)]
+)
+def test_gemv(dtype, n_out: int, n_in: int, bias: bool) -> None:
+    """One-row linear against ``F.linear`` in fp64: every tile configuration, uneven shapes."""
+    g = torch.Generator().manual_seed(n_out)
+    w = (torch.randn(n_out, n_in, generator=g) * 0.05).to(dtype).to(DEV)
+    x = torch.randn(1, n_in, generator=g).to(dtype).to(DEV)
+    b = torch.randn(n_out, generator=g).to(dtype).to(DEV) if bias else None
+    want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    got = tk.gemv(x, w, b)
+    assert got.shape == (1, n_out) and got.dtype == dtype
+    assert rel(got, want) < tol(dtype)
+    if dtype != torch.float32:
+        assert tk.gemv_fits(x, w) and not tk.gemv_fits(x.expand(2, -1), w)

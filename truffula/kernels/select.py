@@ -23,10 +23,10 @@ _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 def lora_overlapped(device: torch.device):  # type: ignore[no-untyped-def]
     """CUDA with Triton: a projection with LoRA as ``apply(base, x, a, bt, offsets, batch)``.
-    The shrink runs on a side stream while the base projection's GEMM runs (it needs only
-    ``x``; a decode-sized GEMM leaves most SMs idle), then the expand adds the deltas to the
-    GEMM's output. The shrink's buffer is allocated on the current stream, so a graph capture
-    keeps it in its pool. None elsewhere."""
+    The shrink (zeroing its buffer, then the kernel) runs on a side stream while the base
+    projection's GEMM runs (it needs only ``x``; a decode-sized GEMM leaves most SMs idle), then
+    the expand adds the deltas to the GEMM's output. The buffer is allocated on the current
+    stream, so a graph capture keeps it in its pool. None elsewhere."""
     if not (device.type == "cuda" and triton_kernels.ENABLED):
         return None
     from truffula.kernels import triton_lora
@@ -36,9 +36,10 @@ def lora_overlapped(device: torch.device):  # type: ignore[no-untyped-def]
         side = _SIDE_STREAMS.get(device)
         if side is None:
             side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-        tmp = triton_lora.shrink_buffer(x, a)
+        tmp = triton_lora.shrink_buffer(x, a, zeroed=False)
         side.wait_stream(current)
         with torch.cuda.stream(side):
+            tmp.zero_()
             triton_lora.shrink_into(tmp, x, a, batch.seg_table)
         y = base(x)
         current.wait_stream(side)

@@ -10,6 +10,7 @@ Triton is installed. Each wrapper states its torch reference (the CPU path and t
 - ``lora_bgmv``         -> ``kernels.lora_torch.lora_reference`` (``triton_lora.py``)
 - ``row_stats``         -> ``sampling.sampler.logprob_stats`` (``triton_stats.py``)
 - ``argmax_rows``       -> ``torch.argmax`` over the last dimension (``triton_stats.py``)
+- ``gemv``              -> ``torch.nn.functional.linear`` for one 16-bit row (``triton_gemv.py``)
 """
 
 from __future__ import annotations
@@ -275,3 +276,23 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     from truffula.kernels import triton_stats
 
     return triton_stats.argmax_rows(x)
+
+
+def gemv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """One row of 16-bit activations on CUDA with a dense row-major weight of the same dtype."""
+    return (
+        x.dim() == 2
+        and x.shape[0] == 1
+        and use(x)
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == x.dtype
+        and weight.dim() == 2
+        and weight.stride(1) == 1
+    )
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """See ``truffula.kernels.triton_gemv.gemv``."""
+    from truffula.kernels import triton_gemv
+
+    return triton_gemv.gemv(x, weight, bias)

