@@ -49,7 +49,7 @@ def lora_overlapped(device: torch.device):  # type: ignore[no-untyped-def]
 
 
 def lora_impl(device: torch.device):  # type: ignore[no-untyped-def]
-    """The batched LoRA computation off CUDA: the torch strategies."""
+    """The batched LoRA computation without the Triton kernels: the torch strategies."""
     from truffula.kernels.lora_torch import lora_apply
 
     return lambda y, x, a, bts, offsets, used, batch, bt: lora_apply(

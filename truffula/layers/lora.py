@@ -97,9 +97,8 @@ class LoRALinear(nn.Module):
         used = () if lora.graph else tuple(s for s in lora.slots if self.loaded[s])
         if self.overlapped is not None and (lora.graph or used):
             return self.overlapped(self.base, x, self.a, self.bt, self.offsets, lora)
+        assert not lora.graph, "decode graphs are captured only with the Triton kernels"
         y = self.base(x)
-        if lora.graph:
-            return self.impl(y, x, self.a, self.bts, self.offsets, (), lora, self.bt)
         if not used:
             return y
         if self.rows is not None:

@@ -76,9 +76,9 @@ class DecodeGraphs:
         self.stream = torch.cuda.Stream(device)
         """Warm-up and capture stream of every graph."""
 
-    def capture_all(self, lora: bool = True) -> None:
+    def capture_all(self) -> None:
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
-            for with_lora in (False, True) if lora else (False,):
+            for with_lora in (False, True):
                 self._capture(bs, with_lora)
 
     def _context(self, bs: int, with_lora: bool) -> ForwardContext:

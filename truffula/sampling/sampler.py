@@ -96,9 +96,7 @@ def _entropy(lp: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         if _plain_greedy(batch):  # argmax of the model's own dtype: no fp32 copy of the logits
-            if triton_kernels.use(logits):
-                return SamplerOutput(triton_kernels.argmax_rows(logits), None)
-            return SamplerOutput(logits.argmax(dim=-1), None)
+            return SamplerOutput(_argmax(logits), None)
         if not (_unprocessed(batch) and triton_kernels.use(logits)):
             # the Triton statistics and top-k read bf16 logits as they are (a bf16 -> fp32
             # conversion is exact and keeps the order); everything else computes in fp32
@@ -119,7 +117,7 @@ class Sampler:
         return SamplerOutput(sampled, self._logprobs(logits, x, sampled, batch, top))
 
     def _sample(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        greedy_ids = triton_kernels.argmax_rows(x) if triton_kernels.use(x) else x.argmax(-1)
+        greedy_ids = _argmax(x)
         if batch.all_greedy:
             return greedy_ids
         probs = x.softmax(dim=-1)
@@ -177,6 +175,11 @@ def _unprocessed(b: SamplingBatch) -> bool:
         and b.min_p is None
         and b.typical_p is None
     )
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise first index of the maximum (the Triton kernel on CUDA)."""
+    return triton_kernels.argmax_rows(x) if triton_kernels.use(x) else x.argmax(dim=-1)
 
 
 def _plain_greedy(b: SamplingBatch) -> bool:
