@@ -33,3 +33,7 @@ class AdapterError(TruffulaError):
 
 class GenerationError(TruffulaError):
     """A request failed while it was being generated."""
+
+
+class EngineDeadError(TruffulaError):
+    """The engine process stopped (or the server is shutting down): requests cannot be served."""

@@ -1,18 +1,19 @@
-"""The synchronous engine core: requests in, one ``step()`` at a time, RequestOutputs out.
+"""The synchronous engine core: prepared requests in, one step at a time, numbers out.
 
-A request's life (see docs/structure.md for the numbered version):
-``add_request`` tokenizes and validates it, registers it with the runner and queues it in the
-scheduler; each ``step`` schedules a batch, runs it, and turns the runner's plain results into
-RequestOutputs (detokenized text, token records, stop checks); a finished or aborted request
-leaves the scheduler (its blocks return to the pool) and the runner.
-Not thread-safe: ``AsyncEngine`` serializes every call.
+A request's life (see docs/structure.md for the numbered version): the ``Frontend`` validates
+and tokenizes it into an ``EngineRequest``; ``add`` registers it with the runner and queues it in
+the scheduler; each ``step_outputs`` schedules a batch, runs it, and turns the runner's plain
+results into ``EngineOutput``s (token ids, their statistics, EOS and length); a finished or
+aborted request leaves the scheduler (its blocks return to the pool) and the runner. In the
+server this runs in the engine process (``truffula.engine.engine_proc``) and the frontend in
+the API process; ``add_request`` and ``step`` run both here, for ``LLM`` and scripts.
+Not thread-safe: one thread drives it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -22,10 +23,12 @@ import torch
 from truffula.adapters.store import AdapterStore
 from truffula.config import EngineConfig
 from truffula.device import keep_host_memory
-from truffula.engine.detokenizer import Detokenizer, TokenTable
-from truffula.engine.output import RequestOutput, TokenInfo, prompt_token_infos, token_info
+from truffula.engine.detokenizer import TokenTable
+from truffula.engine.frontend import Frontend
+from truffula.engine.messages import EngineOutput, EngineRequest
+from truffula.engine.output import RequestOutput
 from truffula.engine.tokenizer import Tokenizer
-from truffula.errors import AdapterError, EngineOverloadedError, RequestValidationError
+from truffula.errors import EngineOverloadedError, RequestValidationError
 from truffula.layers.lora import apply_lora
 from truffula.model_store.resolve import resolve_model
 from truffula.models.registry import load_model
@@ -46,20 +49,37 @@ class MetricsSink(Protocol):
 
 @dataclass(eq=False)
 class Request:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    max_new_tokens: int
+    """The engine's state of one request (the scheduler owns its ``seq``)."""
+
+    spec: EngineRequest
     seq: SeqState
-    detok: Detokenizer
     output_ids: list[int] = field(default_factory=list)
     prompt_records: dict[int, TokenLogprobs] = field(default_factory=dict)
-    arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     finished_at: float | None = None
     finish_reason: str | None = None
     in_flight: int = 0
     """Tokens sampled by launched steps whose results are not read yet."""
+
+    @property
+    def request_id(self) -> str:
+        return self.spec.request_id
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.spec.prompt_ids
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.spec.params
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.spec.max_new_tokens
+
+    @property
+    def arrival(self) -> float:
+        return self.spec.arrival
 
 
 @dataclass(eq=False)
@@ -107,12 +127,15 @@ class EngineCore:
             )
         self.tokenizer = Tokenizer(folder)
         self.table = TokenTable(self.tokenizer.hf)
+        self.adapters = self._adapter_store(loaded.model)  # first: the KV cache takes what is left
         self.runner = ModelRunner(loaded, config, self.device, self.dtype)
+        self.config = config = self.runner.config  # unset batching limits filled in by device
+        self.sizing = self.runner.sizing
         self.max_len = self.runner.max_len
         self.vocab_size = self.runner.vocab_size
         self.pool = BlockPool(self.runner.num_blocks)
-        self.adapters = self._adapter_store(loaded.model)
         self.runner.capture_graphs()
+        log.info("sizing: %s", self.sizing.describe())
         self.scheduler = Scheduler(
             self.pool,
             config.cache.block_size,
@@ -120,6 +143,15 @@ class EngineCore:
             config.scheduler.max_num_seqs,
             admit=self._admit,
             release=self._release,
+        )
+        self.frontend = Frontend(
+            self.tokenizer,
+            config,
+            self.max_len,
+            self.vocab_size,
+            self.serving_path,
+            self.architecture,
+            self.table,
         )
         self.requests: dict[str, Request] = {}
         self.metrics: MetricsSink | None = None
@@ -167,72 +199,47 @@ class EngineCore:
             seq.adapter_slot = -1
 
     # ---------------------------------------------------------------- requests
-    def tokenize_prompt(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise RequestValidationError("inputs", "`inputs` cannot be empty")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
-            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
-            if bad:
-                raise RequestValidationError(
-                    "inputs",
-                    f"token ids must be integers in [0, {self.vocab_size}). Given: {bad[0]!r}",
-                )
-        if not ids:
-            raise RequestValidationError("inputs", "`inputs` cannot be empty")
-        if params.truncate is not None:
-            ids = ids[-params.truncate :]
-        if len(ids) >= self.max_len:
-            raise RequestValidationError(
-                "inputs",
-                f"`inputs` must have less than {self.max_len} tokens (the model's maximum length); "
-                f"set `truncate` to keep the last tokens. Given: {len(ids)}",
-            )
-        return ids
-
-    def prepare_request(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
-    ) -> Request:
-        """Validate and tokenize; touches no engine state, so any thread may call it."""
-        params.validate(self.config.limits)
-        if params.adapter_id is not None and self.serving_path == "fallback":
-            raise AdapterError(
-                f"adapters are not supported for {self.architecture} (transformers fallback)", 422
-            )
-        if params.adapter_id is not None and not self.adapters.is_loaded(params.adapter_id):
-            self.adapters.load(params.adapter_id)  # the server loads off the step loop first
-        ids = self.tokenize_prompt(prompt, params)
-        room = self.max_len - len(ids)
-        if params.max_new_tokens is None:
-            max_new = min(self.config.limits.max_new_tokens_default, room)
-        elif params.max_new_tokens > room:
-            raise RequestValidationError(
-                "max_new_tokens",
-                f"`inputs` tokens + `max_new_tokens` must be <= {self.max_len}. "
-                f"Given: {len(ids)} `inputs` tokens and {params.max_new_tokens} `max_new_tokens`",
-            )
-        else:
-            max_new = params.max_new_tokens
-        rid = request_id or uuid.uuid4().hex
-        seq = SeqState(rid, list(ids), len(ids), adapter=params.adapter_id)
-        detok = Detokenizer(self.table, params.stop, params.skip_special_tokens)
-        return Request(rid, ids, params, max_new, seq, detok)
-
-    def enqueue(self, req: Request) -> None:
-        """Hand a prepared request to the runner and the scheduler."""
+    def add(self, req: EngineRequest) -> None:
+        """Queue a prepared request (``Frontend.prepare``) with the runner and the scheduler."""
         if self.scheduler.num_requests >= self.config.scheduler.max_queued_requests:
             raise EngineOverloadedError("Model is overloaded")
         if req.request_id in self.requests:
             raise RequestValidationError(
                 "request_id", f"request id {req.request_id!r} is already in use"
             )
-        if req.params.adapter_id is not None:
-            self.adapters.add_user(req.params.adapter_id)
-        self.requests[req.request_id] = req
-        self.runner.add_request(req.request_id, req.prompt_ids, req.params)
-        self.scheduler.add(req.seq)
+        params = req.params
+        if params.adapter_id is not None:
+            if not self.adapters.is_loaded(params.adapter_id):
+                self.adapters.load(params.adapter_id)  # servers load off the step loop first
+            self.adapters.add_user(params.adapter_id)
+        seq = SeqState(
+            req.request_id, list(req.prompt_ids), len(req.prompt_ids), adapter=params.adapter_id
+        )
+        self.requests[req.request_id] = Request(req, seq)
+        self.runner.add_request(req.request_id, req.prompt_ids, params)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str, reason: str = "abort") -> EngineOutput | None:
+        """Let a request go (client gone, or ``stop_sequence`` found by the frontend)."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        self._finish(req, reason)
+        self.frontend.forget(request_id)
+        return EngineOutput(request_id, finish_reason=reason, num_prompt_tokens=len(req.prompt_ids))
+
+    # ---------------------------------------------------------------- in-process use
+    def tokenize_prompt(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        return self.frontend.tokenize_prompt(prompt, params)
+
+    def prepare_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> EngineRequest:
+        return self.frontend.prepare(prompt, params, request_id)
+
+    def enqueue(self, req: EngineRequest) -> None:
+        self.add(req)
+        self.frontend.begin(req)
 
     def add_request(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
@@ -241,24 +248,22 @@ class EngineCore:
         self.enqueue(req)
         return req.request_id
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        req = self.requests.get(request_id)
-        if req is None:
-            return None
-        self._finish(req, "abort")
-        return RequestOutput(
-            request_id,
-            finished=True,
-            finish_reason="abort",
-            num_prompt_tokens=len(req.prompt_ids),
-            num_generated_tokens=len(req.output_ids),
-        )
+    def step(self) -> list[RequestOutput]:
+        """One step with the frontend in this process: text, records and stop strings."""
+        outputs = []
+        for raw in self.step_outputs():
+            out, stopped = self.frontend.process(raw)
+            if stopped:
+                self.abort(raw.request_id, "stop_sequence")
+            if out is not None:
+                outputs.append(out)
+        return outputs
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self.inflight is not None
 
     # ---------------------------------------------------------------- one step
-    def step(self) -> list[RequestOutput]:
+    def step_outputs(self) -> list[EngineOutput]:
         """Schedule and launch a step, and return the outputs of the step before it.
 
         With asynchronous scheduling the step launched here stays in flight: its tokens are
@@ -269,7 +274,7 @@ class EngineCore:
         prev, self.inflight = self.inflight, None
         source = prev.launched if prev is not None else None  # where placeholders are read
         sched = self.scheduler.schedule()
-        outputs: list[RequestOutput] = []
+        outputs: list[EngineOutput] = []
         if prev is not None and (sched.is_empty or self._needs_history(sched)):
             outputs += self._process(prev)  # penalties need every output token on the host
             sched.seqs = [s for s in sched.seqs if s.request_id in self.requests]
@@ -310,7 +315,7 @@ class EngineCore:
             placeholders[req.request_id] = len(req.seq.token_ids) - 1
         return placeholders
 
-    def _process(self, inflight: _InFlight) -> list[RequestOutput]:
+    def _process(self, inflight: _InFlight) -> list[EngineOutput]:
         result = self.runner.collect(inflight.launched)
         outputs = []
         for seq_out in result.seqs:
@@ -325,7 +330,7 @@ class EngineCore:
                 outputs.append(self._on_token(req, seq_out, ph))
         return outputs
 
-    def _on_token(self, req: Request, seq_out: SeqOutput, placeholder: int | None) -> RequestOutput:
+    def _on_token(self, req: Request, seq_out: SeqOutput, placeholder: int | None) -> EngineOutput:
         tok = seq_out.sampled
         assert tok is not None
         params = req.params
@@ -335,30 +340,20 @@ class EngineCore:
         else:
             req.seq.token_ids[placeholder] = tok
             req.seq.unresolved -= 1
-        pending = req.detok.pending
-        step = req.detok.add(tok)
-        info: TokenInfo = token_info(
-            self.table,
-            req.detok,
-            tok,
-            step.token_text,
-            seq_out.logprobs,
-            pending,
-            params.return_k_alternatives,
+        out = EngineOutput(
+            req.request_id, [tok], [seq_out.logprobs], num_prompt_tokens=len(req.prompt_ids)
         )
-        out = RequestOutput(req.request_id, [info], step.released, seed=params.seed)
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
             if params.wants_prompt_logprobs:
-                out.prompt_tokens = prompt_token_infos(
-                    self.table, req.prompt_ids, req.prompt_records, params.prompt_k_alternatives
-                )
+                out.prompt_logprobs = [
+                    req.prompt_records.get(pos) for pos in range(len(req.prompt_ids))
+                ]
+            req.prompt_records = {}
             if self.metrics is not None:
                 self.metrics.first_token(req)
         reason = None
-        if step.stopped:
-            reason = "stop_sequence"
-        elif tok in self.tokenizer.eos_ids and not params.ignore_eos:
+        if tok in self.tokenizer.eos_ids and not params.ignore_eos:
             reason = "eos_token"
         elif (
             len(req.output_ids) >= req.max_new_tokens
@@ -367,12 +362,8 @@ class EngineCore:
             reason = "length"
         elif tok in params.extra_stop_token_ids:
             reason = "stop_sequence"
-        out.num_prompt_tokens = len(req.prompt_ids)
-        out.num_generated_tokens = len(req.output_ids)
         if reason is not None:
-            out.text += req.detok.flush()
-            out.finished, out.finish_reason = True, reason
-            out.generated_text = req.detok.text
+            out.finish_reason = reason
             self._finish(req, reason)
         return out
 

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
 
-@dataclass
-class TokenLogprobs:
+
+class TokenLogprobs(msgspec.Struct, array_like=True):
     """Probabilities around one token position: the token, its logprob and rank, the entropy of
-    the distribution and the top-k (ids and logprobs, most likely first)."""
+    the distribution and the top-k (ids and logprobs, most likely first). A msgspec struct: the
+    engine process sends it to the API process as it is."""
 
     token_id: int
     logprob: float
     rank: int
     entropy: float
-    top_ids: list[int] = field(default_factory=list)
-    top_logprobs: list[float] = field(default_factory=list)
+    top_ids: list[int] = msgspec.field(default_factory=list)
+    top_logprobs: list[float] = msgspec.field(default_factory=list)
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Every error becomes ``{"error": message, "error_type": kind}`` with LoRAX's status codes:
-422 validation (malformed JSON and wrong types too), 424 generation, 429 overloaded."""
+422 validation (malformed JSON and wrong types too), 424 generation, 429 overloaded,
+503 engine gone or shutting down."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from truffula.errors import (
     AdapterError,
+    EngineDeadError,
     EngineOverloadedError,
     GenerationError,
     RequestValidationError,
 )
-from truffula.server.state import HTTPError
+from truffula.server.state import ClientDisconnected, HTTPError
 
 log = logging.getLogger("truffula.server")
 
@@ -28,10 +30,14 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, str]]:
         return 429, {"error": "Model is overloaded", "error_type": "overloaded"}
     if isinstance(exc, AdapterError):
         return exc.status, {"error": str(exc), "error_type": "adapter"}
+    if isinstance(exc, EngineDeadError):
+        return 503, {"error": f"Service unavailable: {exc}", "error_type": "unavailable"}
     if isinstance(exc, GenerationError):
         return 424, {"error": str(exc), "error_type": "generation"}
     if isinstance(exc, HTTPError):
         return exc.status, {"error": str(exc), "error_type": exc.kind}
+    if isinstance(exc, ClientDisconnected):  # nobody reads it; recorded as 499, not logged
+        return 499, {"error": "client closed the request", "error_type": "aborted"}
     if isinstance(exc, ValueError):
         return 422, {"error": f"Input validation error: {exc}", "error_type": "validation"}
     log.exception("unexpected error", exc_info=exc)
@@ -84,7 +90,15 @@ def install(app: FastAPI) -> None:
         body = {"error": str(exc.detail), "error_type": kinds.get(exc.status_code, "http")}
         return JSONResponse(dialect(request, exc.status_code, body), status_code=exc.status_code)
 
-    ours = (RequestValidationError, EngineOverloadedError, AdapterError, GenerationError, HTTPError)
+    ours = (
+        RequestValidationError,
+        EngineOverloadedError,
+        EngineDeadError,
+        AdapterError,
+        GenerationError,
+        HTTPError,
+        ClientDisconnected,
+    )
     for cls in (*ours, Exception):
         app.add_exception_handler(cls, on_ours)
     app.add_exception_handler(FastAPIValidationError, on_pydantic)

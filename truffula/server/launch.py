@@ -1,86 +1,198 @@
-"""``truffula serve``: load the model, print the URL when ready, shut down gracefully."""
+"""``truffula serve``: bind the port, start the engine process, serve HTTP from one or more API
+processes, drain on SIGINT/SIGTERM, and stop when the engine dies.
+
+Processes: this one binds the listening socket first (a port in use fails before the model
+loads), spawns the engine process and waits for its model, then serves HTTP; with
+``--api-server-count N`` it spawns N-1 more API processes that accept on the same socket. All of
+them talk to the one engine over ZeroMQ. A signal drains for ``--drain-timeout`` seconds: new
+connections are refused, running requests go on; what is still running then ends with a 503
+(or an error event on a stream). If the engine process dies, every waiting request gets a 503,
+``/health`` fails, and the servers exit with status 1.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import multiprocessing as mp
 import signal
+import socket
 import sys
+from typing import Any
+
+import msgspec
 
 from truffula import __version__
 from truffula.config import EngineConfig
 from truffula.engine.async_engine import AsyncEngine
+from truffula.engine.messages import ModelInfo
 from truffula.server.metrics import Metrics
 from truffula.server.state import ServerSettings, ServerState
 
 log = logging.getLogger("truffula.server")
 
 
-def model_id_of(config: EngineConfig, core) -> str:  # type: ignore[no-untyped-def]
+def model_id_of(config: EngineConfig) -> str:
     from truffula.model_store.default_model import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_NAME
 
     name = config.model.model
     return f"HuggingFaceTB/{DEFAULT_MODEL_NAME}" if name in DEFAULT_MODEL_ALIASES else name
 
 
-async def build_state(config: EngineConfig, args: argparse.Namespace) -> ServerState:
-    engine = await AsyncEngine.create(config)
-    settings = ServerSettings(
-        model_id=model_id_of(config, engine.core),
+def settings_of(args: argparse.Namespace, config: EngineConfig) -> ServerSettings:
+    return ServerSettings(
+        model_id=model_id_of(config),
         api_key=getattr(args, "api_key", None),
         default_adapter_source=getattr(args, "adapter_source", None),
         version=__version__,
+        api_server_count=getattr(args, "api_server_count", 1),
     )
-    metrics = Metrics()
-    metrics.bind(engine.core)
-    state = ServerState(engine, settings, metrics)
-    for adapter_id in getattr(args, "preload_adapter", []) or []:
-        await state.preload_adapter(adapter_id)
-    return state
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything slow happens."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(
+            f"truffula: error: cannot listen on {host}:{port} (--port): {exc}"
+        ) from exc
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class _Server:
+    """uvicorn on an already bound socket; a signal starts the drain."""
+
+    def __init__(self, state: ServerState, sock: socket.socket, args: argparse.Namespace) -> None:
+        import uvicorn
+
+        from truffula.server.app import create_app
+
+        self.state = state
+        self.sock = sock
+        self.drain = float(args.drain_timeout)
+        config = uvicorn.Config(
+            create_app(state),
+            log_level=args.log_level,
+            timeout_graceful_shutdown=int(self.drain) + 3,
+            lifespan="off",
+            access_log=args.log_level == "debug",
+        )
+        outer = self
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                super().handle_exit(sig, frame)
+                outer.on_signal()
+
+        self.server = Server(config)
+        self._drain_task: asyncio.Task[None] | None = None
+        self.engine_died = False
+
+    def on_signal(self) -> None:
+        if self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        engine = self.state.engine
+        deadline = asyncio.get_running_loop().time() + self.drain
+        while engine.num_in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        if engine.num_in_flight:
+            log.warning("drain timeout: ending %d requests with 503", engine.num_in_flight)
+        engine.end_all("the server is shutting down")
+
+    async def _watch_engine(self) -> None:
+        assert self.state.engine.dead_event is not None
+        await self.state.engine.dead_event.wait()
+        self.engine_died = True
+        self.server.should_exit = True
+
+    async def run(self, on_started: Any = None) -> int:
+        engine = self.state.engine
+        engine.start()
+        watch = asyncio.create_task(self._watch_engine())
+
+        async def announce() -> None:
+            while not self.server.started:
+                await asyncio.sleep(0.05)
+            if on_started is not None:
+                on_started()
+
+        ann = asyncio.create_task(announce())
+        try:
+            await self.server.serve(sockets=[self.sock])
+        finally:
+            ann.cancel()
+            watch.cancel()
+            await engine.shutdown(drain_timeout=0)
+        return 1 if self.engine_died else 0
+
+
+def _quiet_signals() -> None:
+    # uvicorn re-raises the signal after a clean drain; that must not kill the process.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
 
 
 def serve(args: argparse.Namespace, config: EngineConfig) -> int:
-    import uvicorn
-
-    from truffula.server.app import create_app
-
     logging.getLogger("truffula").setLevel(logging.INFO)
+    sock = bind_socket(args.host, args.port)
+    count = int(getattr(args, "api_server_count", 1))
+    if count < 1:
+        raise SystemExit("truffula: error: --api-server-count must be at least 1")
 
     async def main() -> int:
-        state = await build_state(config, args)
-        app = create_app(state)
-        uv = uvicorn.Config(
-            app,
-            host=args.host,
-            port=args.port,
-            log_level=args.log_level,
-            timeout_graceful_shutdown=int(max(1, args.drain_timeout)),
-            lifespan="off",
-        )
-        server = uvicorn.Server(uv)
-        state.engine.start()
+        engine = await AsyncEngine.spawn(config)
+        state = ServerState(engine, settings_of(args, config), Metrics())
+        for adapter_id in getattr(args, "preload_adapter", []) or []:
+            await state.preload_adapter(adapter_id)
+        ctx = mp.get_context("spawn")
+        others = [
+            ctx.Process(
+                target=run_api_server,
+                args=(
+                    args,
+                    config,
+                    sock,
+                    engine.address,
+                    msgspec.json.encode(engine.info),
+                    engine._engine_pid,
+                    i,
+                ),
+                name=f"truffula-api-{i}",
+            )
+            for i in range(1, count)
+        ]
+        for p in others:
+            p.start()
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
 
-        async def announce() -> None:
-            while not server.started:
-                await asyncio.sleep(0.05)
-            host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        def announce() -> None:
             print(
-                f"truffula {__version__} serving {state.settings.model_id} at http://{host}:{args.port}",
+                f"truffula {__version__} serving {state.settings.model_id} at "
+                f"http://{host}:{args.port} ({count} API process{'es' if count > 1 else ''})",
                 flush=True,
             )
 
-        task = asyncio.create_task(announce())
-        # uvicorn drains connections on SIGINT/SIGTERM, then re-raises the signal; after a
-        # clean drain that re-raise should not kill the process with a signal status.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: None)
+        _quiet_signals()
         try:
-            await server.serve()
+            return await _Server(state, sock, args).run(announce)
         finally:
-            task.cancel()
-            await state.engine.shutdown(drain_timeout=0)
-        return 0
+            for p in others:
+                if p.is_alive():
+                    p.terminate()  # SIGTERM: each drains its own requests
+            for p in others:
+                await asyncio.to_thread(p.join, args.drain_timeout + 5)
+                if p.is_alive():
+                    p.kill()
 
     try:
         return asyncio.run(main())
@@ -89,3 +201,24 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         sys.stdout.flush()
+
+
+def run_api_server(
+    args: argparse.Namespace,
+    config: EngineConfig,
+    sock: socket.socket,
+    address: str,
+    info: bytes,
+    engine_pid: int,
+    index: int,
+) -> None:
+    """Entry point of API process ``index`` (> 0): a client of the running engine process."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s api-{index} %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the first API process forwards SIGTERM
+
+    async def main() -> int:
+        engine = AsyncEngine.connect(address, msgspec.json.decode(info, type=ModelInfo), engine_pid)
+        state = ServerState(engine, settings_of(args, config), Metrics())
+        return await _Server(state, sock, args).run()
+
+    sys.exit(asyncio.run(main()))

@@ -13,13 +13,21 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from truffula.sampling.params import SamplingParams
 from truffula.server.formats import Accumulator, details_dict, prefill_dict, token_dict, top_tokens
 from truffula.server.params import RouteOptions, lorax_params
 from truffula.server.protocol import CompatGenerateRequest, GenerateRequest
-from truffula.server.state import SSE_HEADERS, ServerState, collect, sse_events, state_of
+from truffula.server.responses import JSON
+from truffula.server.state import (
+    SSE_HEADERS,
+    AdapterRef,
+    ServerState,
+    collect,
+    sse_events,
+    state_of,
+)
 
 router = APIRouter(tags=["LoRAX / TGI"])
 
@@ -67,11 +75,10 @@ async def run_generate(
 ) -> tuple[dict[str, Any], dict[str, str]]:
     state = state_of(request)
     params, opts = lorax_params(body.parameters, state, stream=False)
-    params = await state.resolve_adapter(body.parameters, params)
+    params = await state.resolve_adapter(AdapterRef.of(body.parameters), params)
     if opts.best_of > 1:
         return await _best_of(body, request, params, opts), {"x-model-id": state.settings.model_id}
-    req = state.engine.prepare(prompt_of(body, state), params)
-    acc = await collect(state.submit(req), request)
+    acc = await collect(await state.start(prompt_of(body, state), params), request)
     return response_dict(body.inputs, acc, opts), _headers(state, acc, params)
 
 
@@ -84,7 +91,7 @@ async def _best_of(
         params.with_updates(seed=state.random_seed(), details=True) for _ in range(opts.best_of)
     ]
     prompt = prompt_of(body, state)
-    streams = [state.submit(state.engine.prepare(prompt, v)) for v in variants]
+    streams = await state.start_all([(prompt, v) for v in variants])
     accs = await asyncio.gather(*(collect(s, request) for s in streams))
     order = sorted(range(len(accs)), key=lambda i: -sum(t.logprob or 0.0 for t in accs[i].tokens))
     best = accs[order[0]]
@@ -107,8 +114,8 @@ async def open_stream(body: GenerateRequest, request: Request) -> StreamingRespo
     """Validate and submit first (errors answer with a status), then stream token events."""
     state = state_of(request)
     params, opts = lorax_params(body.parameters, state, stream=True)
-    params = await state.resolve_adapter(body.parameters, params)
-    stream = state.submit(state.engine.prepare(prompt_of(body, state), params))
+    params = await state.resolve_adapter(AdapterRef.of(body.parameters), params)
+    stream = await state.start(prompt_of(body, state), params)
 
     async def events() -> AsyncIterator[dict[str, Any]]:
         acc = Accumulator()
@@ -141,11 +148,11 @@ async def open_stream(body: GenerateRequest, request: Request) -> StreamingRespo
 
 
 @router.post("/generate", summary="Generate text (one response object)")
-async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
+async def generate(body: GenerateRequest, request: Request) -> JSON:
     """LoRAX ``/generate``. With ``return_k_alternatives`` (or TGI's ``top_n_tokens``) every
     generated token carries its ``alternative_tokens``; ``decoder_input_details`` adds the prompt."""
     out, headers = await run_generate(body, request)
-    return JSONResponse(out, headers=headers)
+    return JSON(out, headers=headers)
 
 
 @router.post("/generate_stream", summary="Generate text as server-sent events")
@@ -159,7 +166,7 @@ async def _compat(body: CompatGenerateRequest, request: Request) -> Any:
     if body.stream:
         return await open_stream(body, request)
     out, headers = await run_generate(body, request)
-    return JSONResponse([out], headers=headers)
+    return JSON([out], headers=headers)
 
 
 @router.post("/", summary="LoRAX client route: generate or stream; non-streaming answer is a list")

@@ -1,111 +1,32 @@
-"""Prometheus metrics: requests by route and status, queue and batch sizes, token counts,
-latency histograms (time to first token, time per output token, end to end), KV blocks, adapters."""
+"""HTTP metrics of one API process (requests by route and status); ``/metrics`` serves them
+after the engine's own (``truffula.engine.stats``), fetched from the engine process."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-if TYPE_CHECKING:
-    from truffula.engine.core import EngineCore, Request
+from truffula.engine.stats import registry_snapshot
 
-_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-_PER_TOKEN = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
         self.requests = Counter(
             "truffula_requests",
-            "HTTP requests by route and status",
+            "HTTP requests by route and status (499: the client went away)",
             ["route", "status"],
-            registry=r,
+            registry=self.registry,
         )
-        self.prompt_tokens = Counter(
-            "truffula_prompt_tokens", "Prompt tokens of finished requests", registry=r
-        )
-        self.generated_tokens = Counter("truffula_generated_tokens", "Generated tokens", registry=r)
-        self.finished = Counter(
-            "truffula_requests_finished", "Requests finished by reason", ["reason"], registry=r
-        )
-        self.ttft = Histogram(
-            "truffula_time_to_first_token_seconds",
-            "Arrival to first token",
-            buckets=_LATENCY,
-            registry=r,
-        )
-        self.tpot = Histogram(
-            "truffula_time_per_output_token_seconds",
-            "Mean time per output token after the first, per request",
-            buckets=_PER_TOKEN,
-            registry=r,
-        )
-        self.e2e = Histogram(
-            "truffula_request_latency_seconds",
-            "Arrival to last token",
-            buckets=_LATENCY,
-            registry=r,
-        )
-        self.queue_depth = Gauge(
-            "truffula_queue_depth", "Requests waiting to be scheduled", registry=r
-        )
-        self.running = Gauge(
-            "truffula_running_batch_size", "Requests in the running batch", registry=r
-        )
-        self.kv_used = Gauge("truffula_kv_blocks_used", "KV-cache blocks in use", registry=r)
-        self.kv_total = Gauge("truffula_kv_blocks_total", "KV-cache blocks in the pool", registry=r)
-        self.adapter_loads = Counter(
-            "truffula_adapter_loads", "Adapters loaded to a device slot", registry=r
-        )
-        self.adapter_evictions = Counter(
-            "truffula_adapter_evictions", "Adapters evicted from a device slot", registry=r
-        )
-        self.active_adapters = Gauge(
-            "truffula_active_adapters", "Adapters resident in device slots", registry=r
-        )
-
-    def bind(self, core: EngineCore) -> None:
-        """Sample engine gauges at scrape time and receive per-request timings."""
-        sched = core.scheduler
-        self.queue_depth.set_function(lambda: len(sched.waiting))
-        self.running.set_function(lambda: len(sched.running))
-        self.kv_used.set_function(lambda: core.pool.num_used)
-        self.kv_total.set_function(lambda: core.pool.capacity)
-        adapters = getattr(core, "adapters", None)
-        if adapters is not None:
-            self.active_adapters.set_function(lambda: adapters.num_active)
-            adapters.on_load = self.adapter_loads.inc
-            adapters.on_evict = self.adapter_evictions.inc
-        core.metrics = self
-
-    # MetricsSink ------------------------------------------------------------------------
-    def first_token(self, req: Request) -> None:
-        if req.first_token_at is not None:
-            self.ttft.observe(req.first_token_at - req.arrival)
-
-    def request_finished(self, req: Request, reason: str) -> None:
-        self.finished.labels(reason).inc()
-        self.prompt_tokens.inc(len(req.prompt_ids))
-        n = len(req.output_ids)
-        self.generated_tokens.inc(n)
-        if req.finished_at is not None and reason != "abort":
-            self.e2e.observe(req.finished_at - req.arrival)
-            if n > 1 and req.first_token_at is not None:
-                self.tpot.observe((req.finished_at - req.first_token_at) / (n - 1))
 
     def observe_http(self, route: str, status: int) -> None:
         self.requests.labels(route, str(status)).inc()
 
-    def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), "text/plain; version=0.0.4; charset=utf-8"
+    def render(self) -> str:
+        return generate_latest(self.registry).decode()
 
     def snapshot(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for metric in self.registry.collect():
-            for sample in metric.samples:
-                key = sample.name + (str(sorted(sample.labels.items())) if sample.labels else "")
-                out[key] = sample.value
-        return out
+        return registry_snapshot(self.registry)

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from truffula.engine.async_engine import RequestStream
 from truffula.engine.output import RequestOutput, TokenInfo
@@ -23,8 +23,10 @@ from truffula.sampling.params import SamplingParams
 from truffula.server.formats import Accumulator
 from truffula.server.params import check_k
 from truffula.server.protocol import ChatCompletionRequest, CompletionRequest
+from truffula.server.responses import JSON
 from truffula.server.state import (
     SSE_HEADERS,
+    AdapterRef,
     HTTPError,
     ServerState,
     collect,
@@ -83,28 +85,16 @@ def _seeded(params: SamplingParams, i: int) -> SamplingParams:
 
 
 async def _model_params(state: ServerState, body: Any, params: SamplingParams) -> SamplingParams:
-    class _Ask:  # the adapter fields of a LoRAX request, from OpenAI's ``model``
-        adapter_id = body.model
-        adapter_source = body.adapter_source
-        merged_adapters = None
-
-    return await state.resolve_adapter(_Ask, params)
+    """OpenAI's ``model`` names the base model or an adapter."""
+    return await state.resolve_adapter(AdapterRef(body.model, body.adapter_source), params)
 
 
-def _submit_all(
+async def _submit_all(
     state: ServerState, items: list[tuple[int, Any, SamplingParams]]
 ) -> list[tuple[int, Any, RequestStream]]:
-    """Prepare and submit (index, prompt, params) requests; all or none (a failure closes the
-    ones already submitted, which aborts them)."""
-    jobs: list[tuple[int, Any, RequestStream]] = []
-    try:
-        for index, prompt, params in items:
-            jobs.append((index, prompt, state.submit(state.engine.prepare(prompt, params))))
-    except Exception:
-        for _, _, stream in jobs:
-            stream.close()
-        raise
-    return jobs
+    """Submit (index, prompt, params) requests, all or none."""
+    streams = await state.start_all([(prompt, params) for _, prompt, params in items])
+    return [(i, prompt, s) for (i, prompt, _), s in zip(items, streams, strict=True)]
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -191,7 +181,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.echo and k >= 0:
         params = params.with_updates(decoder_input_details=True, prompt_k_alternatives=max(k, 0))
     params = await _model_params(state, body, params)
-    jobs = _submit_all(
+    jobs = await _submit_all(
         state,
         [
             (pi * n + j, prompt, _seeded(params, j))
@@ -215,9 +205,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     accs = await asyncio.gather(*(collect(s, request) for _, _, s in jobs))
     choices = []
     for (index, prompt, _), acc in zip(jobs, accs, strict=True):
-        prompt_text = (
-            prompt if isinstance(prompt, str) else state.core.tokenizer.decode(prompt, False)
-        )
+        prompt_text = prompt if isinstance(prompt, str) else state.tokenizer.decode(prompt, False)
         lp = _CompletionLogprobs(max(k, 0)) if k >= 0 else None
         text = "" if score_only else acc.text
         if body.echo:
@@ -238,7 +226,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         )
     prompt_tokens = sum(accs[i * n].num_prompt_tokens for i in range(len(prompts)))
     completion_tokens = 0 if score_only else sum(a.num_generated_tokens for a in accs)
-    return JSONResponse(
+    return JSON(
         {
             "id": cid,
             "object": "text_completion",
@@ -299,7 +287,7 @@ async def _stream_completions(
     async for index, prompt, out in _merge(jobs):
         text, logprobs = "", None
         if out.prompt_tokens is not None and body.echo:
-            text = prompt if isinstance(prompt, str) else state.core.tokenizer.decode(prompt, False)
+            text = prompt if isinstance(prompt, str) else state.tokenizer.decode(prompt, False)
             if k >= 0:
                 logprobs = lps[index].add(out.prompt_tokens, first_is_null=True)
         if not score_only:
@@ -354,7 +342,7 @@ def _chat_logprobs(tokens: list[TokenInfo]) -> dict[str, Any]:
 
 def chat_ids(state: ServerState, messages: list[dict[str, Any]]) -> list[int]:
     """Token ids of a conversation formatted by the model's chat template (no extra BOS)."""
-    tok = state.core.tokenizer
+    tok = state.tokenizer
     if not tok.has_chat_template:
         raise HTTPError(
             422,
@@ -390,7 +378,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         raise invalid("max_tokens", "`max_tokens` must be >= 1")
     params = await _model_params(state, body, _common_params(body, max_tokens, k))
     ids = chat_ids(state, [{"role": m.role, "content": m.text()} for m in body.messages])
-    jobs = _submit_all(state, [(j, ids, _seeded(params, j)) for j in range(n)])
+    jobs = await _submit_all(state, [(j, ids, _seeded(params, j)) for j in range(n)])
     cid, created, model = (
         f"chatcmpl-{uuid.uuid4().hex}",
         int(time.time()),
@@ -412,7 +400,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         }
         for j, acc in enumerate(accs)
     ]
-    return JSONResponse(
+    return JSON(
         {
             "id": cid,
             "object": "chat.completion",
@@ -478,7 +466,7 @@ async def _stream_chat(
 
 
 @router.get("/v1/models", summary="The base model and the loaded adapters")
-async def models(request: Request) -> JSONResponse:
+async def models(request: Request) -> JSON:
     state = state_of(request)
     created = int(state.settings.started)
     data = [
@@ -489,7 +477,7 @@ async def models(request: Request) -> JSONResponse:
             "owned_by": "truffula",
         }
     ]
-    for adapter_id in state.loaded_adapter_ids():
+    for adapter_id in await state.loaded_adapter_ids():
         data.append(
             {
                 "id": adapter_id,
@@ -499,4 +487,4 @@ async def models(request: Request) -> JSONResponse:
                 "parent": state.settings.model_id,
             }
         )
-    return JSONResponse({"object": "list", "data": data})
+    return JSON({"object": "list", "data": data})

@@ -13,15 +13,14 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 
-from truffula.engine.async_engine import RequestStream
 from truffula.engine.output import TokenInfo
 from truffula.sampling.params import SamplingParams
 from truffula.server.formats import alternative_dict
 from truffula.server.params import check_k
 from truffula.server.protocol import ScoreRequest
-from truffula.server.state import collect, invalid, state_of
+from truffula.server.responses import JSON
+from truffula.server.state import AdapterRef, collect, invalid, state_of
 
 router = APIRouter(tags=["Scoring"])
 
@@ -46,12 +45,12 @@ def _result(continuation: str, tokens: list[TokenInfo], k: int) -> dict[str, Any
 
 
 @router.post("/score", summary="Score continuations of a prompt (per-token and total logprob)")
-async def score(body: ScoreRequest, request: Request) -> JSONResponse:
+async def score(body: ScoreRequest, request: Request) -> JSON:
     """For each continuation: its tokens with logprob and rank (and the ``k`` most likely
     alternatives when asked), ``total_logprob``, ``mean_logprob``, ``num_tokens`` and
     ``is_greedy``, under the base model or ``adapter_id``. Nothing is generated."""
     state = state_of(request)
-    tokenizer = state.core.tokenizer
+    tokenizer = state.tokenizer
     if not body.prompt:
         raise invalid("prompt", "`prompt` cannot be empty")
     k = check_k("k", body.k, state.limits.max_k_alternatives)
@@ -63,10 +62,10 @@ async def score(body: ScoreRequest, request: Request) -> JSONResponse:
         ids = tokenizer.encode(text, add_special_tokens=False) if text else []
         if not ids:
             raise invalid("continuations", f"`continuations[{i}]` cannot be empty")
-        if len(prompt_ids) + len(ids) >= state.core.max_len:
+        if len(prompt_ids) + len(ids) >= state.frontend.max_len:
             raise invalid(
                 "continuations",
-                f"`prompt` + `continuations[{i}]` must have less than {state.core.max_len} tokens "
+                f"`prompt` + `continuations[{i}]` must have less than {state.frontend.max_len} tokens "
                 f"(the model's maximum length). Given: {len(prompt_ids) + len(ids)}",
             )
         sequences.append(prompt_ids + ids)
@@ -77,15 +76,8 @@ async def score(body: ScoreRequest, request: Request) -> JSONResponse:
         prompt_k_alternatives=k,
         logprobs_mode="raw",
     )
-    params = await state.resolve_adapter(body, params)
-    streams: list[RequestStream] = []
-    try:
-        for ids in sequences:
-            streams.append(state.submit(state.engine.prepare(ids, params)))
-    except Exception:
-        for s in streams:
-            s.close()
-        raise
+    params = await state.resolve_adapter(AdapterRef(body.adapter_id, body.adapter_source), params)
+    streams = await state.start_all([(ids, params) for ids in sequences])
     accs = await asyncio.gather(*(collect(s, request) for s in streams))
     n = len(prompt_ids)
     results = [
@@ -95,4 +87,4 @@ async def score(body: ScoreRequest, request: Request) -> JSONResponse:
     headers = {"x-model-id": state.settings.model_id}
     if params.adapter_id:
         headers["x-adapter-id"] = params.adapter_id
-    return JSONResponse({"prompt_tokens": n, "results": results}, headers=headers)
+    return JSON({"prompt_tokens": n, "results": results}, headers=headers)

@@ -4,18 +4,20 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from fastapi import Request
 
-from truffula.adapters.store import AdapterStore
+from truffula.config import LimitsConfig
 from truffula.engine.async_engine import AsyncEngine, RequestStream
-from truffula.engine.core import Request as EngineRequest
+from truffula.engine.frontend import Frontend
+from truffula.engine.messages import EngineRequest
+from truffula.engine.tokenizer import Tokenizer
 from truffula.errors import AdapterError, RequestValidationError
 from truffula.sampling.params import SamplingParams
 from truffula.server.formats import Accumulator
@@ -35,6 +37,9 @@ class ClientDisconnected(Exception):
     pass
 
 
+LONG_PROMPT_CHARS = 4096
+
+
 def invalid(field_name: str, message: str) -> RequestValidationError:
     return RequestValidationError(field_name, message)
 
@@ -46,6 +51,7 @@ class ServerSettings:
     max_best_of: int = 2
     default_adapter_source: str | None = None
     version: str = ""
+    api_server_count: int = 1
     started: float = field(default_factory=time.time)
 
 
@@ -56,74 +62,108 @@ class ServerState:
     metrics: Metrics
 
     @property
-    def core(self):  # type: ignore[no-untyped-def]
-        return self.engine.core
+    def frontend(self) -> Frontend:
+        return self.engine.frontend
 
     @property
-    def limits(self):  # type: ignore[no-untyped-def]
-        return self.engine.core.config.limits
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.frontend.tokenizer
+
+    @property
+    def limits(self) -> LimitsConfig:
+        return self.engine.config.limits
 
     def random_seed(self) -> int:
         return random.randrange(2**63)
 
-    def submit(self, req: EngineRequest) -> RequestStream:
-        return self.engine.submit(req)
+    async def prepare(self, prompt: str | list[int], params: SamplingParams) -> EngineRequest:
+        """Validate and tokenize; long texts are tokenized in a worker thread, so the event
+        loop keeps answering other requests."""
+        if isinstance(prompt, str) and len(prompt) > LONG_PROMPT_CHARS:
+            return await asyncio.to_thread(self.engine.prepare, prompt, params)
+        return self.engine.prepare(prompt, params)
 
-    @property
-    def adapters(self) -> AdapterStore:
-        return self.engine.core.adapters  # type: ignore[no-any-return]
+    async def start(self, prompt: str | list[int], params: SamplingParams) -> RequestStream:
+        """Prepare and submit one request."""
+        return self.engine.submit(await self.prepare(prompt, params))
 
-    def loaded_adapter_ids(self) -> list[str]:
-        return self.adapters.loaded_ids()
+    async def start_all(
+        self, items: list[tuple[str | list[int], SamplingParams]]
+    ) -> list[RequestStream]:
+        """Prepare and submit several requests, all or none: a failure (validation, 429)
+        closes the ones already submitted, which aborts them."""
+        streams: list[RequestStream] = []
+        try:
+            for prompt, params in items:
+                streams.append(await self.start(prompt, params))
+        except BaseException:
+            for stream in streams:
+                stream.close()
+            raise
+        return streams
 
-    def adapter_info(self) -> dict[str, Any]:
-        store = self.adapters
-        return {
-            "max_active_adapters": store.num_slots,
-            "max_lora_rank": store.max_rank,
-            "active_adapters": store.num_active,
-            "loaded_adapters": len(store.loaded_ids()),
-            "adapter_root": str(store.root),
-            "adapter_sources": ["local", "hub"],
-        }
+    async def adapters(self) -> dict[str, Any]:
+        """``{"adapters": [{id, rank, modules, active, slot, requests}], "info": {...}}``."""
+        return await self.engine.call("adapters")  # type: ignore[no-any-return]
+
+    async def loaded_adapter_ids(self) -> list[str]:
+        return [a["id"] for a in (await self.adapters())["adapters"]]
 
     async def load_adapter(self, adapter_id: str, source: str | None) -> str:
-        """Read an adapter into host memory in a worker thread: the step loop keeps running."""
-        return await asyncio.to_thread(
-            self.adapters.load, adapter_id, source or self.settings.default_adapter_source
-        )
+        """Read an adapter into host memory; the engine does it beside its step loop."""
+        source = source or self.settings.default_adapter_source
+        return await self.engine.call("load_adapter", adapter_id, source)  # type: ignore[no-any-return]
 
     async def preload_adapter(self, adapter_id: str) -> None:
         await self.load_adapter(adapter_id, None)
 
-    async def resolve_adapter(self, p: Any, params: SamplingParams) -> SamplingParams:
-        """The adapter a request names (``adapter_id`` or ``merged_adapters``), loaded and ready."""
-        adapter_id = getattr(p, "adapter_id", None) if p is not None else None
-        merged = getattr(p, "merged_adapters", None) if p is not None else None
-        source = getattr(p, "adapter_source", None) if p is not None else None
-        source = source or self.settings.default_adapter_source
-        wants = merged is not None or adapter_id not in (None, "", self.settings.model_id)
-        if wants and self.core.serving_path == "fallback":
+    async def resolve_adapter(self, ref: AdapterRef, params: SamplingParams) -> SamplingParams:
+        """The adapter a request names (an id or a merge), loaded and ready."""
+        wants = ref.merged is not None or ref.adapter_id not in (None, "", self.settings.model_id)
+        if wants and self.frontend.serving_path == "fallback":
             raise AdapterError(
-                f"adapters are not supported for {self.core.architecture} (transformers fallback)",
+                f"adapters are not supported for {self.frontend.architecture} "
+                "(transformers fallback)",
                 422,
             )
-        if merged is not None:
+        source = ref.source or self.settings.default_adapter_source
+        if ref.merged is not None:
             from truffula.adapters.merge import MergeSpec
 
-            spec = MergeSpec.parse(
-                merged.ids,
-                merged.weights,
-                merged.merge_strategy,
-                merged.density,
-                merged.majority_sign_method,
-            )
-            key = await asyncio.to_thread(self.adapters.load_merged, spec, source)
+            MergeSpec.parse(**ref.merged)  # validated here, merged in the engine process
+            key = await self.engine.call("load_merged", ref.merged, source)
             return params.with_updates(adapter_id=key)
-        if adapter_id in (None, "", self.settings.model_id):
+        if ref.adapter_id in (None, "", self.settings.model_id):
             return params.with_updates(adapter_id=None)
-        key = await self.load_adapter(adapter_id, source)
+        key = await self.load_adapter(ref.adapter_id, source)
         return params.with_updates(adapter_id=key)
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """What a request says about adapters: an id, or a merge (``MergeSpec.parse`` keywords)."""
+
+    adapter_id: str | None = None
+    source: str | None = None
+    merged: dict[str, Any] | None = None
+    """Keywords of ``MergeSpec.parse``: ids, weights, strategy, density, sign."""
+
+    @classmethod
+    def of(cls, p: Any) -> AdapterRef:
+        """From LoRAX ``parameters`` (``adapter_id``, ``adapter_source``, ``merged_adapters``)."""
+        if p is None:
+            return cls()
+        merged = None
+        if p.merged_adapters is not None:
+            m = p.merged_adapters
+            merged = {
+                "ids": m.ids,
+                "weights": m.weights,
+                "strategy": m.merge_strategy,
+                "density": m.density,
+                "sign": m.majority_sign_method,
+            }
+        return cls(p.adapter_id, p.adapter_source, merged)
 
 
 def state_of(request: Request) -> ServerState:
@@ -156,8 +196,8 @@ async def collect(
 
 
 def sse_data(payload: dict[str, Any] | str) -> bytes:
-    body = payload if isinstance(payload, str) else json.dumps(payload, allow_nan=False)
-    return f"data: {body}\n\n".encode()
+    body = payload.encode() if isinstance(payload, str) else msgspec.json.encode(payload)
+    return b"data: " + body + b"\n\n"
 
 
 async def sse_events(
