@@ -109,6 +109,11 @@ class LimitsConfig:
 
     max_k_alternatives: int = 20
     max_stop_sequences: int = 4
+    max_stop_length: int = 1000
+    """Longest stop sequence, in characters."""
+    max_top_k: int = 1 << 20
+    """Largest ``top_k`` accepted (above any vocabulary: a ``top_k`` at or above the vocabulary
+    size keeps every token); larger values are refused before they become tensors."""
     max_new_tokens_default: int = 256
     prompt_logprobs_chunk: int = 256
     """Prompt positions whose logits are materialized at once for prompt logprobs."""
@@ -118,6 +123,10 @@ class LimitsConfig:
             raise ValueError("max_k_alternatives must be at least 1")
         if self.max_stop_sequences < 0:
             raise ValueError("max_stop_sequences must be >= 0")
+        if self.max_stop_length < 1:
+            raise ValueError("max_stop_length must be at least 1")
+        if not 1 <= self.max_top_k < 2**63:
+            raise ValueError("max_top_k must be in [1, 2**63)")
         if self.prompt_logprobs_chunk < 1:
             raise ValueError("prompt_logprobs_chunk must be at least 1")
 
@@ -131,12 +140,21 @@ class LoRAConfig:
     max_lora_rank: int = 16
     adapter_root: str | None = None
     """Directory under which ``adapter_source: local`` ids must resolve."""
+    max_cpu_adapters: int = 64
+    """Adapters (and merges) kept in host memory; beyond it the least recently used one that
+    no request holds is dropped (and read again on its next use)."""
+    max_merged_adapters: int = 16
+    """Most adapters one ``merged_adapters`` request may combine."""
 
     def __post_init__(self) -> None:
         if self.max_active_adapters < 1:
             raise ValueError("max_active_adapters must be at least 1")
         if self.max_lora_rank < 1:
             raise ValueError("max_lora_rank must be at least 1")
+        if self.max_cpu_adapters < 1:
+            raise ValueError("max_cpu_adapters must be at least 1")
+        if self.max_merged_adapters < 1:
+            raise ValueError("max_merged_adapters must be at least 1")
 
 
 @dataclass(frozen=True)

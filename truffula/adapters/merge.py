@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,51 @@ from truffula.errors import RequestValidationError
 
 STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties")
 SIGN_METHODS = ("total", "frequency")
+MAX_MERGED_ADAPTERS = 16
+"""Default bound on ``merged_adapters.ids`` (``LoRAConfig.max_merged_adapters``)."""
+MAX_MERGE_WEIGHT = 100.0
+"""Bound on ``|weight|``: A and B are both weighted, so a weight w scales the update by w**2."""
+MAX_ADAPTER_ID_LENGTH = 256
+"""Longest adapter id (a path under the adapter root or a hub id), in characters."""
+MIN_DENSITY = 1e-6
+"""Smallest density of the pruning strategies (DARE rescales the kept entries by 1 / density)."""
+KEY_PREFIX = "merge:"
+
+
+def check_adapter_id(adapter_id: object, field: str = "adapter_id") -> str:
+    """A non-empty string of at most ``MAX_ADAPTER_ID_LENGTH`` printable characters."""
+    if not isinstance(adapter_id, str) or not adapter_id:
+        raise RequestValidationError(field, f"`{field}` must be a non-empty string")
+    if len(adapter_id) > MAX_ADAPTER_ID_LENGTH:
+        raise RequestValidationError(
+            field,
+            f"`{field}` must be at most {MAX_ADAPTER_ID_LENGTH} characters. "
+            f"Given: {len(adapter_id)}",
+        )
+    try:
+        adapter_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestValidationError(
+            field, f"`{field}` must be valid Unicode (no lone surrogates)"
+        ) from None
+    if not adapter_id.isprintable():
+        raise RequestValidationError(field, f"`{field}` must not contain control characters")
+    return adapter_id
+
+
+def _real(field: str, value: object, label: str | None = None) -> float:
+    label = label or field
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RequestValidationError(
+            field, f"`{label}` must be a number. Given: a {type(value).__name__}"
+        )
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        raise RequestValidationError(field, f"`{label}` must be finite. Given: {out}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -48,52 +94,95 @@ class MergeSpec:
         strategy: str | None,
         density: float | None,
         sign: str | None,
+        max_ids: int = MAX_MERGED_ADAPTERS,
     ) -> MergeSpec:
-        """Validate with LoRAX's messages (and reject what LoRAX would crash on)."""
+        """Validate with LoRAX's messages (and reject what LoRAX would crash on): at most
+        ``max_ids`` ids of at most ``MAX_ADAPTER_ID_LENGTH`` characters, finite weights within
+        ``MAX_MERGE_WEIGHT``, a density in [0, 1] (in [``MIN_DENSITY``, 1] but for ``linear``,
+        which ignores it)."""
+        if ids is not None and not isinstance(ids, list | tuple):
+            raise RequestValidationError(
+                "merged_adapters", "`merged_adapters.ids` must be a list of adapter ids"
+            )
         if not ids:
             raise RequestValidationError(
                 "merged_adapters",
                 "at least one adapter ID must be provided when setting `adapters`",
             )
+        if len(ids) > max_ids:
+            raise RequestValidationError(
+                "merged_adapters",
+                f"`merged_adapters.ids` may name at most {max_ids} adapters. Given: {len(ids)}",
+            )
+        for adapter_id in ids:
+            check_adapter_id(adapter_id, "merged_adapters")
+            if adapter_id.startswith(KEY_PREFIX):
+                raise RequestValidationError(
+                    "merged_adapters", "`merged_adapters.ids` cannot name a merged adapter"
+                )
+        if weights is not None and not isinstance(weights, list | tuple):
+            raise RequestValidationError(
+                "merged_adapters", "`merged_adapters.weights` must be a list of numbers"
+            )
         if weights and len(weights) != len(ids):
             raise RequestValidationError(
                 "merged_adapters", "number of adapter IDs must match number of adapter weights"
             )
+        values = (
+            [_real("merged_adapters", w, "merged_adapters.weights") for w in weights]
+            if weights
+            else [1.0] * len(ids)
+        )
+        if any(abs(w) > MAX_MERGE_WEIGHT for w in values):
+            raise RequestValidationError(
+                "merged_adapters",
+                f"`merged_adapters.weights` must be in [-{MAX_MERGE_WEIGHT:g}, "
+                f"{MAX_MERGE_WEIGHT:g}]. Given: {max(values, key=abs):g}",
+            )
         strategy = strategy or "linear"
-        if strategy not in STRATEGIES:
+        if not isinstance(strategy, str) or strategy not in STRATEGIES:
             raise RequestValidationError(
                 "merge_strategy",
-                f"`merge_strategy` must be one of {list(STRATEGIES)}. Given: {strategy!r}",
+                f"`merge_strategy` must be one of {list(STRATEGIES)}. Given: {strategy!r:.60}",
             )
         sign = sign or "total"
-        if sign not in SIGN_METHODS:
+        if not isinstance(sign, str) or sign not in SIGN_METHODS:
             raise RequestValidationError(
                 "majority_sign_method",
-                f"`majority_sign_method` must be one of {list(SIGN_METHODS)}. Given: {sign!r}",
+                f"`majority_sign_method` must be one of {list(SIGN_METHODS)}. Given: {sign!r:.60}",
             )
-        density = 0.0 if density is None else float(density)
+        density = 0.0 if density is None else _real("density", density)
         if not 0.0 <= density <= 1.0:
             raise RequestValidationError(
                 "density", f"`density` must be >= 0.0 and <= 1.0. Given: {density}"
             )
-        if strategy != "linear" and density == 0.0:
+        if strategy != "linear" and density < MIN_DENSITY:
             raise RequestValidationError(
-                "density", f"`density` must be > 0 for the {strategy} merge strategy"
+                "density",
+                f"`density` must be > 0 (at least {MIN_DENSITY:g}) for the {strategy} merge "
+                f"strategy. Given: {density:g}",
             )
-        return cls(
-            tuple(ids),
-            tuple(float(w) for w in (weights or [1.0] * len(ids))),
-            strategy,
-            density,
-            sign,
-        )
+        if strategy == "linear":
+            density = 0.0  # unused: one key for every density
+        return cls(tuple(ids), tuple(values), strategy, density, sign)
+
+    @classmethod
+    def from_key(cls, key: str, max_ids: int = MAX_MERGED_ADAPTERS) -> MergeSpec:
+        """The specification a ``key`` was made from (validated again)."""
+        try:
+            ids, weights, strategy, density, sign = json.loads(key.removeprefix(KEY_PREFIX))
+        except (ValueError, TypeError) as exc:
+            raise RequestValidationError(
+                "adapter_id", f"{key[:60]!r} is not a merged adapter key"
+            ) from exc
+        return cls.parse(ids, weights, strategy, density, sign, max_ids)
 
     @property
     def key(self) -> str:
         body = json.dumps(
             [self.ids, self.weights, self.strategy, self.density, self.majority_sign_method]
         )
-        return "merge:" + body
+        return KEY_PREFIX + body
 
     def seed(self) -> int:
         return int.from_bytes(hashlib.sha256(self.key.encode()).digest()[:8], "little")
@@ -120,6 +209,11 @@ def merge(spec: MergeSpec, adapters: list[LoRAWeights]) -> LoRAWeights:
         weights = torch.tensor([w for w, _ in have])
         merged_a = merge_tensors([ab[0] for _, ab in have], weights, spec, gen)
         merged_b = merge_tensors([ab[1] for _, ab in have], weights, spec, gen)
+        if not (bool(merged_a.isfinite().all()) and bool(merged_b.isfinite().all())):
+            raise RequestValidationError(
+                "merged_adapters",
+                f"merging these adapters with these weights gives non-finite values in {module}",
+            )
         out.modules.setdefault(module, {})[shard] = (merged_a, merged_b)
     return out
 

@@ -5,7 +5,11 @@ truffula, e.g. ``model.layers.3.self_attn.qkv_proj``) and each output shard (``q
 of a fused projection, or ``None`` for the whole output), ``A [r, in]`` and ``B [out, r]`` with
 the scaling (alpha / r, or alpha / sqrt(r) with rslora) already folded into ``B``. Anything the
 engine cannot serve (DoRA, LoRA on embeddings or the head, trained biases, other PEFT types,
-shapes that do not fit the base model) is an AdapterError naming the reason.
+shapes that do not fit the base model) is an AdapterError naming the reason, and so is anything
+that would serve numbers that mean nothing: a config whose ``r`` is not a positive integer or
+whose ``lora_alpha`` is not a finite positive number, tensors holding NaN or inf, rank-0 or
+non-matrix tensors. Every file read must resolve inside the adapter root (a symlink to a file
+elsewhere is refused).
 """
 
 from __future__ import annotations
@@ -46,59 +50,154 @@ class LoRAWeights:
         )
 
 
-def read_config(folder: Path) -> dict[str, Any]:
-    path = folder / "adapter_config.json"
-    if not path.is_file():
+MAX_CONFIG_BYTES = 1 << 20
+"""adapter_config.json larger than this is refused (PEFT writes a few hundred bytes)."""
+
+
+def adapter_file(folder: Path, name: str, root: Path | None = None) -> Path | None:
+    """``folder / name`` resolved, or None when absent. Refused (403) when it resolves outside
+    ``root`` (default: the folder itself), e.g. a symlink to a file elsewhere; 422 when it is not
+    a regular file."""
+    path = folder / name
+    try:
+        if not path.exists() and not path.is_symlink():
+            return None
+        real = path.resolve()
+        inside = (root or folder).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long
+        raise AdapterError(
+            f"{name} of adapter {folder.name!r} cannot be opened: {exc}", 422
+        ) from exc
+    if real != inside and inside not in real.parents:
+        raise AdapterError(
+            f"{name} of adapter {folder.name!r} resolves outside the adapter root; refused", 403
+        )
+    if not real.is_file():
+        raise AdapterError(f"{name} of adapter {folder.name!r} is not a regular file", 422)
+    return real
+
+
+def read_config(folder: Path, root: Path | None = None) -> dict[str, Any]:
+    path = adapter_file(folder, "adapter_config.json", root)
+    if path is None:
         raise AdapterError(f"no adapter_config.json in adapter folder {folder.name!r}", 404)
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise AdapterError(
+                f"adapter_config.json of {folder.name!r} is larger than {MAX_CONFIG_BYTES} bytes",
+                422,
+            )
         cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, ints
         raise AdapterError(
             f"adapter_config.json of {folder.name!r} is not valid JSON: {exc}", 422
+        ) from exc
+    except OSError as exc:
+        raise AdapterError(
+            f"adapter_config.json of {folder.name!r} cannot be read: {exc}", 422
         ) from exc
     if not isinstance(cfg, dict):
         raise AdapterError(f"adapter_config.json of {folder.name!r} is not a JSON object", 422)
     kind = str(cfg.get("peft_type", "LORA")).upper()
     if kind != "LORA":
-        raise AdapterError(f"adapter type {kind} is not supported (only LoRA)", 422)
+        raise AdapterError(f"adapter type {kind[:60]} is not supported (only LoRA)", 422)
     if cfg.get("use_dora"):
         raise AdapterError("DoRA adapters are not supported", 422)
     if cfg.get("bias", "none") not in ("none", None):
         raise AdapterError(
-            f"adapters with trained biases (bias={cfg['bias']!r}) are not supported", 422
+            f"adapters with trained biases (bias={cfg['bias']!r:.60}) are not supported", 422
         )
     if cfg.get("modules_to_save"):
         raise AdapterError(
             "adapters with modules_to_save (fully trained modules) are not supported", 422
         )
+    _check_config(cfg, folder.name)
     return cfg
 
 
-def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    st, pt = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
+def _check_config(cfg: dict[str, Any], name: str) -> None:
+    """``r`` a positive integer, ``lora_alpha`` a finite positive number, their patterns maps of
+    the same, ``use_rslora`` a boolean: anything else is a 422 naming the field."""
+
+    def bad(what: str, rule: str, value: object) -> AdapterError:
+        return AdapterError(
+            f"adapter_config.json of {name!r}: `{what}` must be {rule}. Given: {value!r:.60}", 422
+        )
+
+    def rank(what: str, value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad(what, "a positive integer", value)
+
+    def alpha(what: str, value: object) -> None:
+        ok = not isinstance(value, bool) and isinstance(value, int | float)
+        try:
+            ok = ok and math.isfinite(value) and value > 0  # type: ignore[arg-type,operator]
+        except OverflowError:
+            ok = False
+        if not ok:
+            raise bad(what, "a finite positive number", value)
+
+    rank("r", cfg.get("r", 8))
+    alpha("lora_alpha", cfg.get("lora_alpha", cfg.get("r", 8)))
+    for what, check in (("rank_pattern", rank), ("alpha_pattern", alpha)):
+        pattern = cfg.get(what)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise bad(what, "an object", pattern)
+        for key, value in pattern.items():
+            check(f"{what}.{key}", value)
+    if not isinstance(cfg.get("use_rslora", False), bool | None):
+        raise bad("use_rslora", "a boolean", cfg["use_rslora"])
+
+
+def read_tensors(folder: Path, root: Path | None = None) -> dict[str, torch.Tensor]:
+    st = adapter_file(folder, "adapter_model.safetensors", root)
+    pt = None if st is not None else adapter_file(folder, "adapter_model.bin", root)
     try:
-        if st.is_file():
+        if st is not None:
             from safetensors.torch import load_file
 
-            return load_file(str(st))
-        if pt.is_file():
+            data = load_file(str(st))
+        elif pt is not None:
             data = torch.load(str(pt), map_location="cpu", weights_only=True)
-            if not isinstance(data, dict):
-                raise ValueError("not a state dict")
-            return data
+        else:
+            data = None
+        if data is not None and not (
+            isinstance(data, dict)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items())
+        ):
+            raise ValueError("not a state dict (names -> tensors)")
     except Exception as exc:
         raise AdapterError(
             f"adapter weights of {folder.name!r} cannot be read: {exc}", 422
         ) from exc
-    raise AdapterError(f"no adapter_model.safetensors or adapter_model.bin in {folder.name!r}", 404)
+    if data is None:
+        raise AdapterError(
+            f"no adapter_model.safetensors or adapter_model.bin in {folder.name!r}", 404
+        )
+    return data
 
 
 def load_peft(
-    adapter_id: str, folder: Path, targets: dict[str, Linear], packed: dict[str, tuple[str, str]]
+    adapter_id: str,
+    folder: Path,
+    targets: dict[str, Linear],
+    packed: dict[str, tuple[str, str]],
+    root: Path | None = None,
 ) -> LoRAWeights:
-    """Read an adapter folder and map its tensors onto the model's Linear modules."""
-    cfg = read_config(folder)
-    tensors = read_tensors(folder)
+    """Read an adapter folder and map its tensors onto the model's Linear modules.
+
+    ``root``: every file read must resolve inside it (default: the folder). Refused with an
+    AdapterError: tensors that are not 2-D floating-point matrices, hold NaN or inf, have a
+    rank of 0 or other than the config's, or do not fit the base model."""
+    cfg = read_config(folder, root)
+    tensors = read_tensors(folder, root)
+    weights_file = (
+        "adapter_model.safetensors"
+        if (folder / "adapter_model.safetensors").exists()
+        else "adapter_model.bin"
+    )
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         m = _KEY.match(key)
@@ -108,10 +207,23 @@ def load_peft(
                     f"unsupported adapter tensor {key!r} (LoRA on embeddings / DoRA)", 422
                 )
             raise AdapterError(f"unexpected tensor {key!r} in adapter {adapter_id!r}", 422)
-        pairs.setdefault(m.group("module"), {})[m.group("ab")] = value.detach().float()
+        if not value.is_floating_point() or value.dim() != 2:
+            raise AdapterError(
+                f"adapter {adapter_id!r}: tensor {key!r} must be a 2-D floating-point matrix, "
+                f"is {str(value.dtype).removeprefix('torch.')} of shape {list(value.shape)}",
+                422,
+            )
+        value = value.detach().float()
+        if not bool(value.isfinite().all()):
+            raise AdapterError(
+                f"adapter {adapter_id!r}: tensor {key!r} in {weights_file} holds NaN or "
+                "infinite values",
+                422,
+            )
+        pairs.setdefault(m.group("module"), {})[m.group("ab")] = value
     if not pairs:
         raise AdapterError(f"adapter {adapter_id!r} has no LoRA tensors", 422)
-    base_r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", cfg.get("r", 8)))
+    base_r, alpha = cfg.get("r", 8), float(cfg.get("lora_alpha", cfg.get("r", 8)))
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     out = LoRAWeights(adapter_id, 0, config=cfg)
     for module, ab in sorted(pairs.items()):
@@ -126,7 +238,9 @@ def load_peft(
         expected_r = _pattern(module, rank_pattern, base_r)
         if r != expected_r or b.shape[1] != r:
             raise AdapterError(
-                f"adapter {adapter_id!r}: {module} has rank {r}, config says {expected_r}", 422
+                f"adapter {adapter_id!r}: {module} has rank {r} (lora_A {list(a.shape)}, lora_B "
+                f"{list(b.shape)}), config says {expected_r}",
+                422,
             )
         lin = targets[target]
         out_features = lin.shard_offsets[shard][1] if shard is not None else lin.out_features  # type: ignore[attr-defined]
@@ -138,7 +252,14 @@ def load_peft(
             )
         a_alpha = float(_pattern(module, alpha_pattern, alpha))
         scale = a_alpha / math.sqrt(r) if cfg.get("use_rslora") else a_alpha / r
-        out.modules.setdefault(target, {})[shard] = (a.contiguous(), (b * scale).contiguous())
+        scaled = b * scale
+        if not bool(scaled.isfinite().all()):
+            raise AdapterError(
+                f"adapter {adapter_id!r}: lora_B of {module} scaled by lora_alpha / r "
+                f"({a_alpha:g} / {r}) is not finite in float32",
+                422,
+            )
+        out.modules.setdefault(target, {})[shard] = (a.contiguous(), scaled.contiguous())
         out.rank = max(out.rank, r)
     return out
 

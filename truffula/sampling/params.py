@@ -16,8 +16,12 @@ LogprobsMode = Literal["processed", "raw"]
 class SamplingParams:
     """How to pick tokens and what to report about them.
 
-    ``temperature == 0`` means greedy decoding. Filters that are off: ``top_k == 0``,
-    ``top_p == 1``, ``typical_p == 1``, ``min_p == 0``.
+    ``temperature == 0`` means greedy decoding; a positive temperature below
+    ``MIN_TEMPERATURE`` is raised to it on construction (dividing logits by 1e-300 makes them
+    inf and the distribution NaN; at 0.01 the distribution is already all but one-hot).
+    Filters that are off: ``top_k == 0``, ``top_p == 1``, ``typical_p == 1``, ``min_p == 0``.
+    ``validate`` checks every field's type and range (see ``docs/api.md``) before the engine
+    turns them into tensors.
     """
 
     max_new_tokens: int | None = None
@@ -51,6 +55,11 @@ class SamplingParams:
     """LoRA adapter serving the request (None: the base model)."""
     extra_stop_token_ids: tuple[int, ...] = field(default=())
 
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if isinstance(t, int | float) and not isinstance(t, bool) and 0 < t < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", MIN_TEMPERATURE)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
@@ -79,29 +88,43 @@ class SamplingParams:
         return replace(self, **changes)  # type: ignore[arg-type]
 
     def validate(self, limits: LimitsConfig) -> None:
-        """Raise RequestValidationError naming the first field outside its range."""
+        """Raise RequestValidationError naming the first field of the wrong type or out of range.
+
+        Integers must be ``int`` (not ``bool``), reals ``int`` or ``float`` (not ``bool``) and
+        finite; booleans must be ``bool``. The bounds keep every value representable in the
+        sampler's tensors (int64 / float32) and its arithmetic finite."""
         if self.max_new_tokens is not None:
-            _check_int("max_new_tokens", self.max_new_tokens, lo=1)
-        _check_real("temperature", self.temperature, "must be >= 0", lambda v: v >= 0)
-        _check_int("top_k", self.top_k, lo=0, hint=" (0 turns it off)")
+            _check_int("max_new_tokens", self.max_new_tokens, lo=1, hi=MAX_TOKENS)
+        _check_real(
+            "temperature",
+            self.temperature,
+            f"must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]",
+            lambda v: v == 0 or MIN_TEMPERATURE <= v <= MAX_TEMPERATURE,
+        )
+        _check_int("top_k", self.top_k, lo=0, hi=limits.max_top_k, hint=" (0 turns it off)")
         _check_real("top_p", self.top_p, "must be in (0, 1]", lambda v: 0 < v <= 1)
         _check_real("typical_p", self.typical_p, "must be in (0, 1]", lambda v: 0 < v <= 1)
         _check_real("min_p", self.min_p, "must be in [0, 1]", lambda v: 0 <= v <= 1)
-        _check_real("repetition_penalty", self.repetition_penalty, "must be > 0", lambda v: v > 0)
+        lo, hi = REPETITION_PENALTY_RANGE
+        _check_real(
+            "repetition_penalty",
+            self.repetition_penalty,
+            f"must be in [{lo}, {hi}] (1 turns it off)",
+            lambda v: lo <= v <= hi,
+        )
         for name in ("frequency_penalty", "presence_penalty"):
             _check_real(name, getattr(self, name), "must be in [-2, 2]", lambda v: -2 <= v <= 2)
         if self.seed is not None:
-            _check_int("seed", self.seed, lo=0, hi=2**64 - 1)
-        if len(self.stop) > limits.max_stop_sequences:
-            raise RequestValidationError(
-                "stop",
-                f"`stop` supports up to {limits.max_stop_sequences} stop sequences. "
-                f"Given: {len(self.stop)}",
-            )
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise RequestValidationError("stop", "`stop` sequences must be non-empty strings")
+            _check_int("seed", self.seed, lo=0, hi=MAX_SEED)
+        self._validate_stop(limits)
+        for name in ("ignore_eos", "skip_special_tokens", "details", "decoder_input_details"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise RequestValidationError(
+                    name, f"`{name}` must be a boolean. Given: {_show(value)}"
+                )
         if self.truncate is not None:
-            _check_int("truncate", self.truncate, lo=1)
+            _check_int("truncate", self.truncate, lo=1, hi=MAX_TOKENS)
         for name in ("return_k_alternatives", "prompt_k_alternatives"):
             k = getattr(self, name)
             _check_int(name, k, lo=0)
@@ -111,23 +134,100 @@ class SamplingParams:
                     f"`{name}` must be <= {limits.max_k_alternatives} (the server's "
                     f"max_k_alternatives). Given: {k}",
                 )
-        if self.logprobs_mode not in ("processed", "raw"):
+        if not isinstance(self.logprobs_mode, str) or self.logprobs_mode not in (
+            "processed",
+            "raw",
+        ):
             raise RequestValidationError(
                 "logprobs_mode",
-                f"`logprobs_mode` must be 'processed' or 'raw'. Given: {self.logprobs_mode!r}",
+                f"`logprobs_mode` must be 'processed' or 'raw'. Given: {_show(self.logprobs_mode)}",
             )
+        if self.adapter_id is not None and (
+            not isinstance(self.adapter_id, str) or not self.adapter_id
+        ):
+            raise RequestValidationError(
+                "adapter_id",
+                f"`adapter_id` must be a non-empty string. Given: {_show(self.adapter_id)}",
+            )
+        ids = self.extra_stop_token_ids
+        if not isinstance(ids, tuple | list) or len(ids) > MAX_EXTRA_STOP_TOKEN_IDS:
+            raise RequestValidationError(
+                "extra_stop_token_ids",
+                f"`extra_stop_token_ids` must be a list of at most {MAX_EXTRA_STOP_TOKEN_IDS} "
+                "token ids",
+            )
+        for t in ids:
+            _check_int("extra_stop_token_ids", t, lo=0, hi=MAX_TOKEN_ID)
+
+    def _validate_stop(self, limits: LimitsConfig) -> None:
+        stop = self.stop
+        if not isinstance(stop, tuple | list):
+            raise RequestValidationError(
+                "stop", f"`stop` must be a list of strings. Given: {type(stop).__name__}"
+            )
+        if len(stop) > limits.max_stop_sequences:
+            raise RequestValidationError(
+                "stop",
+                f"`stop` supports up to {limits.max_stop_sequences} stop sequences. "
+                f"Given: {len(stop)}",
+            )
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise RequestValidationError("stop", "`stop` sequences must be non-empty strings")
+            if len(s) > limits.max_stop_length:
+                raise RequestValidationError(
+                    "stop",
+                    f"`stop` sequences must be at most {limits.max_stop_length} characters. "
+                    f"Given: {len(s)}",
+                )
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestValidationError(
+                    "stop", "`stop` sequences must be valid Unicode (no lone surrogates)"
+                ) from None
+
+
+MIN_TEMPERATURE = 0.01
+"""Positive temperatures below this are raised to it (as vLLM does)."""
+MAX_TEMPERATURE = 100.0
+"""Above this the distribution is uniform to float32 precision anyway."""
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+"""Dividing a logit by 1e-45 (a float32 denormal) makes it inf, and the distribution NaN."""
+MAX_TOKENS = 2**31 - 1
+"""Bound of ``max_new_tokens`` and ``truncate`` (the model's length is checked later)."""
+MAX_SEED = 2**64 - 1
+"""``torch.Generator.manual_seed`` takes an unsigned 64-bit seed."""
+MAX_TOKEN_ID = 2**31 - 1
+MAX_EXTRA_STOP_TOKEN_IDS = 1024
 
 
 def _check_int(name: str, value: object, lo: int, hi: int | None = None, hint: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestValidationError(name, f"`{name}` must be an integer. Given: {value!r}")
+        raise RequestValidationError(name, f"`{name}` must be an integer. Given: {_show(value)}")
     if value < lo or (hi is not None and value > hi):
         bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise RequestValidationError(name, f"`{name}` must be {bound}{hint}. Given: {value}")
+        raise RequestValidationError(name, f"`{name}` must be {bound}{hint}. Given: {_show(value)}")
 
 
 def _check_real(name: str, value: object, rule: str, ok: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise RequestValidationError(name, f"`{name}` must be a number. Given: {value!r}")
-    if not math.isfinite(value) or not ok(value):  # type: ignore[operator]
-        raise RequestValidationError(name, f"`{name}` {rule}. Given: {value}")
+        raise RequestValidationError(name, f"`{name}` must be a number. Given: {_show(value)}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite or not ok(value):  # type: ignore[operator]
+        raise RequestValidationError(name, f"`{name}` {rule}. Given: {_show(value)}")
+
+
+def _show(value: object, limit: int = 60) -> str:
+    """A value for an error message: short, and never an exception of its own (``str`` of an
+    int of more than 4300 digits raises)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
