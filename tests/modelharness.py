@@ -19,7 +19,9 @@ class Harness:
     """Feeds token chunks of several sequences through the paged cache; returns logits rows."""
 
     def __init__(self, folder: Path, block_size: int = 4, num_blocks: int = 64, pack: bool = False):
-        loaded = load_model(folder, torch.float32, torch.device("cpu"), None)
+        # the longest sequence the cache holds (a cache shorter than the model's context is an
+        # error unless the maximum length is capped too)
+        loaded = load_model(folder, torch.float32, torch.device("cpu"), num_blocks * block_size)
         cfg = EngineConfig.from_kwargs(
             block_size=block_size,
             num_blocks=num_blocks,

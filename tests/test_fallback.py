@@ -106,7 +106,12 @@ def test_chunked_prefill_and_preemption(tiny_model) -> None:  # type: ignore[no-
     prompts = ["A long prompt that goes on and on " * 3, "short", "another one here"]
     ref = LLM(str(folder), progress=False).generate(prompts, p)
     small = LLM(
-        str(folder), progress=False, max_num_batched_tokens=5, block_size=4, num_blocks=12
+        str(folder),
+        progress=False,
+        max_num_batched_tokens=5,
+        block_size=4,
+        num_blocks=12,
+        max_model_len=48,
     ).generate(prompts, p)
     for a, b in zip(small, ref, strict=True):
         assert a.token_ids == b.token_ids

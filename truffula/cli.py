@@ -26,7 +26,21 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + generation")
-    g.add_argument("--kv-cache-memory", default="1GiB", help="KV cache budget, e.g. 512MiB, 4GB")
+    g.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        help="KV cache budget, e.g. 512MiB, 4GB (default: sized to the machine; CUDA: see "
+        "--gpu-memory-utilization; CPU: 10%% of available RAM up to 1 GiB, at least one "
+        "sequence of the full length)",
+    )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.90,
+        help="CUDA: fraction of the GPU's total memory truffula may use (weights, activations, "
+        "CUDA graphs, KV cache; other processes' memory counts against it); the KV cache takes "
+        "what is left (default 0.90)",
+    )
     g.add_argument(
         "--num-kv-blocks",
         type=int,
@@ -34,8 +48,24 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="exact KV block count (overrides --kv-cache-memory)",
     )
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    g.add_argument("--max-batch-tokens", type=int, default=512, help="token budget of one step")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="most requests running in one step")
+    g.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=None,
+        help="token budget of one step (default: 8192 on CUDA, 512 on CPU)",
+    )
+    g.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help="most requests running in one step (default: 256 on CUDA, 64 on CPU)",
+    )
+    g.add_argument(
+        "--cuda-graph-max-batch",
+        type=int,
+        default=None,
+        help="largest decode batch replayed as a CUDA graph (default: --max-num-seqs; 0: none)",
+    )
     g.add_argument(
         "--max-concurrent-requests", type=int, default=1024, help="requests held before 429"
     )
@@ -65,11 +95,13 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         device=args.device,
         dtype=args.dtype,
         max_model_len=args.max_model_len,
-        kv_cache_memory=parse_size(args.kv_cache_memory),
+        kv_cache_memory=None if args.kv_cache_memory is None else parse_size(args.kv_cache_memory),
+        gpu_memory_utilization=args.gpu_memory_utilization,
         num_blocks=args.num_kv_blocks,
         block_size=args.block_size,
         max_num_batched_tokens=args.max_batch_tokens,
         max_num_seqs=args.max_num_seqs,
+        cuda_graph_max_batch=args.cuda_graph_max_batch,
         max_queued_requests=args.max_concurrent_requests,
         async_scheduling=args.async_scheduling,
         max_k_alternatives=args.max_k_alternatives,

@@ -7,7 +7,7 @@ The CLI (``truffula/cli.py``) is the only place that turns command-line flags in
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
@@ -40,6 +40,9 @@ class ModelConfig:
     """Longest sequence (prompt + generation); defaults to the model's context length."""
     cuda_graphs: bool = True
     """Replay CUDA graphs for decode-only steps (CUDA only)."""
+    cuda_graph_max_batch: int | None = None
+    """Largest decode batch captured in a CUDA graph; None: the running-request cap
+    (``max_num_seqs``); 0: no graphs."""
     linear_kernel: str = "auto"
     """CPU linears: ``packed`` (oneDNN pre-packed weights), ``torch`` (F.linear, the reference)
     or ``auto`` (packed where oneDNN is available)."""
@@ -55,35 +58,68 @@ class ModelConfig:
             )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
+        if self.cuda_graph_max_batch is not None and self.cuda_graph_max_batch < 0:
+            raise ValueError("cuda_graph_max_batch must be >= 0")
 
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """The paged KV cache: fixed-size blocks drawn from a pool sized by a memory budget."""
+    """The paged KV cache: fixed-size blocks drawn from a pool sized by a memory budget.
+
+    Left unset, the budget is sized to the machine once the model is loaded
+    (``truffula.runner.sizing``): on CUDA, ``gpu_memory_utilization`` of the GPU's memory less
+    the weights, the activations of a step and the CUDA graphs; on CPU, a tenth of the available
+    RAM up to 1 GiB, and never less than one sequence of the model's full length."""
 
     block_size: int = 16
-    kv_cache_memory: int = 1 << 30
-    """Bytes of KV cache; the pool holds as many blocks as fit."""
+    kv_cache_memory: int | None = None
+    """Bytes of KV cache; the pool holds as many blocks as fit. None: sized to the machine."""
     num_blocks: int | None = None
     """Overrides ``kv_cache_memory`` with an exact number of blocks (tests, tiny budgets)."""
+    gpu_memory_utilization: float = 0.90
+    """CUDA: the fraction of the GPU's total memory truffula may use (weights, activations,
+    CUDA graphs and KV cache together; what other processes hold counts against it). Used
+    when neither ``kv_cache_memory`` nor ``num_blocks`` is set."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, not {self.block_size}")
-        if self.kv_cache_memory <= 0:
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError("kv_cache_memory must be positive")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError("num_blocks must be at least 1")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], not {self.gpu_memory_utilization}"
+            )
+
+
+@dataclass(frozen=True)
+class DeviceDefaults:
+    """Batching limits left unset, by device kind (``EngineConfig.for_device``)."""
+
+    max_num_batched_tokens: int
+    max_num_seqs: int
+
+
+DEVICE_DEFAULTS: dict[str, DeviceDefaults] = {
+    # a GPU reads the weights once per step whatever its width: wide steps (long prefill
+    # chunks, hundreds of decodes) are what keep its matrix units busy
+    "cuda": DeviceDefaults(max_num_batched_tokens=8192, max_num_seqs=256),
+    # a CPU step's time grows with its tokens: short steps keep decodes flowing
+    "cpu": DeviceDefaults(max_num_batched_tokens=512, max_num_seqs=64),
+}
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Continuous batching limits."""
 
-    max_num_batched_tokens: int = 512
-    """Token budget of one step (prefill chunks and decodes together)."""
-    max_num_seqs: int = 64
-    """Most requests running in one step."""
+    max_num_batched_tokens: int | None = None
+    """Token budget of one step (prefill chunks and decodes together). None: by device
+    (``DEVICE_DEFAULTS``: 8192 on CUDA, 512 on CPU)."""
+    max_num_seqs: int | None = None
+    """Most requests running in one step. None: by device (256 on CUDA, 64 on CPU)."""
     max_queued_requests: int = 1024
     """Most requests held (running + waiting) before new ones are refused as overloaded."""
     async_scheduling: str = "auto"
@@ -91,9 +127,9 @@ class SchedulerConfig:
     text, scheduling) overlaps the device's; ``auto``: on CUDA only; ``off``."""
 
     def __post_init__(self) -> None:
-        if self.max_num_batched_tokens < 1:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be at least 1")
-        if self.max_num_seqs < 1:
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
         if self.max_queued_requests < 1:
             raise ValueError("max_queued_requests must be at least 1")
@@ -165,6 +201,28 @@ class EngineConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
+    def for_device(self, device_type: str) -> EngineConfig:
+        """This config with the batching limits left unset (None) filled in for a device kind
+        (``cuda``, ``cpu``; others take the CPU values): the step token budget, the
+        running-request cap and the largest CUDA graph batch (the cap). The one place these
+        defaults are applied; a config already resolved comes back unchanged. The KV cache
+        size needs the loaded model and is resolved by the runner (``truffula.runner.sizing``)."""
+        d = DEVICE_DEFAULTS.get(device_type, DEVICE_DEFAULTS["cpu"])
+        s = self.scheduler
+        scheduler = replace(
+            s,
+            max_num_batched_tokens=s.max_num_batched_tokens or d.max_num_batched_tokens,
+            max_num_seqs=s.max_num_seqs or d.max_num_seqs,
+        )
+        graphs = self.model.cuda_graph_max_batch
+        model = replace(
+            self.model,
+            cuda_graph_max_batch=min(scheduler.max_num_seqs, graphs)
+            if graphs is not None
+            else scheduler.max_num_seqs,
+        )
+        return replace(self, model=model, scheduler=scheduler)
+
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> EngineConfig:
         """Build a config from flat keyword arguments (``model=..., num_blocks=...``)."""
@@ -182,7 +240,7 @@ class EngineConfig:
             )
             if owner is None:
                 raise TypeError(f"unknown engine option {key!r}")
-            if key == "kv_cache_memory" and isinstance(value, str):
+            if key == "kv_cache_memory" and isinstance(value, str):  # None stays automatic
                 value = parse_size(value)
             parts.setdefault(owner, {})[key] = value
         return cls(**{name: sections[name](**parts.get(name, {})) for name in sections})  # type: ignore[arg-type]

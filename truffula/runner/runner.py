@@ -12,6 +12,10 @@ Steps of ``launch`` (which returns without waiting for the device):
 
 The runner keeps per-request state (prompt, outputs so far, sampling params, RNG) keyed by
 request id; it never sees the tokenizer.
+
+At start-up it sizes and allocates the paged KV cache (``truffula.runner.sizing``; on CUDA with
+no size given, after profiling the heaviest step on a one-block cache) and exposes the outcome
+as ``sizing`` (``EngineSizing``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,13 @@ from truffula.models.registry import LoadedModel
 from truffula.runner.context import AttentionMetadata, ForwardContext, forward_context
 from truffula.runner.graphs import DecodeGraphs
 from truffula.runner.output import RunnerOutput, SeqOutput, TokenLogprobs
+from truffula.runner.sizing import (
+    CudaMemory,
+    EngineSizing,
+    available_host_memory,
+    choose_kv_cache,
+    profile_layout,
+)
 from truffula.sampling.metadata import build_sampling_batch
 from truffula.sampling.params import SamplingParams
 from truffula.sampling.sampler import Sampler, stats_of_logits
@@ -66,17 +77,17 @@ class ModelRunner:
     def __init__(
         self, loaded: LoadedModel, config: EngineConfig, device: torch.device, dtype: torch.dtype
     ):
+        given = config
+        # the batching limits left unset, filled in for the device
+        self.config = config = config.for_device(device.type)
         self.model = loaded.model
         self.device = device
         self.dtype = dtype
-        self.config = config
         hf = loaded.hf_config
         self.vocab_size = int(hf.vocab_size)
         self.block_size = config.cache.block_size
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.num_blocks = self._num_blocks(loaded.max_len)
-        self.max_len = min(loaded.max_len, (self.num_blocks - 1) * self.block_size)
-        self._allocate_cache()
+        self.max_len = loaded.max_len
         kind = config.model.linear_kernel
         self.packed_linears = (
             device.type == "cpu" and kind != "torch" and linear_cpu.available(dtype)
@@ -89,15 +100,20 @@ class ModelRunner:
         self.sampler = Sampler()
         self.states: dict[str, RequestState] = {}
         self.graphs: DecodeGraphs | None = None
+        graph_batch = config.model.cuda_graph_max_batch or 0
         if (
             device.type == "cuda"
             and config.model.cuda_graphs
+            and graph_batch > 0
             and triton_kernels.ENABLED
             and not getattr(self.model, "is_fallback", False)
         ):
             self.graphs = DecodeGraphs(
-                self.model, device, config.scheduler.max_num_seqs, self.max_len, self.block_size
+                self.model, device, graph_batch, self.max_len, self.block_size
             )
+        self.sizing = self._size_cache(loaded, given)
+        self.num_blocks = self.sizing.num_blocks + 1  # + the null block
+        self._allocate_cache(self.num_blocks)
 
     def capture_graphs(self) -> None:
         """Capture the decode graphs (after LoRA wrapping, so adapters can join a graph)."""
@@ -105,25 +121,123 @@ class ModelRunner:
             self.graphs.capture_all()
 
     # ---------------------------------------------------------------- set-up
-    def _kv_bytes_per_block(self) -> int:
+    def _kv_bytes_per_token(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
-        per_token = sum(2 * a.num_kv_heads * a.head_dim for a in self.attn_layers) * elem
-        return per_token * self.block_size
+        return sum(2 * a.num_kv_heads * a.head_dim for a in self.attn_layers) * elem
 
-    def _num_blocks(self, max_len: int) -> int:
-        if self.config.cache.num_blocks is not None:
-            return self.config.cache.num_blocks + 1  # + the null block
-        per_block = self._kv_bytes_per_block()
-        if per_block == 0:  # the transformers fallback keeps its own caches: blocks only count
-            return 1 + self.config.scheduler.max_num_seqs * -(-max_len // self.block_size)
-        return max(2, self.config.cache.kv_cache_memory // per_block)
+    def _size_cache(self, loaded: LoadedModel, given: EngineConfig) -> EngineSizing:
+        """Decide the KV cache's size (``truffula.runner.sizing``); on CUDA with an automatic
+        size, first measure the memory a step and the decode graphs take."""
+        cfg, cache = self.config, self.config.cache
+        per_token = self._kv_bytes_per_token()
+        auto = cache.num_blocks is None and cache.kv_cache_memory is None and per_token > 0
+        cuda = self._measure_cuda() if auto and self.device.type == "cuda" else None
+        host = available_host_memory() if auto and self.device.type != "cuda" else None
+        flag_len = given.model.max_model_len
+        max_len_flag = flag_len is not None and loaded.max_len == flag_len
+        choice = choose_kv_cache(
+            cache,
+            bytes_per_block=per_token * self.block_size,
+            max_len=self.max_len,
+            max_num_seqs=cfg.scheduler.max_num_seqs or 1,
+            cuda=cuda,
+            host_available=host,
+            max_len_flag=max_len_flag,
+        )
 
-    def _allocate_cache(self) -> None:
+        def source(value: object) -> str:
+            return "auto" if value is None else "flag"
+
+        return EngineSizing(
+            device=str(self.device),
+            kv_cache_bytes=(choice.num_blocks + 1) * self.block_size * per_token,
+            num_blocks=choice.num_blocks,
+            block_size=self.block_size,
+            kv_bytes_per_token=per_token,
+            kv_capacity_tokens=choice.num_blocks * self.block_size,
+            max_len=self.max_len,
+            max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens or 1,
+            max_num_seqs=cfg.scheduler.max_num_seqs or 1,
+            graph_batch_sizes=tuple(self.graphs.sizes) if self.graphs is not None else (),
+            kv_cache_source=choice.source,
+            kv_cache_reason=choice.reason,
+            max_len_source="flag" if max_len_flag else "auto",
+            max_num_batched_tokens_source=source(given.scheduler.max_num_batched_tokens),
+            max_num_seqs_source=source(given.scheduler.max_num_seqs),
+            graph_batch_sizes_source=source(given.model.cuda_graph_max_batch),
+            memory=cuda,
+        )
+
+    def _measure_cuda(self) -> CudaMemory:
+        """GPU memory once the model is loaded, before the KV cache exists: what PyTorch holds,
+        what is free, the peak of the heaviest step at the token budget, and an eager decode at
+        the largest graph batch (the graphs' pool holds what it allocates). The profile runs
+        over a one-block cache: every token's slot is in the null block."""
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        self._allocate_cache(1)
+        base = torch.cuda.memory_reserved(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        self._profile_step()
+        torch.cuda.synchronize(dev)
+        activations = torch.cuda.max_memory_reserved(dev) - base
+        graphs = 0
+        if self.graphs is not None:
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_reserved(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            kept = self.graphs.profile()
+            torch.cuda.synchronize(dev)
+            graphs = torch.cuda.max_memory_reserved(dev) - base + kept
+        self._allocate_cache(0)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        weights = torch.cuda.memory_allocated(dev)
+        return CudaMemory(total, free, weights, max(0, activations), max(0, graphs))
+
+    @torch.inference_mode()
+    def _profile_step(self) -> None:
+        """Run the heaviest step the scheduler can make (``profile_layout``): every sequence
+        samples with every filter and penalty and the largest k of alternatives, and one asks
+        for prompt logprobs."""
+        cfg = self.config
+        budget = cfg.scheduler.max_num_batched_tokens or 1
+        seqs_cap = cfg.scheduler.max_num_seqs or 1
+        k = cfg.limits.max_k_alternatives
+        heavy = SamplingParams(
+            temperature=0.8,
+            top_k=50,
+            top_p=0.9,
+            typical_p=0.95,
+            min_p=0.01,
+            repetition_penalty=1.1,
+            frequency_penalty=0.1,
+            presence_penalty=0.1,
+            return_k_alternatives=k,
+        )
+        table = [0] * -(-self.max_len // self.block_size)
+        seqs = []
+        for i, (start, n) in enumerate(profile_layout(budget, seqs_cap, self.max_len)):
+            rid = f"__profile_{i}"
+            params = heavy if n == 1 else heavy.with_updates(prompt_k_alternatives=k)
+            self.states[rid] = RequestState([0] * (start + n), params)
+            seqs.append(ScheduledSeq(rid, [0] * n, start, table, True))
+        graphs, self.graphs = self.graphs, None  # eager, however the step looks
+        try:
+            self.collect(self.launch(SchedulerOutput(seqs)))
+        finally:
+            self.graphs = graphs
+            for s in seqs:
+                self.states.pop(s.request_id, None)
+
+    def _allocate_cache(self, num_blocks: int) -> None:
         from truffula.kernels.select import attention_impl
 
         impl = attention_impl(self.device)
-        slots = self.num_blocks * self.block_size
+        slots = num_blocks * self.block_size
         for a in self.attn_layers:
+            a.bind_cache(torch.empty(0), torch.empty(0), impl)  # free the old cache first
             k = torch.zeros(slots, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device)
             a.bind_cache(k, torch.zeros_like(k), impl)
 
