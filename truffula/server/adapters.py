@@ -5,9 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from pydantic import Field
 
+from truffula.server.errors import invalid
 from truffula.server.protocol import _Lenient
 from truffula.server.responses import JSON
-from truffula.server.state import invalid, state_of
+from truffula.server.state import state_of
 
 router = APIRouter(tags=["Adapters"])
 

@@ -18,9 +18,25 @@ from truffula.errors import (
     GenerationError,
     RequestValidationError,
 )
-from truffula.server.state import ClientDisconnected, HTTPError
 
 log = logging.getLogger("truffula.server")
+
+
+class HTTPError(Exception):
+    """An error answered as ``{"error": message, "error_type": kind}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+def invalid(field_name: str, message: str) -> RequestValidationError:
+    return RequestValidationError(field_name, message)
 
 
 def error_body(exc: BaseException) -> tuple[int, dict[str, str]]:

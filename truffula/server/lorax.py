@@ -20,14 +20,8 @@ from truffula.server.formats import Accumulator, details_dict, prefill_dict, tok
 from truffula.server.params import RouteOptions, lorax_params
 from truffula.server.protocol import CompatGenerateRequest, GenerateRequest
 from truffula.server.responses import JSON
-from truffula.server.state import (
-    SSE_HEADERS,
-    AdapterRef,
-    ServerState,
-    collect,
-    sse_events,
-    state_of,
-)
+from truffula.server.state import AdapterRef, ServerState, state_of
+from truffula.server.streams import SSE_HEADERS, collect, sse_events
 
 router = APIRouter(tags=["LoRAX / TGI"])
 
@@ -59,7 +53,7 @@ def prompt_of(body: GenerateRequest, state: ServerState) -> str | list[int]:
     """``inputs`` as given, or through the chat template when ``apply_chat_template`` is set."""
     if not (body.parameters and body.parameters.apply_chat_template):
         return body.inputs
-    from truffula.server.openai import chat_ids
+    from truffula.server.openai.common import chat_ids
 
     try:
         messages = json.loads(body.inputs)

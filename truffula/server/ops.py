@@ -7,10 +7,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from truffula.server.errors import invalid
 from truffula.server.metrics import CONTENT_TYPE
 from truffula.server.protocol import TokenizeRequest
 from truffula.server.responses import JSON
-from truffula.server.state import invalid, state_of
+from truffula.server.state import state_of
 
 router = APIRouter(tags=["Operations"])
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from truffula.sampling.params import SamplingParams
+from truffula.server.errors import invalid
 from truffula.server.protocol import GenerateParameters
-from truffula.server.state import ServerState, invalid
+from truffula.server.state import ServerState
 
 
 @dataclass

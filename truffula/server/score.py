@@ -16,11 +16,13 @@ from fastapi import APIRouter, Request
 
 from truffula.engine.output import TokenInfo
 from truffula.sampling.params import SamplingParams
+from truffula.server.errors import invalid
 from truffula.server.formats import alternative_dict
 from truffula.server.params import check_k
 from truffula.server.protocol import ScoreRequest
 from truffula.server.responses import JSON
-from truffula.server.state import AdapterRef, collect, invalid, state_of
+from truffula.server.state import AdapterRef, state_of
+from truffula.server.streams import collect
 
 router = APIRouter(tags=["Scoring"])
 

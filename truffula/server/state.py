@@ -1,16 +1,14 @@
-"""What every route shares: the engine, the server settings, metrics, and the request helpers
-(error type, parameter mapping, streaming and disconnect handling)."""
+"""What every route shares: the engine client, the server settings and metrics, preparing and
+submitting requests, and adapters (``AdapterRef``)."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 from fastapi import Request
 
 from truffula.config import LimitsConfig
@@ -18,34 +16,17 @@ from truffula.engine.async_engine import AsyncEngine, RequestStream
 from truffula.engine.frontend import Frontend
 from truffula.engine.messages import EngineRequest
 from truffula.engine.tokenizer import Tokenizer
-from truffula.errors import AdapterError, RequestValidationError
+from truffula.errors import AdapterError
 from truffula.sampling.params import SamplingParams
-from truffula.server.formats import Accumulator
 from truffula.server.metrics import Metrics
-
-
-class HTTPError(Exception):
-    """An error answered as ``{"error": message, "error_type": kind}`` with ``status``."""
-
-    def __init__(self, status: int, message: str, kind: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
-
-
-class ClientDisconnected(Exception):
-    pass
-
 
 LONG_PROMPT_CHARS = 4096
 
 
-def invalid(field_name: str, message: str) -> RequestValidationError:
-    return RequestValidationError(field_name, message)
-
-
-@dataclass
+@dataclass(frozen=True)
 class ServerSettings:
+    """What ``truffula serve`` was told (flags), fixed for the life of the server."""
+
     model_id: str
     api_key: str | None = None
     max_best_of: int = 2
@@ -168,52 +149,3 @@ class AdapterRef:
 
 def state_of(request: Request) -> ServerState:
     return request.app.state.truffula  # type: ignore[no-any-return]
-
-
-async def collect(
-    stream: RequestStream, request: Request | None, poll: float = 0.25
-) -> Accumulator:
-    """Gather a request's outputs; if the HTTP client goes away first, abort the request."""
-    acc = Accumulator()
-
-    async def consume() -> None:
-        async for out in stream:
-            acc.add(out)
-
-    task = asyncio.create_task(consume())
-    try:
-        while not task.done():
-            done, _ = await asyncio.wait({task}, timeout=poll)
-            if not done and request is not None and await request.is_disconnected():
-                task.cancel()
-                raise ClientDisconnected
-        task.result()
-    finally:
-        if not task.done():
-            task.cancel()
-        stream.close()
-    return acc
-
-
-def sse_data(payload: dict[str, Any] | str) -> bytes:
-    body = payload.encode() if isinstance(payload, str) else msgspec.json.encode(payload)
-    return b"data: " + body + b"\n\n"
-
-
-async def sse_events(
-    events: AsyncIterator[dict[str, Any]], done_marker: bool = False
-) -> AsyncIterator[bytes]:
-    """Serialize events as SSE; an error after the stream opened becomes an error event."""
-    from truffula.server.errors import error_body
-
-    try:
-        async for ev in events:
-            yield sse_data(ev)
-    except Exception as exc:
-        _, body = error_body(exc)
-        yield sse_data(body)
-    if done_marker:
-        yield sse_data("[DONE]")
-
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
