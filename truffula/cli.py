@@ -194,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain-timeout", type=float, default=10.0, help="seconds to finish requests on shutdown"
     )
     srv.add_argument("--log-level", default="info")
+    srv.add_argument(
+        "--api-server-count",
+        type=int,
+        default=1,
+        help="HTTP server processes in front of the one engine process (share the port)",
+    )
     add_engine_args(srv)
     srv.set_defaults(func=cmd_serve)
 
