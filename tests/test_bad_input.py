@@ -88,7 +88,8 @@ def test_bad_requests_leave_running_requests_untouched(llm) -> None:  # type: ig
 
 def test_abort_frees_everything(llm) -> None:  # type: ignore[no-untyped-def]
     core = llm.engine
-    rid = core.add_request("Tell me a long story about dragons.", SamplingParams(max_new_tokens=50))
+    params = SamplingParams(max_new_tokens=50, ignore_eos=True)  # sampled: EOS must not end it
+    rid = core.add_request("Tell me a long story about dragons.", params)
     core.step()
     core.step()
     assert core.pool.num_used > 0
