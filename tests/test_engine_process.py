@@ -47,12 +47,36 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def stream_events(url: str, body: dict, events: list, first: threading.Event) -> None:
-    with httpx.stream("POST", url + "/generate_stream", json=body, timeout=120) as resp:
-        for line in resp.iter_lines():
-            if line.startswith("data:"):
-                events.append(json.loads(line[5:]))
-                first.set()
+class LongRequests:
+    """One streamed and one plain long request in threads; ``wait`` joins both."""
+
+    def __init__(self, url: str) -> None:
+        self.events: list[dict] = []
+        self.result: dict = {}
+        self.first = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._stream, args=(url,)),
+            threading.Thread(target=self._plain, args=(url,)),
+        ]
+        for t in self.threads:
+            t.start()
+        assert self.first.wait(120), "no token streamed"
+
+    def _stream(self, url: str) -> None:
+        with httpx.stream("POST", url + "/generate_stream", json=LONG, timeout=120) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data:"):
+                    self.events.append(json.loads(line[5:]))
+                    self.first.set()
+
+    def _plain(self, url: str) -> None:
+        r = httpx.post(url + "/generate", json=LONG, timeout=120)
+        self.result.update(status=r.status_code, body=r.json())
+
+    def wait(self, timeout: float) -> None:
+        for t in self.threads:
+            t.join(timeout)
+        assert not any(t.is_alive() for t in self.threads), "a request hung"
 
 
 def test_two_api_processes_share_one_engine(model_dir) -> None:  # type: ignore[no-untyped-def]
@@ -94,24 +118,11 @@ def test_two_api_processes_share_one_engine(model_dir) -> None:  # type: ignore[
 def test_drain_ends_what_is_left_with_503(model_dir) -> None:  # type: ignore[no-untyped-def]
     proc = ServerProcess("--drain-timeout", "1")
     children = spawned_children(proc.proc.pid)
-    events: list[dict] = []
-    first = threading.Event()
-    streamer = threading.Thread(target=stream_events, args=(proc.url, LONG, events, first))
-    streamer.start()
-    result: dict = {}
-
-    def plain() -> None:
-        r = httpx.post(proc.url + "/generate", json=LONG, timeout=120)
-        result.update(status=r.status_code, body=r.json())
-
-    waiter = threading.Thread(target=plain)
-    waiter.start()
-    assert first.wait(120)
+    reqs = LongRequests(proc.url)
     proc.proc.send_signal(signal.SIGTERM)
-    waiter.join(60)
-    streamer.join(60)
-    assert result["status"] == 503 and result["body"]["error_type"] == "unavailable"
-    assert "error" in events[-1] and 1 <= len(events) < 4000
+    reqs.wait(60)
+    assert reqs.result["status"] == 503 and reqs.result["body"]["error_type"] == "unavailable"
+    assert "error" in reqs.events[-1] and 1 <= len(reqs.events) < 4000
     assert proc.proc.wait(60) == 0
     assert not [p for p in children if alive(p)]
     log = proc.log.read_text()
@@ -121,23 +132,9 @@ def test_drain_ends_what_is_left_with_503(model_dir) -> None:  # type: ignore[no
 def test_engine_death_is_503_and_the_server_exits(model_dir) -> None:  # type: ignore[no-untyped-def]
     proc = ServerProcess()
     (engine,) = spawned_children(proc.proc.pid)
-    events: list[dict] = []
-    first = threading.Event()
-    streamer = threading.Thread(target=stream_events, args=(proc.url, LONG, events, first))
-    streamer.start()
-    result: dict = {}
-
-    def plain() -> None:
-        r = httpx.post(proc.url + "/generate", json=LONG, timeout=120)
-        result.update(status=r.status_code, body=r.json())
-
-    waiter = threading.Thread(target=plain)
-    waiter.start()
-    assert first.wait(120)
+    reqs = LongRequests(proc.url)
     os.kill(engine, signal.SIGKILL)
-    waiter.join(30)
-    streamer.join(30)
-    assert not waiter.is_alive() and not streamer.is_alive()
-    assert result["status"] == 503, result
-    assert "error" in events[-1]
+    reqs.wait(30)
+    assert reqs.result["status"] == 503, reqs.result
+    assert "error" in reqs.events[-1]
     assert proc.proc.wait(30) == 1
