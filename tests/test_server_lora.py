@@ -197,7 +197,7 @@ def test_first_request_loads_off_the_step_loop(model_dir, peft_model) -> None:  
     from truffula.engine.llm import LLM
     from truffula.server.metrics import Metrics
     from truffula.server.protocol import GenerateParameters
-    from truffula.server.state import ServerSettings, ServerState
+    from truffula.server.state import AdapterRef, ServerSettings, ServerState
 
     llm = LLM(str(model_dir), progress=False, adapter_root=str(peft_model.root), max_lora_rank=8)
     store = llm.engine.adapters
@@ -225,7 +225,8 @@ def test_first_request_loads_off_the_step_loop(model_dir, peft_model) -> None:  
             await asyncio.sleep(0.01)
         before = base_tokens
         params = await state.resolve_adapter(
-            GenerateParameters(adapter_id="all8"), SamplingParams(max_new_tokens=5, temperature=0)
+            AdapterRef.of(GenerateParameters(adapter_id="all8")),
+            SamplingParams(max_new_tokens=5, temperature=0),
         )
         during = base_tokens - before
         outs = [o async for o in engine.generate(PROMPT, params)]

@@ -86,6 +86,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="directory local adapter ids must resolve under (default: the working directory)",
     )
     g.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank served")
+    g.add_argument(
+        "--max-cpu-adapters",
+        type=int,
+        default=64,
+        help="adapters kept in host memory; the least recently used unused ones are dropped",
+    )
     g.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -109,6 +115,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_active_adapters=args.max_active_adapters,
         adapter_root=args.adapter_root,
         max_lora_rank=args.max_lora_rank,
+        max_cpu_adapters=args.max_cpu_adapters,
     )
 
 

@@ -180,7 +180,13 @@ class EngineCore:
         )
         packed = getattr(model, "packed_modules", {})
         return AdapterStore(
-            layers, packed, lora.max_active_adapters, lora.max_lora_rank, lora.adapter_root
+            layers,
+            packed,
+            lora.max_active_adapters,
+            lora.max_lora_rank,
+            lora.adapter_root,
+            max_cpu_adapters=lora.max_cpu_adapters,
+            max_merged_adapters=lora.max_merged_adapters,
         )
 
     def _admit(self, seq: SeqState) -> bool:

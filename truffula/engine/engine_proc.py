@@ -199,17 +199,7 @@ class EngineLoop:
 
     def _adapters(self) -> dict[str, Any]:
         store = self.core.adapters
-        listing = [
-            {
-                "id": key,
-                "rank": store.host[key].rank,
-                "modules": len(store.host[key].modules),
-                "active": store.slot_of.get(key) is not None,
-                "slot": store.slot_of.get(key),
-                "requests": store.users.get(key, 0),
-            }
-            for key in store.loaded_ids()
-        ]
+        listing = store.listing()
         info = {
             "max_active_adapters": store.num_slots,
             "max_lora_rank": store.max_rank,
@@ -223,7 +213,8 @@ class EngineLoop:
     def _load_merged(self, spec: dict[str, Any], source: str | None) -> str:
         from truffula.adapters.merge import MergeSpec
 
-        return self.core.adapters.load_merged(MergeSpec.parse(**spec), source)
+        max_ids = self.core.config.lora.max_merged_adapters
+        return self.core.adapters.load_merged(MergeSpec.parse(**spec, max_ids=max_ids), source)
 
     def _shutdown(self) -> bool:
         """Abort what is left and leave the loop once the last outputs are out."""

@@ -111,7 +111,8 @@ class ServerState:
         if ref.merged is not None:
             from truffula.adapters.merge import MergeSpec
 
-            MergeSpec.parse(**ref.merged)  # validated here, merged in the engine process
+            max_ids = self.engine.config.lora.max_merged_adapters
+            MergeSpec.parse(**ref.merged, max_ids=max_ids)  # checked here, merged in the engine
             key = await self.engine.call("load_merged", ref.merged, source)
             return params.with_updates(adapter_id=key)
         if ref.adapter_id in (None, "", self.settings.model_id):
