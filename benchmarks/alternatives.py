@@ -22,8 +22,8 @@ import torch
 from common import machine, random_prompts, write_result
 
 from truffula.engine.llm import LLM
+from truffula.kernels.stats_torch import stats_of_logits
 from truffula.sampling.params import SamplingParams
-from truffula.sampling.sampler import stats_of_logits
 
 CONFIGS = {"k=0": (0, 8), "k=5": (5, 8), "k=20": (20, 8), "k=20 half": (20, 4)}
 

@@ -7,9 +7,8 @@ from pathlib import Path
 import torch
 
 from truffula.config import EngineConfig
-from truffula.kernels.lora_torch import LoRABatch
+from truffula.forward import forward_context
 from truffula.models.registry import load_model
-from truffula.runner.context import ForwardContext, forward_context
 from truffula.runner.runner import ModelRunner
 from truffula.scheduler.block_pool import BlockPool
 from truffula.scheduler.output import ScheduledSeq
@@ -50,10 +49,9 @@ class Harness:
             seqs.append(ScheduledSeq(rid, toks, start, list(blocks), True, slots.get(rid, -1)))
             self.pos[rid] = start + len(toks)
         seqs.sort(key=lambda s: s.num_tokens != 1)
-        ids, positions, meta = self.runner.prepare(seqs)
-        lora = LoRABatch.build([s.adapter_slot for s in seqs for _ in s.token_ids], ids.device)
-        with forward_context(ForwardContext(meta, lora)):
+        ids, positions, ctx = self.runner.prepare(seqs)
+        with forward_context(ctx):
             hidden = self.runner.model(ids, positions)
         logits = self.runner.model.compute_logits(hidden).log_softmax(-1)
-        starts = meta.query_start_loc_cpu
+        starts = ctx.attn.query_start_loc_cpu
         return {s.request_id: logits[starts[i] : starts[i + 1]] for i, s in enumerate(seqs)}

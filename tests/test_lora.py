@@ -14,7 +14,8 @@ from modelharness import Harness
 from truffula.adapters.store import AdapterStore
 from truffula.engine.llm import LLM
 from truffula.errors import AdapterError
-from truffula.kernels.lora_torch import LoRABatch, lora_apply, lora_reference
+from truffula.forward import LoRABatch
+from truffula.kernels.lora_torch import lora_apply, lora_reference
 from truffula.layers.lora import apply_lora
 from truffula.sampling.params import SamplingParams
 
@@ -251,9 +252,9 @@ def test_gathered_cpu_strategy_matches_the_loop(slots: list[int]) -> None:
     """The CPU path (embedding-bag gathers over the factor rows ``set_slot`` lays out): base
     tokens mixed in or not, one adapter or several, a slot holding an adapter of lower rank
     and another cleared after use."""
+    from truffula.forward import AttentionMetadata, ForwardContext, forward_context
     from truffula.layers.linear import MergedLinear
     from truffula.layers.lora import LoRALinear
-    from truffula.runner.context import AttentionMetadata, ForwardContext, forward_context
 
     g = torch.Generator().manual_seed(0)
     base = MergedLinear(48, {"q": 32, "k": 16, "v": 16})

@@ -6,15 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from truffula.kernels.stats_torch import logprob_stats, stats_of_logits
 from truffula.sampling.metadata import build_sampling_batch
 from truffula.sampling.params import SamplingParams
-from truffula.sampling.sampler import (
-    Sampler,
-    apply_filters,
-    apply_penalties,
-    logprob_stats,
-    stats_of_logits,
-)
+from truffula.sampling.sampler import Sampler, apply_filters, apply_penalties
 
 V = 200
 
@@ -241,7 +236,7 @@ def check_stats(logits, chosen, k, ids, lps, ranks, entropy) -> None:  # type: i
 def test_two_stage_topk_equals_torch_topk(k: int) -> None:
     """The CPU top-k over chunk maxima gives torch.topk's values and (without ties) indices,
     for a vocabulary that is not a multiple of the chunk, with filtered (-inf) rows."""
-    from truffula.sampling.sampler import topk_rows
+    from truffula.kernels.stats_torch import topk_rows
 
     gen = torch.Generator().manual_seed(k)
     x = torch.randn(6, 49157, generator=gen) * 3

@@ -11,12 +11,12 @@ import os
 import pytest
 import torch
 
-from truffula.kernels import triton_kernels as tk
+from truffula.kernels import triton_support
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not tk.AVAILABLE, reason="triton is not installed"),
+    pytest.mark.skipif(not triton_support.AVAILABLE, reason="triton is not installed"),
     pytest.mark.skipif(
         not (torch.cuda.is_available() or INTERPRET), reason="needs CUDA (or TRITON_INTERPRET=1)"
     ),
@@ -36,6 +36,7 @@ def tol(dtype: torch.dtype) -> float:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("rows", "n", "offset"), [(1, 64, 0.0), (7, 576, 0.0), (33, 4096, 1.0)])
 def test_add_rms_norm(dtype, rows: int, n: int, offset: float) -> None:
+    from truffula.kernels.norm_triton import add_rms_norm
     from truffula.layers.norm import RMSNorm
 
     g = torch.Generator(device=DEV).manual_seed(rows)
@@ -44,17 +45,18 @@ def test_add_rms_norm(dtype, rows: int, n: int, offset: float) -> None:
     norm = RMSNorm(n, 1e-6, offset).to(DEV)
     norm.weight.data = torch.randn(n, device=DEV, generator=g).to(dtype)
     want_y, want_r = norm(x, r)
-    y, res = tk.add_rms_norm(x, r, norm.weight, 1e-6, offset)
+    y, res = add_rms_norm(x, r, norm.weight, 1e-6, offset)
     assert torch.equal(res, want_r)
     assert rel(y, want_y) < tol(dtype)
-    y2, none = tk.add_rms_norm(x, None, norm.weight, 1e-6, offset)
+    y2, none = add_rms_norm(x, None, norm.weight, 1e-6, offset)
     assert none is None and rel(y2, norm(x)) < tol(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("heads", "dim", "rot"), [(3, 64, 64), (12, 128, 128), (4, 80, 40)])
 def test_rotary(dtype, heads: int, dim: int, rot: int) -> None:
-    from truffula.layers.rotary import rotate_half
+    from truffula.kernels.rotary_torch import rotate_half
+    from truffula.kernels.rotary_triton import rotary
 
     g = torch.Generator(device=DEV).manual_seed(heads)
     t = 9
@@ -67,18 +69,19 @@ def test_rotary(dtype, heads: int, dim: int, rot: int) -> None:
     c, s = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
     xr, rest = x[..., :rot].float(), x[..., rot:].float()
     want = torch.cat((xr * c + rotate_half(xr) * s, rest), -1)
-    got = tk.rotary(x, pos, cos, sin, rot)
+    got = rotary(x, pos, cos, sin, rot)
     assert rel(got, want) < tol(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gelu", [False, True])
 def test_act_and_mul(dtype, gelu: bool) -> None:
-    from truffula.layers.activation import act_and_mul
+    from truffula.kernels import activation_triton
+    from truffula.kernels.activation_torch import act_and_mul
 
     x = torch.randn(5, 2 * 1536, device=DEV).to(dtype)
     want = act_and_mul(x.float(), "gelu_pytorch_tanh" if gelu else "silu")
-    assert rel(tk.act_and_mul(x, gelu), want) < tol(dtype)
+    assert rel(activation_triton.act_and_mul(x, gelu), want) < tol(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -92,8 +95,9 @@ def test_act_and_mul(dtype, gelu: bool) -> None:
     ],
 )
 def test_decode_attention(dtype, heads, kv_heads, dim, block, window, softcap) -> None:
+    from truffula.forward import AttentionMetadata
     from truffula.kernels.attention_torch import paged_attention
-    from truffula.runner.context import AttentionMetadata
+    from truffula.kernels.attention_triton import decode_attention
 
     g = torch.Generator().manual_seed(heads * dim)
     lens = [1, 17, 40, 75]
@@ -141,7 +145,7 @@ def test_decode_attention(dtype, heads, kv_heads, dim, block, window, softcap) -
     k_cache.index_copy_(0, slots, k_new)
     v_cache.index_copy_(0, slots, v_new)
     for splits in (None, 1, 4, 16, 4):  # 16: splits left empty; 4 again: counters were reset
-        got = tk.decode_attention(
+        got = decode_attention(
             q,
             k_cache,
             v_cache,
@@ -154,7 +158,7 @@ def test_decode_attention(dtype, heads, kv_heads, dim, block, window, softcap) -
             splits=splits,
         )
         assert rel(got, want) < tol(dtype) * 2, splits
-    from truffula.kernels.triton_attention import _COUNTERS
+    from truffula.kernels.attention_triton import _COUNTERS
 
     assert all(int(c.abs().sum()) == 0 for c in _COUNTERS.values())  # left zero for the next
 
@@ -162,6 +166,7 @@ def test_decode_attention(dtype, heads, kv_heads, dim, block, window, softcap) -
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lora_bgmv(dtype) -> None:
     from truffula.kernels.lora_torch import lora_reference
+    from truffula.kernels.lora_triton import lora_sgmv
 
     g = torch.Generator().manual_seed(3)
     slots, shards, rank, n_in, sizes = 4, 3, 12, 1200, [200, 100, 100]  # not block-aligned
@@ -174,14 +179,14 @@ def test_lora_bgmv(dtype) -> None:
     y = torch.randn(11, 400, generator=g).to(dtype).to(DEV)
     ref_bts = [b.float() for b in bts]
     want = lora_reference(y.float(), x.float(), a.float(), ref_bts, offsets, token_slots.cpu())
-    from truffula.kernels.lora_torch import segments
+    from truffula.forward import segments
 
     seg = torch.tensor(segments(token_slots.tolist(), size=12), device=DEV)
-    got = tk.lora_bgmv(y.clone(), x, a, bt, offsets, seg)
+    got = lora_sgmv(y.clone(), x, a, bt, offsets, seg)
     assert rel(got, want) < tol(dtype)
-    per_token = tk.lora_bgmv(y.clone(), x, a, bt, offsets, seg, token_slots)
+    per_token = lora_sgmv(y.clone(), x, a, bt, offsets, seg, token_slots)
     assert rel(per_token, want) < tol(dtype)
-    one = tk.lora_bgmv(y[:, :200].clone(), x, a[:, :1], bt[:, :, :200], [0], seg)
+    one = lora_sgmv(y[:, :200].clone(), x, a[:, :1], bt[:, :, :200], [0], seg)
     assert rel(one, want[:, :200]) < tol(dtype)
     long = torch.tensor([2] * 40 + [-1] * 3 + [1] * 21, device=DEV)  # segments longer than a tile
     xl = torch.randn(64, n_in, generator=g).to(dtype).to(DEV)
@@ -189,15 +194,16 @@ def test_lora_bgmv(dtype) -> None:
     want = lora_reference(yl.float(), xl.float(), a.float(), ref_bts, offsets, long.cpu())
     for max_len in (16, 64):  # 64: a shrink program loops over tiles of its segment
         seg = torch.tensor(segments(long.tolist(), max_len=max_len), device=DEV)
-        got = tk.lora_bgmv(yl.clone(), xl, a, bt, offsets, seg)
+        got = lora_sgmv(yl.clone(), xl, a, bt, offsets, seg)
         assert rel(got, want) < tol(dtype), max_len
-        got = tk.lora_bgmv(yl.clone(), xl, a, bt, offsets, seg, long)
+        got = lora_sgmv(yl.clone(), xl, a, bt, offsets, seg, long)
         assert rel(got, want) < tol(dtype), max_len
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rotary_into_cache(dtype) -> None:
-    from truffula.layers.rotary import rotate_half
+    from truffula.kernels.rotary_torch import rotate_half
+    from truffula.kernels.rotary_triton import rotary_into_cache
 
     g = torch.Generator(device=DEV).manual_seed(7)
     t, h, hkv, d = 5, 8, 2, 64
@@ -209,7 +215,7 @@ def test_rotary_into_cache(dtype) -> None:
     slots = torch.tensor([10, 3, 7, 0, 12], device=DEV)
     k_cache = torch.zeros(16, hkv, d, device=DEV, dtype=dtype)
     v_cache = torch.zeros(16, hkv, d, device=DEV, dtype=dtype)
-    q = tk.rotary_into_cache(qkv, h, hkv, pos, cos, sin, d, slots, k_cache, v_cache)
+    q = rotary_into_cache(qkv, h, hkv, pos, cos, sin, d, slots, k_cache, v_cache)
     c, s = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
     x = qkv.float()
     want_q = x[:, :h] * c + rotate_half(x[:, :h]) * s
@@ -229,7 +235,8 @@ def test_row_stats(dtype, rows: int, vocab: int) -> None:
     """Log-sum-exp, entropy, chosen logit and rank in one pass against ``logprob_stats`` on the
     log-softmax: filtered (-inf) entries, a row with three tokens left, chosen tokens inside and
     outside the top, and ties with the chosen logit (rank counts strictly larger entries)."""
-    from truffula.sampling.sampler import logprob_stats, stats_of_logits
+    from truffula.kernels.stats_torch import logprob_stats
+    from truffula.kernels.stats_triton import TritonTokenStats, row_stats
 
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, vocab, generator=g) * 4
@@ -244,14 +251,14 @@ def test_row_stats(dtype, rows: int, vocab: int) -> None:
         chosen[2] = 1
     x = x.to(dtype).float()  # values a bf16 model could produce, exactly
     x, chosen = x.to(DEV), chosen.to(DEV)
-    st = tk.row_stats(x.to(dtype), chosen).cpu()
+    st = row_stats(x.to(dtype), chosen).cpu()
     _, lps, ranks, entropy = logprob_stats(x.cpu().double().log_softmax(-1), chosen.cpu(), 0)
     lse = x.cpu().double().logsumexp(-1)
     assert (st[:, 0].double() - lse).abs().max() < 1e-4
     assert (st[:, 1].double() - entropy).abs().max() < 1e-4
     assert torch.equal(st[:, 2], x.cpu().gather(1, chosen.cpu()[:, None]).squeeze(1))
     assert torch.equal(st[:, 3].long(), ranks)
-    got = stats_of_logits(x.to(dtype), chosen, 5)  # the sampler's CUDA path, top-k included
+    got = TritonTokenStats().stats(x.to(dtype), chosen, 5)  # the sampler's CUDA path, top-k too
     torch.testing.assert_close(got[1].cpu().double()[:, 0], lps[:, 0], rtol=0, atol=1e-4)
 
 
@@ -260,6 +267,8 @@ def test_row_stats(dtype, rows: int, vocab: int) -> None:
 def test_argmax_rows(dtype, rows: int, vocab: int) -> None:
     """First index of the maximum, as ``torch.argmax``: ties inside a chunk and across chunks
     (the earlier wins), a row all -inf, maxima in the last partial chunk."""
+    from truffula.kernels.stats_triton import argmax_rows
+
     g = torch.Generator().manual_seed(vocab)
     x = (torch.randn(rows, vocab, generator=g) * 3).to(dtype)
     x[0, vocab - 1] = 50.0  # in the last, partial chunk
@@ -269,7 +278,7 @@ def test_argmax_rows(dtype, rows: int, vocab: int) -> None:
         x[2] = float("-inf")
     if rows > 3:
         x[3, [4095, 4096]] = 70.0  # tied across the chunk boundary
-    got = tk.argmax_rows(x.to(DEV)).cpu()
+    got = argmax_rows(x.to(DEV)).cpu()
     assert got.dtype == torch.long
     assert torch.equal(got, x.float().argmax(-1))
 
@@ -280,13 +289,16 @@ def test_argmax_rows(dtype, rows: int, vocab: int) -> None:
 )
 def test_gemv(dtype, n_out: int, n_in: int, bias: bool) -> None:
     """One-row linear against ``F.linear`` in fp64: every tile configuration, uneven shapes."""
+    from truffula.kernels import linear_triton
+
     g = torch.Generator().manual_seed(n_out)
     w = (torch.randn(n_out, n_in, generator=g) * 0.05).to(dtype).to(DEV)
     x = torch.randn(1, n_in, generator=g).to(dtype).to(DEV)
     b = torch.randn(n_out, generator=g).to(dtype).to(DEV) if bias else None
     want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
-    got = tk.gemv(x, w, b)
+    got = linear_triton.gemv(x, w, b)
     assert got.shape == (1, n_out) and got.dtype == dtype
     assert rel(got, want) < tol(dtype)
     if dtype != torch.float32:
-        assert tk.gemv_fits(x, w) and not tk.gemv_fits(x.expand(2, -1), w)
+        assert linear_triton.weight_fits(w) and linear_triton.one_row(x, w)
+        assert not linear_triton.one_row(x.expand(2, -1), w)

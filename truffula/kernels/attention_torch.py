@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from truffula.runner.context import AttentionMetadata
+from truffula.forward import AttentionMetadata
 
 
 def write_kv(
@@ -42,8 +42,11 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    *,
+    flash_prefill: bool = False,
 ) -> torch.Tensor:
-    """q [T, H, d], k/v [T, Hkv, d] -> [T, H, d]. Writes k/v into the cache."""
+    """q [T, H, d], k/v [T, Hkv, d] -> [T, H, d]. Writes k/v into the cache. ``flash_prefill``
+    (CUDA): a whole prompt without window or softcap goes through SDPA's causal kernel."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     nd = meta.num_decodes
@@ -53,7 +56,9 @@ def paged_attention(
         vd = _gather(v_cache, slots).transpose(1, 2)
         qd = q[:nd].unsqueeze(2)  # [nd, H, 1, d]
         out[:nd] = _attend(qd, kd, vd, mask, scale, softcap).squeeze(2)
-    prefill_attention(out, q, k, v, k_cache, v_cache, meta, scale, sliding_window, softcap)
+    prefill_attention(
+        out, q, k, v, k_cache, v_cache, meta, scale, sliding_window, softcap, flash_prefill
+    )
     return out
 
 
@@ -68,6 +73,7 @@ def prefill_attention(
     scale: float,
     sliding_window: int | None,
     softcap: float | None,
+    flash_prefill: bool,
 ) -> None:
     """The multi-token sequences of the step (after the decodes), one at a time, into ``out``."""
     starts = meta.query_start_loc_cpu
@@ -82,7 +88,7 @@ def prefill_attention(
         qp = q[qs:qe].transpose(0, 1).unsqueeze(0)  # [1, H, ql, d]
         kp = ks.transpose(0, 1).unsqueeze(0)
         vp = vs.transpose(0, 1).unsqueeze(0)
-        if q.is_cuda and kv_len == ql and sliding_window is None and softcap is None:
+        if flash_prefill and kv_len == ql and sliding_window is None and softcap is None:
             gqa = qp.shape[1] != kp.shape[1]
             o = F.scaled_dot_product_attention(
                 qp, kp, vp, is_causal=True, scale=scale, enable_gqa=gqa
@@ -127,7 +133,7 @@ def _decode_layout(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Slot indices [nd, max_kv] and keep-mask [nd, 1, 1, max_kv] of the decode sequences."""
     key = ("decode", window)
-    if key not in meta.cache:
+    if key not in meta.memo:
         nd = meta.num_decodes
         max_kv = max(meta.seq_lens_cpu[:nd])
         dev = meta.block_tables.device
@@ -138,29 +144,29 @@ def _decode_layout(
         keep = pos.unsqueeze(0) < lens
         if window is not None:
             keep &= pos.unsqueeze(0) >= lens - window
-        meta.cache[key] = (slots, keep[:, None, None, :])
-    return meta.cache[key]
+        meta.memo[key] = (slots, keep[:, None, None, :])
+    return meta.memo[key]
 
 
 def _seq_slots(meta: AttentionMetadata, s: int, kv_len: int) -> torch.Tensor:
     key = ("seq", s)
-    if key not in meta.cache:
+    if key not in meta.memo:
         pos = torch.arange(kv_len, device=meta.block_tables.device)
         blocks = meta.block_tables[s, pos // meta.block_size].long()
-        meta.cache[key] = blocks * meta.block_size + pos % meta.block_size
-    return meta.cache[key]
+        meta.memo[key] = blocks * meta.block_size + pos % meta.block_size
+    return meta.memo[key]
 
 
 def _prefill_mask(
     meta: AttentionMetadata, s: int, q_len: int, kv_len: int, window: int | None
 ) -> torch.Tensor:
     key = ("mask", s, window)
-    if key not in meta.cache:
+    if key not in meta.memo:
         device = meta.block_tables.device
         qpos = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(1)
         kpos = torch.arange(kv_len, device=device).unsqueeze(0)
         keep = kpos <= qpos
         if window is not None:
             keep &= kpos > qpos - window
-        meta.cache[key] = keep
-    return meta.cache[key]
+        meta.memo[key] = keep
+    return meta.memo[key]

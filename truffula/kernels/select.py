@@ -1,57 +1,174 @@
-"""Pick each kernel's implementation once, at start-up, from the device."""
+"""One implementation per operation, chosen once per engine from the device and the dtype.
+
+``select_kernels(device, dtype)`` returns the torch kernels (the CPU path; CUDA with
+``TRUFFULA_KERNELS=torch`` or without Triton) or the Triton kernels (CUDA). Layers bind what
+they need at start-up (``truffula.layers.bind``): a factory below resolves what depends on the
+layer (its activation, head size, rope type, weight dtype) once, so a forward pass calls each
+kernel directly, with no device or dtype checks.
+"""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Protocol
+
 import torch
+import torch.nn.functional as F
 
-from truffula.kernels import triton_kernels
-from truffula.layers.attention import AttentionFn
-
-
-def attention_impl(device: torch.device) -> AttentionFn:
-    if device.type == "cuda" and triton_kernels.ENABLED:
-        from truffula.kernels.attention_cuda import paged_attention as cuda_attention
-
-        return cuda_attention
-    from truffula.kernels.attention_torch import paged_attention
-
-    return paged_attention
+from truffula.forward import AttentionFn, AttentionMetadata, LoRABatch
+from truffula.kernels import activation_torch, attention_torch, norm_torch, triton_support
+from truffula.kernels.activation_torch import Activation
+from truffula.kernels.lora_torch import BatchedLoRA, GatheredLoRA, LoRAWeights
+from truffula.kernels.stats_torch import TokenStats, TorchTokenStats
 
 
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+class RMSNormFn(Protocol):
+    """(norm(x + residual), x + residual), or (norm(x), None): see ``norm_torch.add_rms_norm``."""
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        weight: torch.Tensor,
+        eps: float,
+        offset: float,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
-def lora_overlapped(device: torch.device):  # type: ignore[no-untyped-def]
-    """CUDA with Triton: a projection with LoRA as ``apply(base, x, a, bt, offsets, batch)``.
-    The shrink (zeroing its buffer, then the kernel) runs on a side stream while the base
-    projection's GEMM runs (it needs only ``x``; a decode-sized GEMM leaves most SMs idle), then
-    the expand adds the deltas to the GEMM's output. The buffer is allocated on the current
-    stream, so a graph capture keeps it in its pool. None elsewhere."""
-    if not (device.type == "cuda" and triton_kernels.ENABLED):
+RotaryFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""(x [T, H, d], positions [T], cos table, sin table [max_len, rot_dim], rot_dim) -> rotated x."""
+
+LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+"""(x, weight, bias) -> ``F.linear(x, weight, bias)``."""
+
+
+class RotaryAttentionFn(Protocol):
+    """A decode-only step from the qkv projection: rotary, cache write and attention in one
+    (``attention_triton.rotary_decode_attention``)."""
+
+    def __call__(
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        rot_dim: int,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+    ) -> torch.Tensor: ...
+
+
+class LoRABackend(Protocol):
+    """Adds the LoRA deltas of a step's tokens to a wrapped projection's output."""
+
+    gathered: bool
+    """The projection also keeps its factors as rows (``lora_torch.lora_gather``)."""
+    segments: bool
+    """Steps carry the segment table (``LoRABatch.seg_table``)."""
+
+    def __call__(self, layer: LoRAWeights, x: torch.Tensor, batch: LoRABatch) -> torch.Tensor: ...
+
+
+class Kernels:
+    """The torch kernels: the CPU path, and CUDA without Triton."""
+
+    name = "torch"
+    graph_safe = False
+    """Every kernel of a decode step reads lengths and tables from device memory, so the step
+    can be captured in a CUDA graph."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.device = device
+        self.dtype = dtype
+        cpu = device.type == "cpu"
+        self.rms_norm: RMSNormFn = norm_torch.add_rms_norm
+        self.lora: LoRABackend = GatheredLoRA() if cpu else BatchedLoRA()
+        self.stats: TokenStats = TorchTokenStats(device)
+        self._attention: AttentionFn = (
+            attention_torch.paged_attention
+            if cpu
+            else functools.partial(attention_torch.paged_attention, flash_prefill=True)
+        )
+
+    def gated_activation(self, act_name: str) -> Activation:
+        """act(x[..., :d]) * x[..., d:] for a fused [gate | up] projection."""
+        return activation_torch.gated(act_name)
+
+    def rotary(self, rope_type: str) -> RotaryFn | None:
+        """A kernel looking cos/sin up by position; None: torch, with the step's cos/sin from
+        the forward context."""
         return None
-    from truffula.kernels import triton_lora
 
-    def apply(base, x, a, bt, offsets, batch):  # type: ignore[no-untyped-def]
-        current = torch.cuda.current_stream(device)
-        side = _SIDE_STREAMS.get(device)
-        if side is None:
-            side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-        tmp = triton_lora.shrink_buffer(x, a, zeroed=False)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            tmp.zero_()
-            triton_lora.shrink_into(tmp, x, a, batch.seg_table)
-        y = base(x)
-        current.wait_stream(side)
-        return triton_lora.lora_expand(y, tmp, bt, offsets, batch.seg_table, batch.token_slots)
+    def linear(self, weight: torch.Tensor) -> LinearFn:
+        """The linear for this (dense) weight."""
+        return F.linear
 
-    return apply
+    def attention(self, head_dim: int) -> AttentionFn:
+        return self._attention
+
+    def rotary_attention(self, head_dim: int, rope_type: str) -> RotaryAttentionFn | None:
+        """The fused decode path (``RotaryAttentionFn``), or None."""
+        return None
 
 
-def lora_impl(device: torch.device):  # type: ignore[no-untyped-def]
-    """The batched LoRA computation without the Triton kernels: the torch strategies."""
-    from truffula.kernels.lora_torch import lora_apply
+class TritonKernels(Kernels):
+    """CUDA with Triton; the torch kernels where a Triton kernel does not apply."""
 
-    return lambda y, x, a, bts, offsets, used, batch, bt: lora_apply(
-        y, x, a, bts, offsets, used, batch
-    )
+    name = "triton"
+    graph_safe = True
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(device, dtype)
+        from truffula.kernels import lora_triton, norm_triton, stats_triton
+
+        self.rms_norm = norm_triton.add_rms_norm
+        self.lora = lora_triton.TritonLoRA(device)
+        self.stats = stats_triton.TritonTokenStats()
+
+    def gated_activation(self, act_name: str) -> Activation:
+        from truffula.kernels import activation_triton
+
+        return activation_triton.gated(act_name)
+
+    def rotary(self, rope_type: str) -> RotaryFn | None:
+        if rope_type == "longrope":  # long or short factors per sequence: see layers.rotary
+            return None
+        from truffula.kernels import rotary_triton
+
+        return rotary_triton.rotary
+
+    def linear(self, weight: torch.Tensor) -> LinearFn:
+        from truffula.kernels import linear_triton
+
+        return linear_triton.linear if linear_triton.weight_fits(weight) else F.linear
+
+    def attention(self, head_dim: int) -> AttentionFn:
+        if not _pow2(head_dim):  # the Triton kernel tiles the head dimension by powers of two
+            return self._attention
+        from truffula.kernels import attention_triton
+
+        return attention_triton.paged_attention
+
+    def rotary_attention(self, head_dim: int, rope_type: str) -> RotaryAttentionFn | None:
+        if not _pow2(head_dim) or self.rotary(rope_type) is None:
+            return None
+        from truffula.kernels import attention_triton
+
+        return attention_triton.rotary_decode_attention
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@functools.cache
+def select_kernels(device: torch.device, dtype: torch.dtype) -> Kernels:
+    """The kernels of an engine on ``device`` computing in ``dtype`` (one object per pair)."""
+    if device.type == "cuda" and triton_support.ENABLED:
+        return TritonKernels(device, dtype)
+    return Kernels(device, dtype)

@@ -1,1 +1,5 @@
-"""Building blocks shared by every model: linears, norms, rotary embeddings, attention, LoRA."""
+"""Building blocks shared by every model: linears, norms, rotary embeddings, attention, LoRA.
+
+Each layer computes through the kernels bound at start-up (``bind.bind_kernels``); until then,
+the torch reference (the CPU path).
+"""

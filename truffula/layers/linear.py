@@ -2,17 +2,22 @@
 
 ``MergedLinear`` holds several checkpoint projections in one matrix (q/k/v, gate/up) so that a
 step runs one matmul instead of three; its ``weight_loader`` copies each checkpoint tensor into
-its row range. ``pack_for_cpu()`` swaps the dense weight for a oneDNN-packed one (see
+its row range. The kernel is bound at start-up: ``F.linear``, the Triton one-row kernel for 16-bit
+weights on CUDA, or, after ``pack_for_cpu()``, oneDNN's over a packed copy of the weight (see
 ``truffula.kernels.linear_cpu``); the module keeps its shape attributes either way.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from truffula.kernels import linear_cpu, triton_kernels
+from truffula.kernels import linear_cpu
+from truffula.kernels.select import Kernels, LinearFn
 
 
 class Linear(nn.Module):
@@ -28,6 +33,10 @@ class Linear(nn.Module):
         else:
             self.bias = None
         self.packed: torch.Tensor | None = None
+        self.linear: LinearFn = F.linear
+        """The kernel applied to the dense weight (``_dense``)."""
+        self.kernel: Callable[[torch.Tensor], torch.Tensor] = self._dense
+        """x -> y: ``_dense``, or oneDNN's linear over the packed weight."""
 
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard: str | int | None
@@ -36,17 +45,21 @@ class Linear(nn.Module):
             raise ValueError(f"shape {tuple(loaded.shape)} does not fit {tuple(param.shape)}")
         param.data.copy_(loaded)
 
+    def use_kernels(self, kernels: Kernels) -> None:
+        if self.packed is None:
+            self.linear = kernels.linear(self.weight)
+
     def pack_for_cpu(self) -> None:
         """Replace the dense weight by a oneDNN-packed copy (frees the dense one)."""
         self.packed = linear_cpu.pack(self.weight.data)
         self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
+        self.kernel = functools.partial(linear_cpu.linear, packed=self.packed, bias=self.bias)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return linear_cpu.linear(x, self.packed, self.bias)
-        if triton_kernels.gemv_fits(x, self.weight):  # one token on CUDA (batch-1 decode)
-            return triton_kernels.gemv(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return self.kernel(x)
 
 
 class MergedLinear(Linear):

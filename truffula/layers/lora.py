@@ -2,23 +2,19 @@
 ``LoRALinear`` holding a fixed number of adapter slots; model files stay unaware of LoRA.
 
 Per step the runner puts a ``LoRABatch`` (the slot of each token) in the forward context; a
-LoRALinear adds the deltas of the slots present that have weights for it, through the kernel
-chosen at start-up (``truffula.kernels.lora_torch`` is the reference and the CPU path).
+LoRALinear adds the deltas of the slots present that have weights for it, through the backend
+of its device and dtype (``truffula.kernels.select``; ``truffula.kernels.lora_torch`` is the
+reference and the CPU path).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-from truffula.kernels.lora_torch import lora_gather
-from truffula.kernels.select import lora_impl, lora_overlapped
+from truffula.forward import get_forward_context
+from truffula.kernels.select import LoRABackend, select_kernels
 from truffula.layers.linear import Linear
-from truffula.runner.context import get_forward_context
-
-LoRAFn = Callable[..., torch.Tensor]
 
 
 class LoRALinear(nn.Module):
@@ -41,12 +37,11 @@ class LoRALinear(nn.Module):
             for off, size in zip(self.offsets, self.sizes, strict=True)
         ]
         self.loaded = [False] * num_slots
-        self.impl: LoRAFn = lora_impl(device)
-        self.overlapped: LoRAFn | None = lora_overlapped(device)
-        # CPU: the factors also laid out as rows for the gathered strategy (kept in step with
+        self.kernel: LoRABackend = select_kernels(device, dtype).lora
+        # the gathered strategy (CPU) reads the factors laid out as rows too (kept in step with
         # ``a`` and ``bt`` by ``set_slot``)
         self.rows: tuple[torch.Tensor, list[torch.Tensor]] | None = None
-        if device.type == "cpu":
+        if self.kernel.gathered:
             self.rows = (
                 torch.zeros(num_slots * base.in_features, n * max_rank, dtype=dtype),
                 [torch.zeros(num_slots * max_rank, size, dtype=dtype) for size in self.sizes],
@@ -93,17 +88,7 @@ class LoRALinear(nn.Module):
         lora = get_forward_context().lora
         if lora is None:
             return self.base(x)
-        # in a graph, slots are device data: every token's own slot, zeros if empty
-        used = () if lora.graph else tuple(s for s in lora.slots if self.loaded[s])
-        if self.overlapped is not None and (lora.graph or used):
-            return self.overlapped(self.base, x, self.a, self.bt, self.offsets, lora)
-        assert not lora.graph, "decode graphs are captured only with the Triton kernels"
-        y = self.base(x)
-        if not used:
-            return y
-        if self.rows is not None:
-            return lora_gather(y, x, *self.rows, self.offsets, lora)
-        return self.impl(y, x, self.a, self.bts, self.offsets, used, lora, self.bt)
+        return self.kernel(self, x, lora)
 
 
 def apply_lora(

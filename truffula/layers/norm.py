@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from truffula.kernels import triton_kernels
+from truffula.kernels import norm_torch
+from truffula.kernels.select import Kernels, RMSNormFn
 
 
 class RMSNorm(nn.Module):
@@ -17,28 +18,17 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.offset = offset
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
-        self._scale: torch.Tensor | None = None
+        self.kernel: RMSNormFn = norm_torch.add_rms_norm
 
-    def scale(self) -> torch.Tensor:
-        if self._scale is None or self._scale.device != self.weight.device:
-            self._scale = (
-                (self.weight.float() + self.offset) if self.offset else self.weight.float()
-            )
-        return self._scale
+    def use_kernels(self, kernels: Kernels) -> None:
+        self.kernel = kernels.rms_norm
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without ``residual``: norm(x). With it: (norm(x + residual), x + residual)."""
-        if triton_kernels.use(x):
-            y, res = triton_kernels.add_rms_norm(x, residual, self.weight, self.eps, self.offset)
-            return y if res is None else (y, res)
-        if residual is not None:
-            x = x + residual
-            residual = x
-        dtype = x.dtype
-        y = F.rms_norm(x.float(), (x.shape[-1],), self.scale(), self.eps).to(dtype)
-        return y if residual is None else (y, residual)
+        y, res = self.kernel(x, residual, self.weight, self.eps, self.offset)
+        return y if res is None else (y, res)
 
 
 class LayerNorm(nn.LayerNorm):

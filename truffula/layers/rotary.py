@@ -1,8 +1,8 @@
 """Rotary position embeddings (half-rotation layout, as in HF transformers).
 
 Supports the ``rope_type`` values default, linear, llama3, yarn and longrope, and partial rotary
-dimensions (GPT-NeoX, Phi). One module is shared by all layers of a model; it looks up cos/sin
-once per step.
+dimensions (GPT-NeoX, Phi). One module is shared by all layers of a model; the runner looks up
+its cos/sin once per step (``RotaryEmbedding.step_tables``).
 
 LongRoPE follows transformers' rule (``dynamic_rope_update``): a forward call uses the long
 factors for *all* its tokens when the sequence length so far (last position + 1) exceeds
@@ -18,14 +18,16 @@ longest sequence of the batch), a sequence's numbers do not depend on its batch 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from truffula.errors import ModelLoadError
-from truffula.kernels import triton_kernels
-from truffula.runner.context import get_forward_context
+from truffula.forward import AttentionMetadata, get_forward_context
+from truffula.kernels.rotary_torch import apply_rotary
+from truffula.kernels.select import Kernels, RotaryFn
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:
@@ -137,17 +139,39 @@ def longrope(
 
 
 class RotaryEmbedding(nn.Module):
+    """The model's rotary embedding, shared by all its layers. The tables of cos/sin over every
+    position are made once, on the model's device, when the kernels are bound. With the torch
+    kernel the runner looks up the step's cos/sin once (``step_tables``) and layers read them
+    from the forward context; a Triton kernel looks them up by position itself."""
+
     def __init__(self, config: Any, head_dim: int, max_len: int) -> None:
         super().__init__()
         self.params = rope_parameters(config)
+        self.rope_type: str = self.params["rope_type"]
         self.rot_dim = int(head_dim * partial_rotary_factor(config, self.params))
         self.config = config
         self.max_len = max_len
-        self._cos: torch.Tensor | None = None
-        self._sin: torch.Tensor | None = None
+        self.cos_table = torch.empty(0)
+        """[max_len, rot_dim] fp32 (attention scaling folded in); the short factors' for
+        longrope."""
+        self.sin_table = torch.empty(0)
         #: longrope only: cos/sin with the long factors, and the original context length
         self._long: tuple[torch.Tensor, torch.Tensor] | None = None
         self._orig = 0
+        self.kernel: RotaryFn | None = None
+        """The Triton kernel, or None: torch with the step's cos/sin."""
+        self.rotate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._rotate_torch
+        """(positions, x) -> rotated x, through ``kernel`` when there is one."""
+
+    def use_kernels(self, kernels: Kernels) -> None:
+        self._build(kernels.device)
+        self.kernel = kernels.rotary(self.rope_type)
+        self.rotate = self._rotate_torch if self.kernel is None else self._rotate_kernel
+
+    @property
+    def uses_step_tables(self) -> bool:
+        """The forward context must carry the step's cos/sin (``step_tables``)."""
+        return self.kernel is None
 
     def _table(
         self, inv_freq: torch.Tensor, scale: float, device: torch.device
@@ -159,17 +183,16 @@ class RotaryEmbedding(nn.Module):
         return (emb.cos() * scale).to(device), (emb.sin() * scale).to(device)
 
     def _build(self, device: torch.device) -> None:
-        if self.params["rope_type"] == "longrope":
+        if self.rope_type == "longrope":
             short, long, scale, self._orig = longrope(self.config, self.rot_dim, self.params)
-            self._cos, self._sin = self._table(short, scale, device)
+            self.cos_table, self.sin_table = self._table(short, scale, device)
             self._long = self._table(long, scale, device)
             return
         inv_freq, scale = inv_freq_and_scale(self.config, self.rot_dim, self.params)
-        self._cos, self._sin = self._table(inv_freq, scale, device)
+        self.cos_table, self.sin_table = self._table(inv_freq, scale, device)
 
-    def _long_rows(self, positions: torch.Tensor) -> torch.Tensor | bool:
+    def _long_rows(self, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | bool:
         """Which of the step's tokens take the long factors: [T, 1, 1] bool, or one bool for all."""
-        meta = get_forward_context().attn
         flags = [n > self._orig for n in meta.seq_lens_cpu]
         if not any(flags):
             return False
@@ -180,67 +203,36 @@ class RotaryEmbedding(nn.Module):
         rows = torch.tensor(flags).repeat_interleave(counts)
         return rows.to(positions.device)[:, None, None]
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, rot_dim] for ``positions``, looked up once per step for all layers."""
-        step_cache = get_forward_context().attn.cache
-        key = ("rotary", id(self))
-        if key not in step_cache:
-            if self._cos is None or self._cos.device != positions.device:
-                self._build(positions.device)
-            assert self._cos is not None and self._sin is not None
-            cos = self._cos.index_select(0, positions).unsqueeze(1)
-            sin = self._sin.index_select(0, positions).unsqueeze(1)
-            if self._long is not None:
-                rows = self._long_rows(positions)
-                if rows is not False:
-                    long_cos = self._long[0].index_select(0, positions).unsqueeze(1)
-                    long_sin = self._long[1].index_select(0, positions).unsqueeze(1)
-                    if rows is True:
-                        cos, sin = long_cos, long_sin
-                    else:
-                        cos = torch.where(rows, long_cos, cos)
-                        sin = torch.where(rows, long_sin, sin)
-            step_cache[key] = (cos, sin)
-        return step_cache[key]
-
-    def rotate_into_cache(
-        self, positions: torch.Tensor, qkv: torch.Tensor, attn: Any
-    ) -> torch.Tensor:
-        """CUDA: rotate q and k of ``qkv`` [T, H + 2 Hkv, d], store k and v in ``attn``'s cache
-        at the step's slots; returns q [T, H, d]."""
-        if self._cos is None or self._cos.device != qkv.device:
-            self._build(qkv.device)
-        assert self._cos is not None and self._sin is not None
-        slots = get_forward_context().attn.slot_mapping
-        return triton_kernels.rotary_into_cache(
-            qkv,
-            attn.num_heads,
-            attn.num_kv_heads,
-            positions,
-            self._cos,
-            self._sin,
-            self.rot_dim,
-            slots,
-            attn.k_cache,
-            attn.v_cache,
-        )
+    def step_tables(
+        self, positions: torch.Tensor, meta: AttentionMetadata, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, rot_dim] in ``dtype`` for the step's ``positions`` [T] (built once per
+        step by the runner, read by every layer)."""
+        if self.cos_table.device != positions.device or not self.cos_table.numel():
+            self._build(positions.device)  # a model whose kernels were never bound
+        cos = self.cos_table.index_select(0, positions).unsqueeze(1)
+        sin = self.sin_table.index_select(0, positions).unsqueeze(1)
+        if self._long is not None:
+            rows = self._long_rows(positions, meta)
+            if rows is not False:
+                long_cos = self._long[0].index_select(0, positions).unsqueeze(1)
+                long_sin = self._long[1].index_select(0, positions).unsqueeze(1)
+                if rows is True:
+                    cos, sin = long_cos, long_sin
+                else:
+                    cos = torch.where(rows, long_cos, cos)
+                    sin = torch.where(rows, long_sin, sin)
+        return cos.to(dtype), sin.to(dtype)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Rotate x [T, heads, head_dim] (first ``rot_dim`` dims) by ``positions`` [T]."""
-        if triton_kernels.use(x) and self.params["rope_type"] != "longrope" and x.stride(-1) == 1:
-            if self._cos is None or self._cos.device != x.device:
-                self._build(x.device)
-            assert self._cos is not None and self._sin is not None
-            return triton_kernels.rotary(x, positions, self._cos, self._sin, self.rot_dim)
-        cos, sin = self.cos_sin(positions)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        rd = self.rot_dim
-        if rd == x.shape[-1]:
-            return x * cos + rotate_half(x) * sin
-        rot, rest = x[..., :rd], x[..., rd:]
-        return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+        return self.rotate(positions, x)
 
+    def _rotate_torch(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx = get_forward_context()
+        assert ctx.cos is not None and ctx.sin is not None, "the step has no rotary tables"
+        return apply_rotary(x, ctx.cos, ctx.sin, self.rot_dim)
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    def _rotate_kernel(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        assert self.kernel is not None
+        return self.kernel(x, positions, self.cos_table, self.sin_table, self.rot_dim)

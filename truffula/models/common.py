@@ -11,7 +11,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from truffula.layers.activation import act_and_mul
+from truffula.kernels.activation_torch import Activation, gated
+from truffula.kernels.select import Kernels
 from truffula.layers.attention import Attention
 from truffula.layers.linear import Linear, MergedLinear
 from truffula.layers.norm import RMSNorm
@@ -61,26 +62,20 @@ class SelfAttention(nn.Module):
             scale if scale is not None else self.head_dim**-0.5,
             sliding_window,
             softcap,
+            rotary=rotary,
         )
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
         h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        if self.q_norm is None and self.attn.can_fuse_decode(qkv, self.rotary):
-            # CUDA decode step: rotate q and k and write k, v to the cache in one kernel
-            q = self.rotary.rotate_into_cache(positions, qkv.view(t, h + 2 * hkv, d), self.attn)
-            return self.o_proj(self.attn.decode_from_cache(q))
-        v = qkv[:, self.q_size + self.kv_size :].view(t, hkv, d)
         if self.q_norm is None:
-            # q and k rotate together: one rotary call for both.
-            qk = self.rotary(positions, qkv[:, : self.q_size + self.kv_size].view(t, h + hkv, d))
-            q, k = qk[:, :h], qk[:, h:]
-        else:
-            assert self.k_norm is not None
-            q = self.q_norm(qkv[:, : self.q_size].reshape(t, h, d))
-            k = self.k_norm(qkv[:, self.q_size : self.q_size + self.kv_size].reshape(t, hkv, d))
-            q, k = self.rotary(positions, q), self.rotary(positions, k)
+            return self.o_proj(self.attn.forward_qkv(positions, qkv.view(t, h + 2 * hkv, d)))
+        assert self.k_norm is not None
+        v = qkv[:, self.q_size + self.kv_size :].view(t, hkv, d)
+        q = self.q_norm(qkv[:, : self.q_size].reshape(t, h, d))
+        k = self.k_norm(qkv[:, self.q_size : self.q_size + self.kv_size].reshape(t, hkv, d))
+        q, k = self.rotary(positions, q), self.rotary(positions, k)
         return self.o_proj(self.attn(q, k, v))
 
 
@@ -92,9 +87,14 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = MergedLinear(hidden, {"gate": intermediate, "up": intermediate}, bias)
         self.down_proj = Linear(intermediate, hidden, bias)
         self.act = act
+        self.act_and_mul: Activation = gated(act)
+        """act(gate) * up on the fused [gate | up] output, as the bound kernels compute it."""
+
+    def use_kernels(self, kernels: Kernels) -> None:
+        self.act_and_mul = kernels.gated_activation(self.act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(act_and_mul(self.gate_up_proj(x), self.act))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from truffula.layers.activation import activation
+from truffula.kernels.activation_torch import activation
 from truffula.layers.attention import Attention
 from truffula.layers.linear import Linear
 from truffula.layers.norm import LayerNorm

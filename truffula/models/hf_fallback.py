@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from truffula.errors import ModelLoadError
-from truffula.runner.context import get_forward_context
+from truffula.forward import get_forward_context
 
 LIMITATIONS = "request-level batching, no paged KV cache, no LoRA adapters, no CUDA graphs"
 

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from truffula.errors import ModelLoadError
+from truffula.kernels.select import select_kernels
+from truffula.layers.bind import bind_kernels
 from truffula.models.common import CausalLM
 
 _NATIVE: dict[str, str] = {
@@ -57,7 +59,8 @@ def load_model(
     max_len: int | None,
     weights: Mapping[str, torch.Tensor] | None = None,
 ) -> LoadedModel:
-    """Build the model of ``folder`` (config.json); weights from its safetensors or ``weights``."""
+    """Build the model of ``folder`` (config.json); weights from its safetensors or ``weights``;
+    a native model computes through the kernels of ``device`` and ``dtype``."""
     from transformers import AutoConfig
 
     from truffula.model_store.resolve import read_config
@@ -90,4 +93,5 @@ def load_model(
     from truffula.models.loader import build_and_load
 
     model = build_and_load(model_class(arch), config, folder, dtype, device, limit, weights)
+    bind_kernels(model, select_kernels(device, dtype))
     return LoadedModel(model, config, arch, folder, limit)

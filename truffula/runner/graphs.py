@@ -19,8 +19,8 @@ from contextlib import contextmanager
 import torch
 
 from truffula.device import host_tensor
-from truffula.kernels.lora_torch import LoRABatch, segments
-from truffula.runner.context import AttentionMetadata, ForwardContext, forward_context
+from truffula.forward import AttentionMetadata, ForwardContext, LoRABatch, forward_context, segments
+from truffula.runner.context import StepBuilder
 from truffula.scheduler.output import ScheduledSeq
 
 log = logging.getLogger("truffula.runner")
@@ -55,13 +55,14 @@ class DecodeGraphs:
     def __init__(
         self,
         model: torch.nn.Module,
-        device: torch.device,
+        steps: StepBuilder,
         max_batch: int,
         max_len: int,
         block_size: int,
     ):
         self.model = model
-        self.device = device
+        self.steps = steps
+        self.device = device = steps.device
         self.block_size = block_size
         self.max_len = max_len
         self.sizes = ladder(max_batch)
@@ -114,6 +115,8 @@ class DecodeGraphs:
         return 2 * kept
 
     def _context(self, bs: int, with_lora: bool) -> ForwardContext:
+        """The context of a batch of ``bs`` decodes over the static buffers (inside a capture,
+        any rotary lookup of the positions is captured too)."""
         meta = AttentionMetadata(
             slot_mapping=self.slots[:bs],
             block_tables=self.tables[:bs],
@@ -131,7 +134,7 @@ class DecodeGraphs:
             lora = LoRABatch(
                 self.lora_slots[:bs], [], bs, graph=True, seg_table=self.segs[: 3 * bs]
             )
-        return ForwardContext(meta, lora)
+        return self.steps.context(meta, self.pos[:bs], lora)
 
     @torch.inference_mode()
     def _capture(self, bs: int, with_lora: bool) -> None:
@@ -150,7 +153,8 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         # captured on the warm-up stream: the BLAS workspaces cached for it were allocated by the
         # warm-up, outside the graphs' memory pool (one allocated during a capture lands in the
-        # pool, where later captures may reuse its memory)
+        # pool, where later captures may reuse its memory); the context is made once the capture
+        # has begun, so any rotary lookup of the positions is part of the graph
         with (
             torch.cuda.graph(graph, pool=self.pool, stream=stream),
             forward_context(self._context(bs, with_lora)),

@@ -28,24 +28,21 @@ import numpy as np
 import torch
 
 from truffula.config import EngineConfig
-from truffula.device import host_tensor, to_device
-from truffula.kernels import linear_cpu, triton_kernels
-from truffula.kernels.lora_torch import LoRABatch
+from truffula.device import host_tensor
+from truffula.forward import ForwardContext, forward_context
+from truffula.kernels import linear_cpu
+from truffula.kernels.select import select_kernels
 from truffula.layers.attention import Attention
 from truffula.models.registry import LoadedModel
-from truffula.runner.context import AttentionMetadata, ForwardContext, forward_context
+from truffula.runner.context import StepBuilder
 from truffula.runner.graphs import DecodeGraphs
-from truffula.runner.output import RunnerOutput, SeqOutput, TokenLogprobs
-from truffula.runner.sizing import (
-    CudaMemory,
-    EngineSizing,
-    available_host_memory,
-    choose_kv_cache,
-    profile_layout,
-)
+from truffula.runner.kv_cache import KVCache, size_kv_cache
+from truffula.runner.output import RunnerOutput, SeqOutput
+from truffula.runner.results import records, to_host_async
+from truffula.runner.sizing import profile_layout
 from truffula.sampling.metadata import build_sampling_batch
 from truffula.sampling.params import SamplingParams
-from truffula.sampling.sampler import Sampler, stats_of_logits
+from truffula.sampling.sampler import Sampler
 from truffula.scheduler.output import PLACEHOLDER, ScheduledSeq, SchedulerOutput
 
 log = logging.getLogger("truffula.runner")
@@ -88,6 +85,7 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.max_len = loaded.max_len
+        self.kernels = select_kernels(device, dtype)  # the one the model was loaded with
         kind = config.model.linear_kernel
         self.packed_linears = (
             device.type == "cpu" and kind != "torch" and linear_cpu.available(dtype)
@@ -97,7 +95,8 @@ class ModelRunner:
         if self.packed_linears:
             for lin in self.model.linear_modules():
                 lin.pack_for_cpu()
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.kernels.stats)
+        self.steps = StepBuilder(self.model, self.kernels, self.block_size, dtype)
         self.states: dict[str, RequestState] = {}
         self.graphs: DecodeGraphs | None = None
         graph_batch = config.model.cuda_graph_max_batch or 0
@@ -105,15 +104,18 @@ class ModelRunner:
             device.type == "cuda"
             and config.model.cuda_graphs
             and graph_batch > 0
-            and triton_kernels.ENABLED
+            and self.kernels.graph_safe
             and not getattr(self.model, "is_fallback", False)
         ):
             self.graphs = DecodeGraphs(
-                self.model, device, graph_batch, self.max_len, self.block_size
+                self.model, self.steps, graph_batch, self.max_len, self.block_size
             )
-        self.sizing = self._size_cache(loaded, given)
+        self.kv_cache = KVCache(self.attn_layers, self.block_size, device, dtype)
+        self.sizing = size_kv_cache(
+            self.kv_cache, config, given, loaded.max_len, self.graphs, self._profile_step
+        )
         self.num_blocks = self.sizing.num_blocks + 1  # + the null block
-        self._allocate_cache(self.num_blocks)
+        self.kv_cache.allocate(self.num_blocks)
 
     def capture_graphs(self) -> None:
         """Capture the decode graphs (after LoRA wrapping, so adapters can join a graph)."""
@@ -121,81 +123,6 @@ class ModelRunner:
             self.graphs.capture_all()
 
     # ---------------------------------------------------------------- set-up
-    def _kv_bytes_per_token(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return sum(2 * a.num_kv_heads * a.head_dim for a in self.attn_layers) * elem
-
-    def _size_cache(self, loaded: LoadedModel, given: EngineConfig) -> EngineSizing:
-        """Decide the KV cache's size (``truffula.runner.sizing``); on CUDA with an automatic
-        size, first measure the memory a step and the decode graphs take."""
-        cfg, cache = self.config, self.config.cache
-        per_token = self._kv_bytes_per_token()
-        auto = cache.num_blocks is None and cache.kv_cache_memory is None and per_token > 0
-        cuda = self._measure_cuda() if auto and self.device.type == "cuda" else None
-        host = available_host_memory() if auto and self.device.type != "cuda" else None
-        flag_len = given.model.max_model_len
-        max_len_flag = flag_len is not None and loaded.max_len == flag_len
-        choice = choose_kv_cache(
-            cache,
-            bytes_per_block=per_token * self.block_size,
-            max_len=self.max_len,
-            max_num_seqs=cfg.scheduler.max_num_seqs or 1,
-            cuda=cuda,
-            host_available=host,
-            max_len_flag=max_len_flag,
-        )
-
-        def source(value: object) -> str:
-            return "auto" if value is None else "flag"
-
-        return EngineSizing(
-            device=str(self.device),
-            kv_cache_bytes=(choice.num_blocks + 1) * self.block_size * per_token,
-            num_blocks=choice.num_blocks,
-            block_size=self.block_size,
-            kv_bytes_per_token=per_token,
-            kv_capacity_tokens=choice.num_blocks * self.block_size,
-            max_len=self.max_len,
-            max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens or 1,
-            max_num_seqs=cfg.scheduler.max_num_seqs or 1,
-            graph_batch_sizes=tuple(self.graphs.sizes) if self.graphs is not None else (),
-            kv_cache_source=choice.source,
-            kv_cache_reason=choice.reason,
-            max_len_source="flag" if max_len_flag else "auto",
-            max_num_batched_tokens_source=source(given.scheduler.max_num_batched_tokens),
-            max_num_seqs_source=source(given.scheduler.max_num_seqs),
-            graph_batch_sizes_source=source(given.model.cuda_graph_max_batch),
-            memory=cuda,
-        )
-
-    def _measure_cuda(self) -> CudaMemory:
-        """GPU memory once the model is loaded, before the KV cache exists: what PyTorch holds,
-        what is free, the peak of the heaviest step at the token budget, and an eager decode at
-        the largest graph batch (the graphs' pool holds what it allocates). The profile runs
-        over a one-block cache: every token's slot is in the null block."""
-        dev = self.device
-        torch.cuda.synchronize(dev)
-        torch.cuda.empty_cache()
-        self._allocate_cache(1)
-        base = torch.cuda.memory_reserved(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        self._profile_step()
-        torch.cuda.synchronize(dev)
-        activations = torch.cuda.max_memory_reserved(dev) - base
-        graphs = 0
-        if self.graphs is not None:
-            torch.cuda.empty_cache()
-            base = torch.cuda.memory_reserved(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-            kept = self.graphs.profile()
-            torch.cuda.synchronize(dev)
-            graphs = torch.cuda.max_memory_reserved(dev) - base + kept
-        self._allocate_cache(0)
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(dev)
-        weights = torch.cuda.memory_allocated(dev)
-        return CudaMemory(total, free, weights, max(0, activations), max(0, graphs))
-
     @torch.inference_mode()
     def _profile_step(self) -> None:
         """Run the heaviest step the scheduler can make (``profile_layout``): every sequence
@@ -230,16 +157,6 @@ class ModelRunner:
             self.graphs = graphs
             for s in seqs:
                 self.states.pop(s.request_id, None)
-
-    def _allocate_cache(self, num_blocks: int) -> None:
-        from truffula.kernels.select import attention_impl
-
-        impl = attention_impl(self.device)
-        slots = num_blocks * self.block_size
-        for a in self.attn_layers:
-            a.bind_cache(torch.empty(0), torch.empty(0), impl)  # free the old cache first
-            k = torch.zeros(slots, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device)
-            a.bind_cache(k, torch.zeros_like(k), impl)
 
     # ---------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -307,7 +224,7 @@ class ModelRunner:
                 device_parts += [lp.rows, lp.token_ids, lp.logprobs, lp.ranks, lp.entropy]
         for job in jobs:
             device_parts += self._prompt_logprobs(hidden, job)
-        return Launched(sched, sample_idx, jobs, has_lp, _to_host_async(device_parts), sampled)
+        return Launched(sched, sample_idx, jobs, has_lp, to_host_async(device_parts), sampled)
 
     def collect(self, launched: Launched) -> RunnerOutput:
         """Wait for a launched step's results and turn them into plain data."""
@@ -326,51 +243,19 @@ class ModelRunner:
 
     def prepare(
         self, seqs: list[ScheduledSeq]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        bs = self.block_size
-        tokens: list[int] = []
-        positions: list[int] = []
-        seq_of_token: list[int] = []
-        starts = [0]
-        for i, s in enumerate(seqs):
-            tokens += s.token_ids
-            positions += range(s.start_pos, s.start_pos + s.num_tokens)
-            seq_of_token += [i] * s.num_tokens
-            starts.append(starts[-1] + s.num_tokens)
-        width = max(len(s.block_ids) for s in seqs)
-        table = torch.tensor(
-            [s.block_ids + [0] * (width - len(s.block_ids)) for s in seqs], dtype=torch.int32
-        )
-        pos = torch.tensor(positions, dtype=torch.long)
-        owner = torch.tensor(seq_of_token, dtype=torch.long)
-        slots = table[owner, pos // bs].long() * bs + pos % bs
-        seq_lens = [s.start_pos + s.num_tokens for s in seqs]
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=to_device(slots, dev),
-            block_tables=to_device(table, dev),
-            seq_lens=host_tensor(seq_lens, torch.int32, dev),
-            query_start_loc=host_tensor(starts, torch.int32, dev),
-            num_decodes=sum(1 for s in seqs if s.num_tokens == 1),
-            max_query_len=max(s.num_tokens for s in seqs),
-            max_seq_len=max(seq_lens),
-            block_size=bs,
-            seq_lens_cpu=seq_lens,
-            query_start_loc_cpu=starts,
-            request_ids=[s.request_id for s in seqs],
-        )
-        return host_tensor(tokens, torch.long, dev), to_device(pos, dev), meta
+    ) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
+        """(input ids, positions, forward context) of a step's flattened tokens."""
+        return self.steps.prepare(seqs)
 
     # ---------------------------------------------------------------- prompt logprobs
     def _forward(self, seqs: list[ScheduledSeq], fill: Fill | None) -> torch.Tensor:
         """Hidden states of the step's tokens: a CUDA graph replay for decode-only steps."""
         if self.graphs is not None and self.graphs.fits(seqs):
             return self.graphs.run(seqs, fill)
-        input_ids, positions, meta = self.prepare(seqs)
+        input_ids, positions, ctx = self.steps.prepare(seqs)
         if fill is not None:
             input_ids.index_copy_(0, fill[0], fill[1])
-        slots = [s.adapter_slot for s in seqs for _ in range(s.num_tokens)]
-        with forward_context(ForwardContext(meta, LoRABatch.build(slots, self.device))):
+        with forward_context(ctx):
             return self.model(input_ids, positions)
 
     def _prompt_jobs(self, seqs: list[ScheduledSeq], starts: list[int]) -> list[_PromptJob]:
@@ -404,7 +289,7 @@ class ModelRunner:
         parts: list[list[torch.Tensor]] = [[], [], [], []]
         for lo in range(0, len(job.rows), chunk):
             logits = self.model.compute_logits(hidden[rows[lo : lo + chunk]]).float()
-            stats = stats_of_logits(logits, targets[lo : lo + chunk], job.k)
+            stats = self.kernels.stats.stats(logits, targets[lo : lo + chunk], job.k)
             for acc, t in zip(parts, stats, strict=True):
                 acc.append(t)
             del logits
@@ -435,42 +320,16 @@ class ModelRunner:
                     for r in rows
                 ]
                 for r, rec in zip(
-                    rows.astype(np.int64).tolist(), _records(ids, lps, ranks, ents, ks), strict=True
+                    rows.astype(np.int64).tolist(), records(ids, lps, ranks, ents, ks), strict=True
                 ):
                     outs[sample_idx[r]].logprobs = rec
         for job in jobs:
             ids, lps, ranks, ents = (next(it) for _ in range(4))
-            outs[job.seq_index].prompt_logprobs = _records(
+            outs[job.seq_index].prompt_logprobs = records(
                 ids, lps, ranks, ents, [job.k] * len(ranks)
             )
             outs[job.seq_index].prompt_logprobs_start = job.first_pos
         return RunnerOutput(outs)
-
-
-def _records(
-    ids: np.ndarray, lps: np.ndarray, ranks: np.ndarray, ents: np.ndarray, ks: list[int]
-) -> list[TokenLogprobs]:
-    """Rows of [chosen | top-k] ids and logprobs -> records; -inf entries (tokens a processed
-    distribution filtered out) are never listed, and no -inf / NaN logprob leaves the engine."""
-    chosen = np.where(lps[:, 0] > -1e30, lps[:, 0], -9999.0).tolist()
-    ents = np.where(np.isnan(ents), 0.0, ents).tolist()
-    rank_list = ranks.astype(np.int64).tolist()
-    id_rows = ids.astype(np.int64)
-    finite = np.isfinite(lps)
-    full = finite[np.arange(len(ks)), ks].tolist()  # the k-th alternative is finite
-    id_list, lp_list = id_rows.tolist(), lps.tolist()
-    out = []
-    for r, k in enumerate(ks):
-        if not full[r]:  # the row ran out of tokens: keep the finite prefix
-            keep = finite[r, 1 : 1 + k]
-            top_ids, top_lps = (
-                id_rows[r, 1 : 1 + k][keep].tolist(),
-                lps[r, 1 : 1 + k][keep].tolist(),
-            )
-        else:
-            top_ids, top_lps = id_list[r][1 : 1 + k], lp_list[r][1 : 1 + k]
-        out.append(TokenLogprobs(id_list[r][0], chosen[r], rank_list[r], ents[r], top_ids, top_lps))
-    return out
 
 
 Fill = tuple[torch.Tensor, torch.Tensor]
@@ -512,31 +371,3 @@ def _placeholder_fill(
     assert prev is not None and prev.sampled is not None
     index = host_tensor([dst, src], torch.long, device)
     return index[0], prev.sampled.index_select(0, index[1])
-
-
-def _to_host_async(parts: list[torch.Tensor]) -> Callable[[], list[np.ndarray]]:
-    """Issue one device-to-host copy of every result tensor; the returned function waits for
-    it and splits it back into numpy arrays."""
-    if not parts:
-        return list
-    if not parts[0].is_cuda:  # already on the host: no copy to batch
-        arrays = [p.numpy() for p in parts]
-        return lambda: arrays
-    flat = torch.cat([p.reshape(-1).to(torch.float64) for p in parts])
-    buf = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-    buf.copy_(flat, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-    shapes = [p.shape for p in parts]
-
-    def wait() -> list[np.ndarray]:
-        done.synchronize()
-        host = buf.numpy()
-        out, pos = [], 0
-        for shape in shapes:
-            n = int(np.prod(shape)) if len(shape) else 1
-            out.append(host[pos : pos + n].reshape(shape))
-            pos += n
-        return out
-
-    return wait

@@ -9,7 +9,8 @@ Stages, each a pure function of its inputs:
    whatever else is in the batch);
 5. logprob statistics on the reported distribution (the processed logits, or the raw ones):
    chosen logprob, rank (1 + entries strictly larger), entropy (nats) and ``topk`` with k = the
-   largest k asked in the step (``stats_of_logits``: one Triton pass on CUDA).
+   largest k asked in the step (the ``TokenStats`` of the device, ``truffula.kernels``: one
+   softmax pass on CPU, one Triton pass on CUDA).
 
 A batch of plain greedy rows (no penalty, filter or logprob) is one argmax on the logits as the
 model made them. Nothing here sorts the whole vocabulary for logprobs, copies [batch, vocab] to
@@ -22,11 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from truffula.kernels import triton_kernels
+from truffula.kernels.stats_torch import TokenStats, Top, TorchTokenStats
 from truffula.sampling.metadata import SamplingBatch
-
-Top = tuple[torch.Tensor, torch.Tensor]
-"""(values, indices) of a row-wise ``torch.topk``."""
 
 
 @dataclass
@@ -52,52 +50,15 @@ class SamplerOutput:
     logprobs: LogprobsTensors | None
 
 
-def logprob_stats(
-    lp: torch.Tensor, chosen: torch.Tensor, k: int, probs: torch.Tensor | None = None
-) -> tuple[torch.Tensor, ...]:
-    """lp [R, V] log-probabilities, chosen [R] -> ids [R, 1+k], lps [R, 1+k], ranks [R], entropy [R].
-
-    ``probs``, when the caller has them (``softmax`` of the same logits), saves an ``exp`` pass."""
-    chosen_lp = lp.gather(1, chosen.unsqueeze(1))  # [R, 1]
-    entropy = _entropy(lp, lp.exp() if probs is None else probs)
-    ids, lps = chosen.unsqueeze(1), chosen_lp
-    if k <= 0:
-        return ids, lps, _rank(lp, chosen_lp), entropy
-    top_lp, top_ids = torch.topk(lp, min(k, lp.shape[1]), dim=1)
-    # Every entry larger than the k-th largest is in the top k: when the chosen token is at least
-    # that large (always, for greedy rows), its rank is counted there. On CPU that check is free
-    # and saves a pass over the vocabulary; on a GPU the full count is cheaper than a host sync.
-    if not lp.is_cuda and bool((chosen_lp >= top_lp[:, -1:]).all()):
-        ranks = (top_lp > chosen_lp).sum(dim=1) + 1
-    else:
-        ranks = _rank(lp, chosen_lp)
-    return torch.cat((ids, top_ids), dim=1), torch.cat((lps, top_lp), dim=1), ranks, entropy
-
-
-def _rank(lp: torch.Tensor, chosen_lp: torch.Tensor) -> torch.Tensor:
-    return (lp > chosen_lp).sum(dim=1) + 1
-
-
-def _entropy(lp: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Entropy in nats. A token with probability 0 (filtered out, or a -inf logit) contributes
-    nothing: its -inf logprob is clamped to the most negative finite value, as ``0 * -inf`` is
-    NaN. On CPU the clamp pass runs only for rows that need it."""
-    if lp.is_cuda:
-        return -torch.linalg.vecdot(p, lp.clamp(min=torch.finfo(lp.dtype).min))
-    entropy = -torch.linalg.vecdot(p, lp)
-    bad = entropy.isnan()
-    if bool(bad.any()):
-        rows = bad.nonzero().squeeze(1)
-        fixed = lp[rows].clamp(min=torch.finfo(lp.dtype).min)
-        entropy[rows] = -torch.linalg.vecdot(p[rows], fixed)
-    return entropy
-
-
 class Sampler:
+    def __init__(self, stats: TokenStats | None = None) -> None:
+        """``stats``: the argmax, top-k and statistics of the engine's device (CPU's if None)."""
+        self.stats = stats if stats is not None else TorchTokenStats(torch.device("cpu"))
+
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         if _plain_greedy(batch):  # argmax of the model's own dtype: no fp32 copy of the logits
-            return SamplerOutput(_argmax(logits), None)
-        if not (_unprocessed(batch) and triton_kernels.use(logits)):
+            return SamplerOutput(self.stats.argmax(logits), None)
+        if not (self.stats.reads_16bit and _unprocessed(batch)):
             # the Triton statistics and top-k read bf16 logits as they are (a bf16 -> fp32
             # conversion is exact and keeps the order); everything else computes in fp32
             logits = logits.float()
@@ -106,8 +67,9 @@ class Sampler:
             x = x / batch.temperature.unsqueeze(1)
         x = apply_filters(x, batch)
         top = None
-        if _greedy_with_top_k(x, batch):  # the top-k already holds the argmax
-            top = topk_rows(x, min(max(batch.max_k, 2), x.shape[1]))
+        if self.stats.greedy_topk and batch.all_greedy and batch.max_k > 0:
+            # one top-k serves the sampling and the statistics: it already holds the argmax
+            top = self.stats.topk(x, min(max(batch.max_k, 2), x.shape[1]))
             sampled = top[1][:, 0]
             tie = top[0][:, 0] == top[0][:, 1]
             if bool(tie.any()):  # argmax takes the first of equal values; topk may not
@@ -117,7 +79,7 @@ class Sampler:
         return SamplerOutput(sampled, self._logprobs(logits, x, sampled, batch, top))
 
     def _sample(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        greedy_ids = _argmax(x)
+        greedy_ids = self.stats.argmax(x)
         if batch.all_greedy:
             return greedy_ids
         probs = x.softmax(dim=-1)
@@ -152,17 +114,11 @@ class Sampler:
             reuse = None
             if top is not None and source is x:
                 reuse = (top[0], top[1]) if every else (top[0][rows], top[1][rows])
-            parts.append((rows, *stats_of_logits(sub, chosen, batch.max_k, reuse)))
+            parts.append((rows, *self.stats.stats(sub, chosen, batch.max_k, reuse)))
         cat = [torch.cat(t) for t in zip(*parts, strict=True)]
         return LogprobsTensors(
             rows=cat[0], token_ids=cat[1], logprobs=cat[2], ranks=cat[3], entropy=cat[4]
         )
-
-
-def _greedy_with_top_k(x: torch.Tensor, b: SamplingBatch) -> bool:
-    """CPU, every row greedy, some asking for alternatives: one top-k serves the sampling and
-    the statistics (no separate argmax pass)."""
-    return not x.is_cuda and b.all_greedy and b.max_k > 0
 
 
 def _unprocessed(b: SamplingBatch) -> bool:
@@ -177,89 +133,9 @@ def _unprocessed(b: SamplingBatch) -> bool:
     )
 
 
-def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise first index of the maximum (the Triton kernel on CUDA)."""
-    return triton_kernels.argmax_rows(x) if triton_kernels.use(x) else x.argmax(dim=-1)
-
-
 def _plain_greedy(b: SamplingBatch) -> bool:
     """Unprocessed, and no logprob to compute."""
     return _unprocessed(b) and b.processed_rows is None and b.raw_rows is None
-
-
-def stats_of_logits(
-    x: torch.Tensor, chosen: torch.Tensor, k: int, top: Top | None = None
-) -> tuple[torch.Tensor, ...]:
-    """``logprob_stats`` of the distribution ``softmax(x)``, x [R, V] logits (fp32; on CUDA
-    with Triton also bf16).
-
-    On CUDA one Triton pass gives the log-sum-exp, entropy, chosen logit and rank, and only the
-    top-k is a separate op. On CPU one softmax pass gives the probabilities; the log-sum-exp is
-    read off the most likely token (``x_top - log p_top``), log-probabilities are ``x - lse``,
-    and the entropy is ``lse - p . x``: no log-softmax matrix is written. ``top``: a top-k of
-    ``x`` already computed (at least max(k, 1) wide, CPU only)."""
-    if triton_kernels.use(x):
-        st = triton_kernels.row_stats(x, chosen)
-        lse, chosen_x, ranks, entropy = st[:, :1], st[:, 2:3], st[:, 3].long(), st[:, 1]
-        top_x, top_ids = topk_rows(x, min(k, x.shape[1])) if k > 0 else (None, None)
-        top_x = top_x.float() if top_x is not None else None
-    elif x.is_cuda:  # CUDA without Triton: the torch reference
-        return logprob_stats(x.log_softmax(-1), chosen, k, x.softmax(-1))
-    else:
-        p = x.softmax(-1)
-        if top is None:
-            top = topk_rows(x, min(max(k, 1), x.shape[1]))
-        top_x, top_ids = top
-        lse = top_x[:, :1] - p.gather(1, top_ids[:, :1]).log()
-        chosen_x = x.gather(1, chosen.unsqueeze(1))
-        if bool((chosen_x >= top_x[:, -1:]).all()):  # see logprob_stats
-            ranks = (top_x > chosen_x).sum(dim=1) + 1
-        else:
-            ranks = _rank(x, chosen_x)
-        entropy = lse.squeeze(1) - _expectation(p, x)
-    ids, lps = chosen.unsqueeze(1), chosen_x - lse
-    if k > 0:
-        assert top_x is not None and top_ids is not None
-        top_x, top_ids = top_x[:, :k], top_ids[:, :k]
-        ids, lps = torch.cat((ids, top_ids), dim=1), torch.cat((lps, top_x - lse), dim=1)
-    return ids, lps, ranks, entropy
-
-
-TOPK_CHUNK = 64
-TOPK_CHUNK_CUDA = 256
-"""On an H200, 64 x 128,256 bf16 logits, k = 20: 74 µs against 106 µs for ``torch.topk``."""
-
-
-def topk_rows(x: torch.Tensor, k: int) -> Top:
-    """Row-wise top-k (values, indices), largest first, in two stages: the k chunks of
-    ``TOPK_CHUNK`` columns (``TOPK_CHUNK_CUDA`` on CUDA) with the largest maxima hold the top k
-    (any entry of another chunk has k chunk maxima above it), so one ``amax`` pass and a top-k
-    over k chunks replace a top-k over the vocabulary (2.5x faster for 8 x 49,152 on CPU).
-    Equal values may come in another order than ``torch.topk``'s."""
-    rows, vocab = x.shape
-    size = TOPK_CHUNK_CUDA if x.is_cuda else TOPK_CHUNK
-    n = vocab // size
-    if n < 4 * k:
-        top = torch.topk(x, k, dim=1)
-        return top.values, top.indices
-    maxima = x[:, : n * size].view(rows, n, size).amax(2)
-    chunks = torch.topk(maxima, k, dim=1).indices
-    cols = (chunks.unsqueeze(2) * size + torch.arange(size, device=x.device)).view(rows, -1)
-    if n * size < vocab:  # the last, partial chunk is always a candidate
-        tail = torch.arange(n * size, vocab, device=x.device).expand(rows, -1)
-        cols = torch.cat((cols, tail), dim=1)
-    values, pick = torch.topk(x.gather(1, cols), k, dim=1)
-    return values, cols.gather(1, pick)
-
-
-def _expectation(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``sum(p * x)`` per row; entries with p = 0 and x = -inf (filtered) contribute nothing."""
-    out = torch.linalg.vecdot(p, x)
-    bad = out.isnan()
-    if bool(bad.any()):
-        rows = bad.nonzero().squeeze(1)
-        out[rows] = torch.linalg.vecdot(p[rows], x[rows].clamp(min=torch.finfo(x.dtype).min))
-    return out
 
 
 def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:

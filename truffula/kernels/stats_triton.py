@@ -1,6 +1,6 @@
 """Token statistics of logit rows in one pass (Triton): log-sum-exp, entropy, the chosen
-token's logit and its rank. Reference: ``sampling.sampler.logprob_stats`` on
-``logits.log_softmax(-1)`` (the CPU path and the test oracle).
+token's logit and its rank; and a row-wise argmax. Reference: ``stats_torch.logprob_stats`` on
+``logits.log_softmax(-1)`` (the CPU path and the test oracle) and ``torch.argmax``.
 
 One program per row streams the row once, keeping per-lane running maxima, sums of
 ``exp(x - max)`` and of ``exp(x - max) * x`` (online softmax) and the count of entries larger
@@ -13,6 +13,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from truffula.kernels.stats_torch import TOPK_CHUNK_CUDA, Top, from_logits, topk_rows
+from truffula.kernels.triton_support import next_pow2
 
 BLOCK = 2048
 
@@ -98,6 +101,30 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
         _chunk_argmax_kernel[(rows, n_chunks)](
             x, vals, idx, n_cols, x.stride(0), n_chunks, BLOCK=ARGMAX_CHUNK, num_warps=8
         )
-        chunks = 1 << max(0, (n_chunks - 1).bit_length())
+        chunks = next_pow2(n_chunks)
         _pick_argmax_kernel[(rows,)](vals, idx, out, n_chunks, CHUNKS=chunks)
     return out
+
+
+class TritonTokenStats:
+    """The sampler's statistics on CUDA: ``row_stats`` gives the log-sum-exp, entropy, chosen
+    logit and rank in one pass, and only the top-k is a separate op (``topk_rows``)."""
+
+    reads_16bit = True
+    greedy_topk = False
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        return argmax_rows(x)
+
+    def topk(self, x: torch.Tensor, k: int) -> Top:
+        return topk_rows(x, k, TOPK_CHUNK_CUDA)
+
+    def stats(
+        self, x: torch.Tensor, chosen: torch.Tensor, k: int, top: Top | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """x [R, V] logits (fp32 or bf16)."""
+        st = row_stats(x, chosen)
+        lse, chosen_x, ranks, entropy = st[:, :1], st[:, 2:3], st[:, 3].long(), st[:, 1]
+        top_x, top_ids = self.topk(x, min(k, x.shape[1])) if k > 0 else (None, None)
+        top_x = top_x.float() if top_x is not None else None
+        return from_logits(chosen, chosen_x, lse, ranks, entropy, top_x, top_ids, k)

@@ -1,4 +1,5 @@
-"""One-row matrix-vector product in Triton: ``y = W x (+ b)`` for a single token (batch-1 decode).
+"""One-row matrix-vector product in Triton: ``y = W x (+ b)`` for a single token (batch-1 decode);
+``linear`` takes it for one-row inputs and ``F.linear`` for the others.
 Reference: ``torch.nn.functional.linear``.
 
 Each program owns BLOCK_N output rows and streams them across K in BLOCK_K tiles (loads
@@ -12,6 +13,7 @@ Measured on an H200 at one token (8B shapes, in CUDA graphs): 30.0 µs against c
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -82,3 +84,24 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
         num_stages=stages,
     )
     return y
+
+
+def weight_fits(weight: torch.Tensor) -> bool:
+    """A dense row-major 16-bit weight: the kind ``gemv`` reads (checked once, at start-up)."""
+    return (
+        weight.dtype in (torch.bfloat16, torch.float16)
+        and weight.dim() == 2
+        and weight.stride(1) == 1
+    )
+
+
+def one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """x is one row of ``weight``'s dtype."""
+    return x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` for a weight that ``weight_fits``, through ``gemv`` for one row."""
+    if one_row(x, weight):
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)

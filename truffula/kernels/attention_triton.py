@@ -1,6 +1,8 @@
-"""Paged decode attention in Triton, split over the sequence when the batch is small.
+"""Paged attention on CUDA: one-token queries through a Triton decode kernel, split over the
+sequence when the batch is small; multi-token chunks through torch SDPA (flash attention for a
+whole prompt).
 
-Reference: ``kernels.attention_torch.paged_attention`` for one-token queries. One program per
+Reference: ``kernels.attention_torch.paged_attention``. One program per
 (sequence, kv head, split) handles all query heads of the group with ``tl.dot`` over blocks of
 BLOCK_N cached tokens (online softmax). With several splits each writes a partial (max, sum,
 weighted values); the split program that finishes last for its (sequence, kv head) merges them
@@ -14,6 +16,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from truffula.forward import AttentionMetadata
+from truffula.kernels.attention_torch import prefill_attention, write_kv
+from truffula.kernels.rotary_triton import rotary_into_cache
+from truffula.kernels.triton_support import next_pow2
 
 SMS_TARGET = 264  # about two programs per SM of an H100/H200
 
@@ -168,10 +175,6 @@ def _merge_group(
     tl.store(o_ptr, (acc / lsum[:, None]).to(out_ptr.dtype.element_ty), mask=gmask)
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -203,7 +206,7 @@ def decode_attention(
     group = h // hkv
     if splits is None:  # depends on the shapes only, so a captured graph keeps it
         splits = min(16, -(-SMS_TARGET // (b * hkv)))
-    splits = _pow2(max(1, splits))
+    splits = next_pow2(max(1, splits))
     out = torch.empty_like(q)
     part = torch.empty(
         b * h * splits * (d + 2) if splits > 1 else 1, dtype=torch.float32, device=q.device
@@ -229,7 +232,7 @@ def decode_attention(
         window or 0,
         h,
         GROUP=group,
-        GROUP_PAD=max(16, _pow2(group)),
+        GROUP_PAD=max(16, next_pow2(group)),
         HEAD_DIM=d,
         BLOCK_SIZE=block_size,
         BLOCK_N=max(16, min(64, block_size * 4)),
@@ -239,3 +242,81 @@ def decode_attention(
         IEEE=q.dtype == torch.float32,
     )
     return out
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """``attention_torch.paged_attention`` with the decodes through the Triton kernel
+    (graph-capturable: it reads lengths and block tables from device tensors). Head dimensions
+    are powers of two (the kernel tiles them so); ``select`` keeps the others on torch."""
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    nd = meta.num_decodes
+    if nd == q.shape[0]:
+        return decode_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            scale,
+            meta.block_size,
+            sliding_window,
+            softcap,
+        )
+    out = torch.empty_like(q)
+    if nd:
+        out[:nd] = decode_attention(
+            q[:nd],
+            k_cache,
+            v_cache,
+            meta.block_tables[:nd],
+            meta.seq_lens[:nd],
+            scale,
+            meta.block_size,
+            sliding_window,
+            softcap,
+        )
+    prefill_attention(out, q, k, v, k_cache, v_cache, meta, scale, sliding_window, softcap, True)
+    return out
+
+
+def rotary_decode_attention(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rot_dim: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """A decode-only step from the qkv projection [T, H + 2 Hkv, d]: rotate q and k and write k
+    and v to the cache in one kernel (``rotary_into_cache``; cos/sin are the whole tables),
+    then decode attention -> [T, H, d]."""
+    h = qkv.shape[1] - 2 * k_cache.shape[1]
+    q = rotary_into_cache(
+        qkv, h, k_cache.shape[1], positions, cos, sin, rot_dim, meta.slot_mapping, k_cache, v_cache
+    )
+    return decode_attention(
+        q,
+        k_cache,
+        v_cache,
+        meta.block_tables,
+        meta.seq_lens,
+        scale,
+        meta.block_size,
+        sliding_window,
+        softcap,
+    )

@@ -24,6 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
+from truffula.forward import LoRABatch
+from truffula.kernels.lora_torch import LoRAWeights
+from truffula.kernels.triton_support import next_pow2
+
 BLOCK_T = 16
 BLOCK_K = 128
 K_ITERS = 4
@@ -142,23 +146,21 @@ def _expand_kernel(
             tl.store(y, (prev + acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def shrink_buffer(x: torch.Tensor, a: torch.Tensor, zeroed: bool = True) -> torch.Tensor:
     """The fp32 [T, shards, R padded to >= 16] that ``shrink_into`` accumulates into (zeroed,
     unless the caller zeroes it on another stream)."""
     _, n_shards, rank, _ = a.shape
     make = torch.zeros if zeroed else torch.empty
-    return make(x.shape[0], n_shards, max(16, _pow2(rank)), dtype=torch.float32, device=x.device)
+    return make(
+        x.shape[0], n_shards, max(16, next_pow2(rank)), dtype=torch.float32, device=x.device
+    )
 
 
 def shrink_into(
     tmp: torch.Tensor, x: torch.Tensor, a: torch.Tensor, seg_table: torch.Tensor
 ) -> None:
     """tmp[t, j] += A[slot(t), j] x[t] over the segments of ``seg_table`` ([n_segments * 3]
-    int: start, length, slot; see ``lora_torch.segments``); ``a`` [slots, shards, R, in]."""
+    int: start, length, slot; see ``truffula.forward.segments``); ``a`` [slots, shards, R, in]."""
     n_seg = seg_table.numel() // 3
     _, n_shards, rank, n_in = a.shape
     _shrink_kernel[(n_seg, n_shards, triton.cdiv(n_in, BLOCK_K * K_ITERS))](
@@ -289,3 +291,35 @@ def _bgmv_expand_kernel(
         y = y_ptr + t * stride_y + o
         prev = tl.load(y, mask=omask, other=0.0).to(tl.float32)
         tl.store(y, (prev + acc).to(y_ptr.dtype.element_ty), mask=omask)
+
+
+class TritonLoRA:
+    """A projection with LoRA on CUDA: the shrink (zeroing its buffer, then the kernel) runs on
+    a side stream while the base projection's GEMM runs (it needs only ``x``; a decode-sized GEMM
+    leaves most SMs idle), then the expand adds the deltas to the GEMM's output. The buffer is
+    allocated on the current stream, so a graph capture keeps it in its pool."""
+
+    gathered = False
+    segments = True
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.side: torch.cuda.Stream | None = None
+
+    def __call__(self, layer: LoRAWeights, x: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
+        # in a graph, slots are device data: every token's own slot, zeros if empty
+        if not (batch.graph or any(layer.loaded[s] for s in batch.slots)):
+            return layer.base(x)
+        assert batch.seg_table is not None
+        current = torch.cuda.current_stream(self.device)
+        side = self.side
+        if side is None:
+            side = self.side = torch.cuda.Stream(self.device)
+        tmp = shrink_buffer(x, layer.a, zeroed=False)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            tmp.zero_()
+            shrink_into(tmp, x, layer.a, batch.seg_table)
+        y = layer.base(x)
+        current.wait_stream(side)
+        return lora_expand(y, tmp, layer.bt, layer.offsets, batch.seg_table, batch.token_slots)
