@@ -17,6 +17,9 @@ round-robin) and k (alternatives per token), with R requests (greedy, ignore_eos
    p50/p90/p99 as the client sees them, SSE bytes per token.
 
 ``--rate`` adds open-loop rows: Poisson arrivals at that many requests/s, for server and engine.
+The engine's runs come first and it is freed before the server starts; ``--interleave`` (CPU)
+keeps it and alternates its runs with the server's, so a shared machine's drift hits both alike;
+``--repeats N`` keeps the run of median throughput of N.
 The benchmark writes its adapters (``--adapter-root``) and gives the server 16 adapter slots
 (``--max-active-adapters 16``) ahead of the user's flags, which may override them.
 
@@ -382,6 +385,8 @@ def main() -> None:
     args = ap.parse_args(argv)
     if args.gpu and args.url:
         ap.error("--gpu builds its own random model; it cannot use --url")
+    if args.gpu and args.interleave:
+        ap.error("--interleave keeps the engine beside the server: not with --gpu (device memory)")
     p = PRESETS[(args.gpu, args.quick)]
     n_req, new = args.requests or p["requests"], args.new or p["new"]
     ks = [int(k) for k in (args.k or p["k"]).split(",")]
