@@ -363,6 +363,7 @@ def report(rows: list[dict], head: str) -> None:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     argv, server_flags = argv[:cut], argv[cut + 1 :]
