@@ -14,8 +14,10 @@
   adapter in a device slot, copying it in if needed and evicting the least recently used
   unpinned slot. An adapter in use is never evicted; when every slot is pinned, the request waits.
 - ``add_user`` / ``remove_user``: requests holding an adapter; such an adapter is never dropped
-  from host memory and cannot be unloaded. ``add_user`` reads again an adapter dropped (or
-  unloaded) between its load and the request's arrival.
+  from host memory and cannot be unloaded. ``add_user`` takes any spelling, reads again an
+  adapter dropped (or unloaded) between its load and the request's arrival, and counts the
+  request under the lock that ``unload`` and the host trim take, so neither can slip between
+  the read and the count; it returns the key the request must use from then on.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 from truffula.adapters.merge import KEY_PREFIX, MergeSpec, check_adapter_id, merge
 from truffula.adapters.peft import LoRAWeights, load_peft
 from truffula.config import LoRAConfig
-from truffula.errors import AdapterError, RequestValidationError
+from truffula.errors import AdapterError, EngineOverloadedError, RequestValidationError
 from truffula.layers.lora import LoRALinear
 
 log = logging.getLogger("truffula.adapters")
@@ -317,17 +319,20 @@ class AdapterStore:
             if slot is not None:
                 self._clear(slot)
 
-    def add_user(self, key: str) -> None:
-        """Count a request holding ``key``; a copy dropped since its load is read again."""
+    def add_user(self, adapter_id: str) -> str:
+        """Count a request holding ``adapter_id`` (a key or any spelling of one) and return its
+        key; a copy dropped or unloaded since the request's load is read again."""
         for _ in range(3):
+            key = self.load(adapter_id)
             with self._lock:
-                if key in self.host:
+                if key in self.host:  # a trim in another thread may have dropped it again
                     self.users[key] = self.users.get(key, 0) + 1
                     self._touch(key)
-                    return
-            if self.load(key) != key:
-                break
-        raise AdapterError(f"adapter {key!r} is not loaded", 404)
+                    return key
+        raise EngineOverloadedError(
+            f"adapter {str(adapter_id)[:300]!r} was dropped from host memory three times in a row "
+            "(more adapters in use than --max-cpu-adapters)"
+        )
 
     def remove_user(self, key: str) -> None:
         with self._lock:

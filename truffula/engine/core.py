@@ -215,9 +215,11 @@ class EngineCore:
             )
         params = req.params
         if params.adapter_id is not None:
-            if not self.adapters.is_loaded(params.adapter_id):
-                self.adapters.load(params.adapter_id)  # servers load off the step loop first
-            self.adapters.add_user(params.adapter_id)
+            # servers load off the step loop first; this reads it again only if it was unloaded
+            # since, and holds it at once (any spelling: the request keeps the key)
+            key = self.adapters.add_user(params.adapter_id)
+            if key != params.adapter_id:
+                params = req.params = params.with_updates(adapter_id=key)
         seq = SeqState(
             req.request_id, list(req.prompt_ids), len(req.prompt_ids), adapter=params.adapter_id
         )
