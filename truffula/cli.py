@@ -207,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="HTTP server processes in front of the one engine process (share the port)",
     )
+    srv.add_argument(
+        "--max-request-bytes",
+        type=parse_size,
+        default=None,
+        help="largest request body, e.g. 4MiB (default 4 MiB); larger ones are answered 413 "
+        "before they are read",
+    )
     add_engine_args(srv)
     srv.set_defaults(func=cmd_serve)
 

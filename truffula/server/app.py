@@ -21,7 +21,14 @@ Dialects: LoRAX (`/generate`, `/generate_stream`, `/`), TGI (`top_n_tokens`), Op
 
 
 class Gate:
-    """ASGI middleware: bearer-token check (every route but /health) and per-route counters."""
+    """ASGI middleware, before any route runs: the bearer-token check (every route but
+    /health), the body limit (``--max-request-bytes``), HEAD answered as GET without a body,
+    and per-route request counters.
+
+    The body limit is enforced before anything is parsed: a ``Content-Length`` above it is
+    answered 413 at once, without reading the body; a body without one (chunked) is read up to
+    the limit and answered 413 as soon as it passes it, without reading the rest. Either way the
+    connection is closed after the 413."""
 
     def __init__(self, app: Any, state: ServerState) -> None:
         self.app = app
@@ -31,27 +38,35 @@ class Gate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        key = self.state.settings.api_key
+        settings = self.state.settings
+        key = settings.api_key
         if key and scope["path"] != "/health" and not _authorized(scope, key):
-            body = json.dumps(
-                {
-                    "error": "missing or invalid API key (Authorization: Bearer <key>)",
-                    "error_type": "authentication",
-                }
-            ).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 401,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"www-authenticate", b"Bearer"),
-                    ],
-                }
+            await _reject(
+                scope,
+                send,
+                401,
+                "missing or invalid API key (Authorization: Bearer <key>)",
+                "authentication",
+                [(b"www-authenticate", b"Bearer")],
             )
-            await send({"type": "http.response.body", "body": body})
             self.state.metrics.observe_http("unauthorized", 401)
             return
+        limit = settings.max_request_bytes
+        length = _header(scope, b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > limit:
+                await _too_large(scope, send, limit)
+                self.state.metrics.observe_http("too_large", 413)
+                return
+        elif _header(scope, b"transfer-encoding") is not None:
+            body = await _read_body(receive, limit)
+            if body is None:
+                await _too_large(scope, send, limit)
+                self.state.metrics.observe_http("too_large", 413)
+                return
+            receive = _replay(body, receive)
+        if scope["method"] == "HEAD":  # the server sends HEAD's headers without the body
+            scope = {**scope, "method": "GET"}
         status = {"code": 500}
 
         async def send_status(message: dict[str, Any]) -> None:
@@ -69,12 +84,88 @@ class Gate:
             self.state.metrics.observe_http(name, status["code"])
 
 
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1").strip()  # type: ignore[no-any-return]
+    return None
+
+
 def _authorized(scope: dict[str, Any], key: str) -> bool:
+    """Compared as bytes: a header of any bytes (non-ASCII too) is simply not the key."""
     for name, value in scope.get("headers", []):
         if name == b"authorization":
-            given = value.decode("latin-1")
-            return given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip(), key)
+            scheme, _, given = bytes(value).partition(b" ")
+            return scheme == b"Bearer" and hmac.compare_digest(given.strip(), key.encode())
     return False
+
+
+async def _read_body(receive: Any, limit: int) -> list[dict[str, Any]] | None:
+    """The body's messages, or None as soon as they pass ``limit`` bytes."""
+    messages = []
+    size = 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return messages
+        size += len(message.get("body", b""))
+        if size > limit:
+            return None
+        if not message.get("more_body", False):
+            return messages
+
+
+def _replay(messages: list[dict[str, Any]], receive: Any) -> Any:
+    """A ``receive`` that gives ``messages`` back first (one body), then the connection's."""
+    body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
+    first: list[dict[str, Any]] = [{"type": "http.request", "body": body, "more_body": False}]
+    first += [m for m in messages if m["type"] != "http.request"]
+
+    async def replay() -> dict[str, Any]:
+        if first:
+            return first.pop(0)
+        return await receive()  # type: ignore[no-any-return]
+
+    return replay
+
+
+async def _too_large(scope: dict[str, Any], send: Any, limit: int) -> None:
+    await _reject(
+        scope,
+        send,
+        413,
+        f"the request body is larger than this server's limit of {limit} bytes "
+        "(--max-request-bytes)",
+        "payload_too_large",
+        [(b"connection", b"close")],
+    )
+
+
+async def _reject(
+    scope: dict[str, Any],
+    send: Any,
+    status: int,
+    message: str,
+    kind: str,
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    """An error answered by the middleware itself, in the route's dialect."""
+    body = json.dumps(
+        errors.dialect(scope["path"], status, {"error": message, "error_type": kind})
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def create_app(state: ServerState) -> FastAPI:

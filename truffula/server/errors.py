@@ -1,6 +1,8 @@
-"""Every error becomes ``{"error": message, "error_type": kind}`` with LoRAX's status codes:
-422 validation (malformed JSON and wrong types too), 424 generation, 429 overloaded,
-503 engine gone or shutting down."""
+"""Every error becomes ``{"error": message, "error_type": kind}`` (``{"error": {"message",
+"type", "param", "code"}}`` on the OpenAI routes) with LoRAX's status codes: 422 validation
+(malformed JSON, invalid UTF-8 and wrong types too), 424 generation, 429 overloaded, 503 engine
+gone or shutting down; 401, 405 (with ``Allow``) and 413 for what is refused before a route runs.
+docs/operations.md lists them all."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError as FastAPIValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from truffula.errors import (
     AdapterError,
@@ -60,10 +63,10 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, str]]:
     return 500, {"error": f"Internal error: {type(exc).__name__}: {exc}", "error_type": "internal"}
 
 
-def dialect(request: Request, status: int, body: dict[str, str], param: str | None = None) -> dict:
-    """OpenAI routes answer ``{"error": {"message", "type", "param", "code"}}``, which the
-    openai client shows; LoRAX routes keep ``{"error", "error_type"}``."""
-    if not request.url.path.startswith("/v1/"):
+def dialect(path: str, status: int, body: dict[str, str], param: str | None = None) -> dict:
+    """OpenAI routes (``path`` under ``/v1/``) answer ``{"error": {"message", "type", "param",
+    "code"}}``, which the openai client shows; LoRAX routes keep ``{"error", "error_type"}``."""
+    if not path.startswith("/v1/"):
         return body
     return {
         "error": {
@@ -73,6 +76,15 @@ def dialect(request: Request, status: int, body: dict[str, str], param: str | No
             "code": status,
         }
     }
+
+
+def pydantic_field(exc: FastAPIValidationError) -> str | None:
+    """The first field a validation error names (``parameters.top_k``), if any."""
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if loc and err.get("type") != "json_invalid":
+            return ".".join(loc)
+    return None
 
 
 def pydantic_message(exc: FastAPIValidationError) -> str:
@@ -86,11 +98,24 @@ def pydantic_message(exc: FastAPIValidationError) -> str:
     return "; ".join(parts) or "invalid request body"
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the path takes (Starlette names only the first route's), and
+    HEAD wherever GET is (the middleware answers HEAD as GET)."""
+    methods = []
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            methods.append(method)
+    if "GET" in methods:
+        methods.insert(1, "HEAD")
+    return methods
+
+
 def install(app: FastAPI) -> None:
     async def on_ours(request: Request, exc: Exception) -> JSONResponse:
         status, body = error_body(exc)
         param = getattr(exc, "field", None)
-        return JSONResponse(dialect(request, status, body, param), status_code=status)
+        return JSONResponse(dialect(request.url.path, status, body, param), status_code=status)
 
     async def on_pydantic(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, FastAPIValidationError)
@@ -98,13 +123,30 @@ def install(app: FastAPI) -> None:
             "error": f"Input validation error: {pydantic_message(exc)}",
             "error_type": "validation",
         }
-        return JSONResponse(dialect(request, 422, body), status_code=422)
+        param = pydantic_field(exc)
+        return JSONResponse(dialect(request.url.path, 422, body, param), status_code=422)
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        path = request.url.path
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI's "error parsing the body": invalid UTF-8, an integer of more than 4300
+            # digits, ... -- malformed JSON to the client, as the docs say
+            cause = exc.__cause__
+            body = {
+                "error": "Input validation error: malformed JSON body: "
+                f"{type(cause).__name__}: {str(cause)[:200]}",
+                "error_type": "validation",
+            }
+            return JSONResponse(dialect(path, 422, body), status_code=422)
         kinds = {404: "not_found", 405: "method_not_allowed", 401: "authentication"}
         body = {"error": str(exc.detail), "error_type": kinds.get(exc.status_code, "http")}
-        return JSONResponse(dialect(request, exc.status_code, body), status_code=exc.status_code)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return JSONResponse(
+            dialect(path, exc.status_code, body), status_code=exc.status_code, headers=headers
+        )
 
     ours = (
         RequestValidationError,

@@ -28,7 +28,7 @@ from truffula.config import EngineConfig
 from truffula.engine.async_engine import AsyncEngine
 from truffula.engine.messages import ModelInfo
 from truffula.server.metrics import Metrics
-from truffula.server.state import ServerSettings, ServerState
+from truffula.server.state import DEFAULT_MAX_REQUEST_BYTES, ServerSettings, ServerState
 
 log = logging.getLogger("truffula.server")
 
@@ -47,6 +47,7 @@ def settings_of(args: argparse.Namespace, config: EngineConfig) -> ServerSetting
         default_adapter_source=getattr(args, "adapter_source", None),
         version=__version__,
         api_server_count=getattr(args, "api_server_count", 1),
+        max_request_bytes=getattr(args, "max_request_bytes", None) or DEFAULT_MAX_REQUEST_BYTES,
     )
 
 
@@ -148,6 +149,8 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
     count = int(getattr(args, "api_server_count", 1))
     if count < 1:
         raise SystemExit("truffula: error: --api-server-count must be at least 1")
+    if getattr(args, "max_request_bytes", None) is not None and args.max_request_bytes < 1:
+        raise SystemExit("truffula: error: --max-request-bytes must be at least 1")
 
     async def main() -> int:
         engine = await AsyncEngine.spawn(config)

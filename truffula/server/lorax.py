@@ -18,12 +18,17 @@ from fastapi.responses import StreamingResponse
 from truffula.sampling.params import SamplingParams
 from truffula.server.formats import Accumulator, details_dict, prefill_dict, token_dict, top_tokens
 from truffula.server.params import RouteOptions, lorax_params
-from truffula.server.protocol import CompatGenerateRequest, GenerateRequest
+from truffula.server.protocol import (
+    GENERATION_ERRORS,
+    CompatGenerateRequest,
+    GenerateRequest,
+    error_responses,
+)
 from truffula.server.responses import JSON
 from truffula.server.state import AdapterRef, ServerState, state_of
-from truffula.server.streams import SSE_HEADERS, collect, sse_events
+from truffula.server.streams import SSE_HEADERS, SSE_RESPONSE, collect, sse_events
 
-router = APIRouter(tags=["LoRAX / TGI"])
+router = APIRouter(tags=["LoRAX / TGI"], responses=error_responses(*GENERATION_ERRORS))
 
 
 def response_dict(inputs: str, acc: Accumulator, opts: RouteOptions) -> dict[str, Any]:
@@ -49,7 +54,7 @@ def _headers(state: ServerState, acc: Accumulator, params: SamplingParams) -> di
     return headers
 
 
-def prompt_of(body: GenerateRequest, state: ServerState) -> str | list[int]:
+async def prompt_of(body: GenerateRequest, state: ServerState) -> str | list[int]:
     """``inputs`` as given, or through the chat template when ``apply_chat_template`` is set."""
     if not (body.parameters and body.parameters.apply_chat_template):
         return body.inputs
@@ -57,11 +62,11 @@ def prompt_of(body: GenerateRequest, state: ServerState) -> str | list[int]:
 
     try:
         messages = json.loads(body.inputs)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError, ValueError):
         messages = None
     if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
         messages = [{"role": "user", "content": body.inputs}]
-    return chat_ids(state, messages)
+    return await chat_ids(state, messages, "inputs")
 
 
 async def run_generate(
@@ -72,7 +77,7 @@ async def run_generate(
     params = await state.resolve_adapter(AdapterRef.of(body.parameters), params)
     if opts.best_of > 1:
         return await _best_of(body, request, params, opts), {"x-model-id": state.settings.model_id}
-    acc = await collect(await state.start(prompt_of(body, state), params), request)
+    acc = await collect(await state.start(await prompt_of(body, state), params), request)
     return response_dict(body.inputs, acc, opts), _headers(state, acc, params)
 
 
@@ -84,7 +89,7 @@ async def _best_of(
     variants = [
         params.with_updates(seed=state.random_seed(), details=True) for _ in range(opts.best_of)
     ]
-    prompt = prompt_of(body, state)
+    prompt = await prompt_of(body, state)
     streams = await state.start_all([(prompt, v) for v in variants])
     accs = await asyncio.gather(*(collect(s, request) for s in streams))
     order = sorted(range(len(accs)), key=lambda i: -sum(t.logprob or 0.0 for t in accs[i].tokens))
@@ -109,7 +114,7 @@ async def open_stream(body: GenerateRequest, request: Request) -> StreamingRespo
     state = state_of(request)
     params, opts = lorax_params(body.parameters, state, stream=True)
     params = await state.resolve_adapter(AdapterRef.of(body.parameters), params)
-    stream = await state.start(prompt_of(body, state), params)
+    stream = await state.start(await prompt_of(body, state), params)
 
     async def events() -> AsyncIterator[dict[str, Any]]:
         acc = Accumulator()
@@ -149,7 +154,12 @@ async def generate(body: GenerateRequest, request: Request) -> JSON:
     return JSON(out, headers=headers)
 
 
-@router.post("/generate_stream", summary="Generate text as server-sent events")
+@router.post(
+    "/generate_stream",
+    summary="Generate text as server-sent events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
 async def generate_stream(body: GenerateRequest, request: Request) -> StreamingResponse:
     """One ``data:`` event per token ``{token, generated_text, details}``; the last event has the
     whole text. Alternatives come with every token event."""
@@ -163,12 +173,16 @@ async def _compat(body: CompatGenerateRequest, request: Request) -> Any:
     return JSON([out], headers=headers)
 
 
-@router.post("/", summary="LoRAX client route: generate or stream; non-streaming answer is a list")
+@router.post(
+    "/",
+    summary="LoRAX client route: generate or stream; non-streaming answer is a list",
+    responses=SSE_RESPONSE,
+)
 async def compat_generate(body: CompatGenerateRequest, request: Request) -> Any:
     """The route ``lorax-client`` and ``text-generation`` call: ``{inputs, parameters, stream}``."""
     return await _compat(body, request)
 
 
-@router.post("/invocations", summary="SageMaker alias of POST /")
+@router.post("/invocations", summary="SageMaker alias of POST /", responses=SSE_RESPONSE)
 async def invocations(body: CompatGenerateRequest, request: Request) -> Any:
     return await _compat(body, request)

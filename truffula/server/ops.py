@@ -1,4 +1,5 @@
-"""Operations routes: health, info, Prometheus metrics, tokenize."""
+"""Operations routes: health, info, Prometheus metrics, tokenize. Every GET route also answers
+HEAD (the middleware serves it as GET without the body)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,22 @@ from fastapi.responses import Response
 
 from truffula.server.errors import invalid
 from truffula.server.metrics import CONTENT_TYPE
-from truffula.server.protocol import TokenizeRequest
-from truffula.server.responses import JSON
+from truffula.server.protocol import ErrorResponse, TokenizeRequest, error_responses
+from truffula.server.responses import JSON, json_bytes
 from truffula.server.state import state_of
 
 router = APIRouter(tags=["Operations"])
 
 
-@router.get("/health", summary="200 when the engine is serving")
+@router.get(
+    "/health",
+    summary="200 (empty body) when the engine is serving; no API key needed; HEAD too",
+    response_class=Response,
+    responses={
+        200: {"description": "the engine is serving", "content": {}},
+        503: {"model": ErrorResponse, "description": "the engine process is gone"},
+    },
+)
 async def health(request: Request) -> Response:
     state = state_of(request)
     if not state.engine.healthy:
@@ -29,7 +38,7 @@ async def ping(request: Request) -> Response:
     return await health(request)
 
 
-@router.get("/info", summary="Model, device and limits")
+@router.get("/info", summary="Model, device and limits", responses=error_responses(401, 503))
 async def info(request: Request) -> JSON:
     state = state_of(request)
     info = state.engine.info
@@ -55,6 +64,7 @@ async def info(request: Request) -> JSON:
         ),
         "max_running_requests": info.sizing.get("max_num_seqs", cfg.scheduler.max_num_seqs),
         "max_k_alternatives": cfg.limits.max_k_alternatives,
+        "max_request_bytes": state.settings.max_request_bytes,
         "logprobs_modes": ["processed", "raw"],
         "kv_cache_blocks": info.kv_blocks,
         "kv_block_size": info.kv_block_size,
@@ -70,7 +80,18 @@ async def info(request: Request) -> JSON:
     return JSON(body)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text; JSON with `Accept: application/json`",
+            "content": {"text/plain": {"schema": {"type": "string"}}, "application/json": {}},
+        },
+        **error_responses(401, 503),
+    },
+)
 async def metrics(request: Request) -> Response:
     """The engine's metrics (tokens, latencies, queue, KV blocks, adapters; one engine for all
     API processes) followed by this API process's HTTP counters."""
@@ -84,17 +105,27 @@ async def metrics(request: Request) -> Response:
     return Response(text, media_type=CONTENT_TYPE)
 
 
-@router.post("/tokenize", summary="Tokenize a text: [{id, text, start, stop}]")
+@router.post(
+    "/tokenize",
+    summary="Tokenize a text: [{id, text, start, stop}]",
+    responses=error_responses(401, 413, 422),
+)
 async def tokenize(body: TokenizeRequest, request: Request) -> JSON:
+    """The answer's size is bounded by the body's (``--max-request-bytes``); a long text is
+    tokenized and encoded in a worker thread."""
     state = state_of(request)
     if not body.inputs:
         raise invalid("inputs", "`inputs` cannot be empty")
-    tok = state.tokenizer
     add = True if body.add_special_tokens is None else body.add_special_tokens
+    content = await state.off_loop(len(body.inputs), _tokens_json, state, body.inputs, add)
+    return Response(content, media_type="application/json")
+
+
+def _tokens_json(state: Any, text: str, add_special_tokens: bool) -> bytes:
     strings = state.frontend.table.strings
-    return JSON(
+    return json_bytes(
         [
             {"id": i, "text": strings[i] if i < len(strings) else "", "start": a, "stop": b}
-            for i, a, b in tok.offsets(body.inputs, add_special_tokens=add)
+            for i, a, b in state.tokenizer.offsets(text, add_special_tokens=add_special_tokens)
         ]
     )

@@ -19,12 +19,12 @@ from truffula.sampling.params import SamplingParams
 from truffula.server.errors import invalid
 from truffula.server.formats import alternative_dict
 from truffula.server.params import check_k
-from truffula.server.protocol import ScoreRequest
+from truffula.server.protocol import GENERATION_ERRORS, ScoreRequest, error_responses
 from truffula.server.responses import JSON
 from truffula.server.state import AdapterRef, state_of
 from truffula.server.streams import collect
 
-router = APIRouter(tags=["Scoring"])
+router = APIRouter(tags=["Scoring"], responses=error_responses(*GENERATION_ERRORS))
 
 
 def _token(t: TokenInfo, with_alternatives: bool) -> dict[str, Any]:
@@ -46,6 +46,13 @@ def _result(continuation: str, tokens: list[TokenInfo], k: int) -> dict[str, Any
     }
 
 
+def _encode_all(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """The prompt with special tokens, each continuation without them."""
+    return [tokenizer.encode(texts[0])] + [
+        tokenizer.encode(t, add_special_tokens=False) if t else [] for t in texts[1:]
+    ]
+
+
 @router.post("/score", summary="Score continuations of a prompt (per-token and total logprob)")
 async def score(body: ScoreRequest, request: Request) -> JSON:
     """For each continuation: its tokens with logprob and rank (and the ``k`` most likely
@@ -56,12 +63,13 @@ async def score(body: ScoreRequest, request: Request) -> JSON:
     if not body.prompt:
         raise invalid("prompt", "`prompt` cannot be empty")
     k = check_k("k", body.k, state.limits.max_k_alternatives)
-    prompt_ids = tokenizer.encode(body.prompt)
+    texts = [body.prompt, *body.continuations]
+    encoded = await state.off_loop(sum(map(len, texts)), _encode_all, tokenizer, texts)
+    prompt_ids = encoded[0]
     if not prompt_ids:
         raise invalid("prompt", "`prompt` has no tokens")
     sequences = []
-    for i, text in enumerate(body.continuations):
-        ids = tokenizer.encode(text, add_special_tokens=False) if text else []
+    for i, ids in enumerate(encoded[1:]):
         if not ids:
             raise invalid("continuations", f"`continuations[{i}]` cannot be empty")
         if len(prompt_ids) + len(ids) >= state.frontend.max_len:

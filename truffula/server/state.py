@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 
@@ -21,6 +22,10 @@ from truffula.sampling.params import SamplingParams
 from truffula.server.metrics import Metrics
 
 LONG_PROMPT_CHARS = 4096
+"""Texts longer than this are tokenized (and chat templates applied) in a worker thread."""
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+"""``--max-request-bytes``: larger bodies are answered 413 before they are read or parsed."""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class ServerSettings:
     default_adapter_source: str | None = None
     version: str = ""
     api_server_count: int = 1
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     started: float = field(default_factory=time.time)
 
 
@@ -57,12 +63,18 @@ class ServerState:
     def random_seed(self) -> int:
         return random.randrange(2**63)
 
+    async def off_loop(self, chars: int, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` (tokenizing, a chat template): in a worker thread when it works on
+        more than ``LONG_PROMPT_CHARS`` characters, so the event loop keeps answering."""
+        if chars > LONG_PROMPT_CHARS:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
     async def prepare(self, prompt: str | list[int], params: SamplingParams) -> EngineRequest:
         """Validate and tokenize; long texts are tokenized in a worker thread, so the event
         loop keeps answering other requests."""
-        if isinstance(prompt, str) and len(prompt) > LONG_PROMPT_CHARS:
-            return await asyncio.to_thread(self.engine.prepare, prompt, params)
-        return self.engine.prepare(prompt, params)
+        chars = len(prompt) if isinstance(prompt, str) else 0
+        return await self.off_loop(chars, self.engine.prepare, prompt, params)
 
     async def start(self, prompt: str | list[int], params: SamplingParams) -> RequestStream:
         """Prepare and submit one request."""

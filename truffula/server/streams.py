@@ -61,3 +61,10 @@ async def sse_events(
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "a JSON body, or server-sent events when streaming",
+        "content": {"text/event-stream": {}},
+    }
+}
+"""OpenAPI: a route that answers JSON or, with ``stream``, server-sent events."""

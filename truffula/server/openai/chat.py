@@ -28,12 +28,12 @@ from truffula.server.openai.common import (
     usage,
 )
 from truffula.server.params import check_k
-from truffula.server.protocol import ChatCompletionRequest
+from truffula.server.protocol import GENERATION_ERRORS, ChatCompletionRequest, error_responses
 from truffula.server.responses import JSON
 from truffula.server.state import state_of
-from truffula.server.streams import SSE_HEADERS, collect, sse_events
+from truffula.server.streams import SSE_HEADERS, SSE_RESPONSE, collect, sse_events
 
-router = APIRouter(tags=["OpenAI"])
+router = APIRouter(tags=["OpenAI"], responses=error_responses(*GENERATION_ERRORS, openai=True))
 
 
 def _chat_entry(t: TokenInfo) -> dict[str, Any]:
@@ -52,7 +52,11 @@ def _chat_logprobs(tokens: list[TokenInfo]) -> dict[str, Any]:
     return {"content": [_chat_entry(t) for t in tokens if not t.special], "refusal": None}
 
 
-@router.post("/v1/chat/completions", summary="OpenAI chat completions (logprobs + top_logprobs)")
+@router.post(
+    "/v1/chat/completions",
+    summary="OpenAI chat completions (logprobs + top_logprobs)",
+    responses=SSE_RESPONSE,
+)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     state = state_of(request)
     n = n_of(body)
@@ -71,7 +75,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     if max_tokens is not None and max_tokens <= 0:
         raise invalid("max_tokens", "`max_tokens` must be >= 1")
     params = await model_params(state, body, sampling_params(body, max_tokens, k))
-    ids = chat_ids(state, [{"role": m.role, "content": m.text()} for m in body.messages])
+    ids = await chat_ids(state, [{"role": m.role, "content": m.text()} for m in body.messages])
     jobs = await submit_all(state, [(j, ids, seeded(params, j)) for j in range(n)])
     env = Envelope(
         "chat.completion", body.model or state.settings.model_id, "chatcmpl", fingerprint=True

@@ -14,7 +14,7 @@ from truffula.engine.async_engine import RequestStream
 from truffula.engine.output import RequestOutput
 from truffula.sampling.params import SamplingParams
 from truffula.server.errors import HTTPError, invalid
-from truffula.server.protocol import ChatCompletionRequest, CompletionRequest
+from truffula.server.protocol import ChatCompletionRequest, CompletionRequest, first_surrogate
 from truffula.server.state import AdapterRef, ServerState
 
 MAX_N = 16
@@ -120,8 +120,18 @@ async def merge_streams(
             s.close()
 
 
-def chat_ids(state: ServerState, messages: list[dict[str, Any]]) -> list[int]:
-    """Token ids of a conversation formatted by the model's chat template (no extra BOS)."""
+async def chat_ids(
+    state: ServerState, messages: list[dict[str, Any]], field: str = "messages"
+) -> list[int]:
+    """Token ids of a conversation formatted by the model's chat template (no extra BOS); long
+    conversations are formatted and tokenized in a worker thread."""
+    if first_surrogate(messages):
+        raise invalid(field, f"`{field}` must be valid Unicode text (no lone surrogates)")
+    chars = sum(len(str(m.get("content") or "")) for m in messages)
+    return await state.off_loop(chars, _chat_ids, state, messages)
+
+
+def _chat_ids(state: ServerState, messages: list[dict[str, Any]]) -> list[int]:
     tok = state.tokenizer
     if not tok.has_chat_template:
         raise HTTPError(

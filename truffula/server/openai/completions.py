@@ -26,12 +26,17 @@ from truffula.server.openai.common import (
     token_string,
     usage,
 )
-from truffula.server.protocol import CompletionRequest
+from truffula.server.protocol import (
+    GENERATION_ERRORS,
+    MAX_SUBREQUESTS,
+    CompletionRequest,
+    error_responses,
+)
 from truffula.server.responses import JSON
 from truffula.server.state import ServerState, state_of
-from truffula.server.streams import SSE_HEADERS, collect, sse_events
+from truffula.server.streams import SSE_HEADERS, SSE_RESPONSE, collect, sse_events
 
-router = APIRouter(tags=["OpenAI"])
+router = APIRouter(tags=["OpenAI"], responses=error_responses(*GENERATION_ERRORS, openai=True))
 
 
 class _CompletionLogprobs:
@@ -85,13 +90,28 @@ def _completion_prompts(body: CompletionRequest) -> list[str | list[int]]:
     return prompts
 
 
-@router.post("/v1/completions", summary="OpenAI completions (logprobs, echo, streaming)")
+@router.post(
+    "/v1/completions",
+    summary="OpenAI completions (logprobs, echo, streaming)",
+    responses=SSE_RESPONSE,
+)
 async def completions(body: CompletionRequest, request: Request) -> Any:
     state = state_of(request)
     if body.suffix:
         raise invalid("suffix", "`suffix` is not supported")
+    if body.best_of not in (None, 1):
+        raise invalid(
+            "best_of",
+            f"`best_of` must be 1 (or null); use `n` for more choices. Given: {body.best_of}",
+        )
     prompts = _completion_prompts(body)
     n = n_of(body)
+    if len(prompts) * n > MAX_SUBREQUESTS:
+        raise invalid(
+            "prompt",
+            f"at most {MAX_SUBREQUESTS} completions per request (prompts x `n`). "
+            f"Given: {len(prompts)} x {n}",
+        )
     k = -1 if body.logprobs is None else body.logprobs
     if k > state.limits.max_k_alternatives:
         raise invalid(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from truffula.server.protocol import error_responses
 from truffula.server.responses import JSON
 from truffula.server.state import state_of
 
-router = APIRouter(tags=["OpenAI"])
+router = APIRouter(tags=["OpenAI"], responses=error_responses(401, 503, openai=True))
 
 
 @router.get("/v1/models", summary="The base model and the loaded adapters")
