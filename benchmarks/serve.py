@@ -14,7 +14,8 @@ round-robin) and k (alternatives per token), with R requests (greedy, ignore_eos
    driven by C closed-loop clients over ``POST /generate``: output tok/s (generated tokens over
    wall time), response body bytes per generated token, ratio to the engine;
 3. the same over ``POST /generate_stream``: tok/s, time to first token and inter-token latency
-   p50/p90/p99 as the client sees them, SSE bytes per token.
+   p50/p90/p99 as the client sees them (``p99/step``: the p99 over the engine's decode step),
+   SSE bytes per token.
 
 ``--rate`` adds open-loop rows: Poisson arrivals at that many requests/s, for server and engine.
 The engine's runs come first and it is freed before the server starts; ``--interleave`` (CPU)
@@ -138,6 +139,16 @@ def pct(values: list[float]) -> dict[str, float]:
 def engine_run(core: EngineCore, work: Work, conc: int, arrivals: list[float] | None) -> dict:
     """Serve ``work`` keeping ``conc`` requests in flight (or adding each at its arrival time)."""
     queue = list(range(len(work)))[::-1]
+    decode_only: list[bool] = []  # per step: did it run decodes alone?
+    schedule = core.scheduler.schedule
+
+    def watched() -> Any:
+        out = schedule()
+        decode_only.append(bool(out.seqs) and all(s.num_tokens == 1 for s in out.seqs))
+        return out
+
+    core.scheduler.schedule = watched  # type: ignore[method-assign]
+    steps: list[tuple[float, int]] = []  # (seconds, index of the step launched)
     added: dict[str, float] = {}
     ttft: list[float] = []
     tokens = live = chars = 0
@@ -152,8 +163,10 @@ def engine_run(core: EngineCore, work: Work, conc: int, arrivals: list[float] | 
         if not core.has_work():
             time.sleep(max(0.0, arrivals[queue[-1]] - now) if arrivals else 0.0)
             continue
+        before = time.perf_counter() - t0
         outs = core.step()
         t = time.perf_counter() - t0
+        steps.append((t - before, len(decode_only) - 1))
         for o in outs:
             for tok in o.tokens:  # the alternatives' text, as a server builds it to answer
                 chars += sum(len(a.text) for a in tok.alternatives or ())
@@ -162,8 +175,16 @@ def engine_run(core: EngineCore, work: Work, conc: int, arrivals: list[float] | 
             tokens += len(o.tokens)
             live -= o.finished
     wall = time.perf_counter() - t0
+    del core.scheduler.schedule
+    # a call launches step i and (scheduling asynchronously) waits for step i - 1: both decode
+    pure = [dt for dt, i in steps if i >= 1 and decode_only[i] and decode_only[i - 1]]
     return dict(
-        requests=len(work), tokens=tokens, wall=wall, tok_s=tokens / wall, ttft_ms=pct(ttft)
+        requests=len(work),
+        tokens=tokens,
+        wall=wall,
+        tok_s=tokens / wall,
+        ttft_ms=pct(ttft),
+        decode_step_ms=float(np.median(pure)) * 1e3 if pure else float("nan"),
     )
 
 
@@ -348,16 +369,19 @@ def report(rows: list[dict], head: str) -> None:
     print(
         f"\n{head}\n{'config':<8} {'adapters':>8} {'k':>3} {'load':>10} {'engine':>8} "
         f"{'server':>8} {'ratio':>6} {'stream':>8} {'ratio':>6} {'TTFT p50/90/99':>16} "
-        f"{'ITL p50/90/99':>14} {'B/tok':>6} {'SSE B/tok':>9}"
+        f"{'ITL p50/90/99':>14} {'step':>5} {'p99/step':>8} {'B/tok':>6} {'SSE B/tok':>9}"
     )
     nan = {"tok_s": float("nan"), "bytes_per_token": float("nan")}
     for r in rows:
         e, s, st = r.get("engine") or nan, r.get("server") or nan, r.get("stream") or nan
         r["ratio"], r["stream_ratio"] = s["tok_s"] / e["tok_s"], st["tok_s"] / e["tok_s"]
+        step = e.get("decode_step_ms", float("nan"))  # the engine's median decode-only step
+        r["itl_p99_per_step"] = (st.get("itl_ms") or {}).get("p99", float("nan")) / step
         print(
             f"{r['config']:<8} {r['adapters'] or 'base':>8} {r['k']:>3} {r['load']:>10} "
             f"{e['tok_s']:>8.1f} {s['tok_s']:>8.1f} {r['ratio']:>5.2f}x {st['tok_s']:>8.1f} "
             f"{r['stream_ratio']:>5.2f}x {fmt(st, 'ttft_ms'):>16} {fmt(st, 'itl_ms'):>14} "
+            f"{step:>5.1f} {r['itl_p99_per_step']:>7.1f}x "
             f"{s['bytes_per_token']:>6.0f} {st['bytes_per_token']:>9.0f}"
         )
 

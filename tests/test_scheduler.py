@@ -193,3 +193,25 @@ def test_random_workload_never_leaks_or_drops() -> None:
         assert held == s.pool.num_used
     assert done == set(targets)
     assert s.pool.num_used == 0
+
+
+def test_prefill_while_decoding_is_capped_and_uncapped_without_decodes() -> None:
+    s = Scheduler(BlockPool(256), 4, 64, 16, max_prefill_while_decoding=10)
+    s.add(seq("a", 30))
+    s.add(seq("b", 30))
+    first = run_step(s)  # nothing decodes yet: the whole budget goes to prefill
+    assert sum(x.num_tokens for x in first.seqs) == 60
+    s.add(seq("c", 25))
+    s.add(seq("d", 25))
+    chunks: list[list[int]] = []
+    while any(st.num_pending > 1 for st in [s.get("c"), s.get("d")] if st is not None):
+        out = run_step(s)
+        decodes = [x for x in out.seqs if x.num_tokens == 1 and x.request_id in "ab"]
+        assert len(decodes) == 2  # the running requests decode in every step
+        chunks.append([x.num_tokens for x in out.seqs if x.request_id in "cd" and x.start_pos < 25])
+    assert all(sum(c) <= 10 for c in chunks)
+    assert sum(map(sum, chunks)) == 50 and len(chunks) == 5
+    # a step that decodes nothing is not held to the cap
+    lone = Scheduler(BlockPool(256), 4, 64, 16, max_prefill_while_decoding=10)
+    lone.add(seq("e", 40))
+    assert run_step(lone).seqs[0].num_tokens == 40

@@ -55,6 +55,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="token budget of one step (default: 8192 on CUDA, 512 on CPU)",
     )
     g.add_argument(
+        "--max-prefill-while-decoding",
+        type=int,
+        default=None,
+        help="most prefill tokens in a step that also decodes, so new prompts add a bounded "
+        "delay to running streams (default 0: no cap beyond the step budget)",
+    )
+    g.add_argument(
         "--max-num-seqs",
         type=int,
         default=None,
@@ -107,6 +114,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         block_size=args.block_size,
         max_num_batched_tokens=args.max_batch_tokens,
         max_num_seqs=args.max_num_seqs,
+        max_prefill_while_decoding=args.max_prefill_while_decoding,
         cuda_graph_max_batch=args.cuda_graph_max_batch,
         max_queued_requests=args.max_concurrent_requests,
         async_scheduling=args.async_scheduling,

@@ -100,14 +100,21 @@ class DeviceDefaults:
 
     max_num_batched_tokens: int
     max_num_seqs: int
+    max_prefill_while_decoding: int
+    """Prefill tokens in a step that also decodes (0: no cap beyond the step budget)."""
 
 
 DEVICE_DEFAULTS: dict[str, DeviceDefaults] = {
     # a GPU reads the weights once per step whatever its width: wide steps (long prefill
-    # chunks, hundreds of decodes) are what keep its matrix units busy
-    "cuda": DeviceDefaults(max_num_batched_tokens=8192, max_num_seqs=256),
+    # chunks, hundreds of decodes) are what keep its matrix units busy. No prefill cap while
+    # decoding: a step with a prefill chunk runs eagerly, its launches cost several decode steps
+    "cuda": DeviceDefaults(
+        max_num_batched_tokens=8192, max_num_seqs=256, max_prefill_while_decoding=0
+    ),
     # a CPU step's time grows with its tokens: short steps keep decodes flowing
-    "cpu": DeviceDefaults(max_num_batched_tokens=512, max_num_seqs=64),
+    "cpu": DeviceDefaults(
+        max_num_batched_tokens=512, max_num_seqs=64, max_prefill_while_decoding=0
+    ),
 }
 
 
@@ -120,6 +127,10 @@ class SchedulerConfig:
     (``DEVICE_DEFAULTS``: 8192 on CUDA, 512 on CPU)."""
     max_num_seqs: int | None = None
     """Most requests running in one step. None: by device (256 on CUDA, 64 on CPU)."""
+    max_prefill_while_decoding: int | None = None
+    """Most prefill tokens in a step that also runs decodes (chunked prefill keeps the rest for
+    later steps); 0: the step budget alone. None: by device (0). Bounds
+    the inter-token latency new prompts add to running streams."""
     max_queued_requests: int = 1024
     """Most requests held (running + waiting) before new ones are refused as overloaded."""
     async_scheduling: str = "auto"
@@ -131,6 +142,8 @@ class SchedulerConfig:
             raise ValueError("max_num_batched_tokens must be at least 1")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
+        if self.max_prefill_while_decoding is not None and self.max_prefill_while_decoding < 0:
+            raise ValueError("max_prefill_while_decoding must be 0 (no cap) or more")
         if self.max_queued_requests < 1:
             raise ValueError("max_queued_requests must be at least 1")
         if self.async_scheduling not in ("auto", "on", "off"):
@@ -213,6 +226,9 @@ class EngineConfig:
             s,
             max_num_batched_tokens=s.max_num_batched_tokens or d.max_num_batched_tokens,
             max_num_seqs=s.max_num_seqs or d.max_num_seqs,
+            max_prefill_while_decoding=d.max_prefill_while_decoding
+            if s.max_prefill_while_decoding is None
+            else s.max_prefill_while_decoding,
         )
         graphs = self.model.cuda_graph_max_batch
         model = replace(

@@ -143,6 +143,7 @@ class EngineCore:
             config.scheduler.max_num_seqs,
             admit=self._admit,
             release=self._release,
+            max_prefill_while_decoding=config.scheduler.max_prefill_while_decoding or 0,
         )
         self.frontend = Frontend(
             self.tokenizer,

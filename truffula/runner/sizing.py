@@ -213,6 +213,8 @@ class EngineSizing:
     """Longest sequence (prompt + generation) served."""
     max_num_batched_tokens: int
     max_num_seqs: int
+    max_prefill_while_decoding: int
+    """Prefill tokens in a step that also decodes (0: the step budget alone)."""
     graph_batch_sizes: tuple[int, ...]
     """Decode batch sizes captured in CUDA graphs (empty: none)."""
     kv_cache_source: str
@@ -221,6 +223,7 @@ class EngineSizing:
     """``auto`` (the model's context length) or ``flag`` (``--max-model-len``)."""
     max_num_batched_tokens_source: str
     max_num_seqs_source: str
+    max_prefill_while_decoding_source: str
     graph_batch_sizes_source: str
     memory: CudaMemory | None = None
     """The GPU readings the automatic KV cache was computed from (CUDA, automatic only)."""
@@ -246,6 +249,8 @@ class EngineSizing:
         return (
             f"{kv}; max length {self.max_len:,} ({length}); step budget "
             f"{self.max_num_batched_tokens:,} tokens ({self.max_num_batched_tokens_source}), "
+            f"prefill while decoding {self.max_prefill_while_decoding or 'not capped'} "
+            f"({self.max_prefill_while_decoding_source}), "
             f"{self.max_num_seqs} running requests ({self.max_num_seqs_source}), {graphs}"
         )
 

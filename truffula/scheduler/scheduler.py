@@ -3,11 +3,13 @@
 The rule, in one sentence: every request has ``num_computed`` tokens in the KV cache and
 ``len(token_ids)`` known tokens; each step gives each running request up to the difference,
 within a shared token budget, decodes (one token) first so they never starve; a long prompt is
-simply a request whose difference is larger than the budget left (chunked prefill).
+simply a request whose difference is larger than the budget left (chunked prefill). In a step
+that decodes, prefill tokens are further held to ``max_prefill_while_decoding`` (when set), so
+a burst of new prompts lengthens the running requests' steps by a bounded amount.
 
 Step by step (``schedule``):
 1. Running requests, oldest first. A decode gets 1 token. A prefill gets
-   ``min(remaining, budget - decodes still to serve)``. Blocks for the new tokens are allocated;
+   ``min(remaining, budget - decodes still to serve, prefill cap left)``. Blocks for the new tokens are allocated;
    when the pool is empty the newest running request is preempted (blocks freed, tokens kept,
    requeued at the front of the waiting queue to be recomputed later).
 2. Waiting requests, in order, while budget, running-slot and block limits allow. A request
@@ -68,8 +70,10 @@ class Scheduler:
         max_num_seqs: int,
         admit: AdmitHook | None = None,
         release: Callable[[SeqState], None] | None = None,
+        max_prefill_while_decoding: int = 0,
     ) -> None:
         self.pool = pool
+        self.max_prefill_while_decoding = max_prefill_while_decoding
         self.block_size = block_size
         self.max_tokens = max_num_batched_tokens
         self.max_seqs = max_num_seqs
@@ -123,13 +127,18 @@ class Scheduler:
         preempted: list[str] = []
         queue = sorted(self.running, key=lambda s: s.arrival)
         decodes_left = sum(1 for s in queue if s.num_pending == 1)
+        cap = self.max_prefill_while_decoding
+        prefill_left = cap if cap and decodes_left else budget
         i = 0
         while i < len(queue) and budget > 0:
             seq = queue[i]
             is_decode = seq.num_pending == 1
             if is_decode:
                 decodes_left -= 1
-            n = min(seq.num_pending, budget if is_decode else budget - decodes_left)
+            if is_decode:
+                n = 1
+            else:
+                n = min(seq.num_pending, budget - decodes_left, prefill_left)
             if n <= 0:
                 i += 1
                 continue
@@ -144,16 +153,18 @@ class Scheduler:
             else:
                 chosen.append((seq, n))
                 budget -= n
+                if not is_decode:
+                    prefill_left -= n
                 i += 1
                 continue
             break  # the request being scheduled preempted itself: nothing newer is left
         held: list[SeqState] = []  # waiting requests whose admission hook said "not yet"
-        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+        while self.waiting and min(budget, prefill_left) > 0 and len(self.running) < self.max_seqs:
             seq = self.waiting.popleft()
             if seq.unresolved or (self.admit is not None and not self.admit(seq)):
                 held.append(seq)
                 continue
-            n = min(seq.num_pending, budget)
+            n = min(seq.num_pending, budget, prefill_left)
             if not self._grow(seq, n):
                 if self.release is not None:
                     self.release(seq)
@@ -163,6 +174,7 @@ class Scheduler:
             self.running.append(seq)
             chosen.append((seq, n))
             budget -= n
+            prefill_left -= n
         self.waiting.extendleft(reversed(held))
         seqs = [self._scheduled(seq, n) for seq, n in chosen]
         # single-token sequences first, grouped by adapter so LoRA kernels share weight reads
