@@ -288,7 +288,7 @@ BAD = [
     ({"best_of": 9, "do_sample": True}, "best_of"),
     ({"truncate": 0}, "truncate"),
     ({"frequency_penalty": 3}, "frequency_penalty"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
     ({"details": "yes please"}, "details"),
 ]
 

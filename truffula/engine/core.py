@@ -154,6 +154,7 @@ class EngineCore:
             self.architecture,
             self.table,
         )
+        self.runner.grammars = self.frontend.grammars
         self.requests: dict[str, Request] = {}
         self.metrics: MetricsSink | None = None
         mode = config.scheduler.async_scheduling
@@ -303,8 +304,12 @@ class EngineCore:
         return outputs
 
     def _needs_history(self, sched: SchedulerOutput) -> bool:
+        """Penalties count every output token, and a constrained request's mask follows its
+        last token: such a step waits for the step before it (no overlap)."""
         reqs = (self.requests.get(s.request_id) for s in sched.seqs if s.sample)
-        return any(r is not None and r.params.needs_penalties for r in reqs)
+        return any(
+            r is not None and (r.params.needs_penalties or r.params.constrained) for r in reqs
+        )
 
     def _mark_in_flight(self, launched: Launched) -> dict[str, int | None]:
         """Give each sampling request a ``PLACEHOLDER`` for its coming token, unless that token

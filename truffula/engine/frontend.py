@@ -21,6 +21,7 @@ from truffula.engine.tokenizer import Tokenizer
 from truffula.errors import AdapterError, RequestValidationError
 from truffula.runner.output import TokenLogprobs
 from truffula.sampling.params import SamplingParams
+from truffula.structured.compiler import GrammarCompiler
 
 
 @dataclass(eq=False)
@@ -51,6 +52,8 @@ class Frontend:
         self.serving_path = serving_path
         self.architecture = architecture
         self.tracked: dict[str, _Tracked] = {}
+        self.grammars = GrammarCompiler(tokenizer.hf, vocab_size)
+        """Structured-output grammars: checked here (API side), matchers made in the engine."""
 
     # ---------------------------------------------------------------- requests in
     def tokenize_prompt(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
@@ -87,6 +90,8 @@ class Frontend:
             raise AdapterError(
                 f"adapters are not supported for {self.architecture} (transformers fallback)", 422
             )
+        if params.structured is not None:
+            self.grammars.check_with_timeout(params.structured)
         ids = self.tokenize_prompt(prompt, params)
         room = self.max_len - len(ids)
         if params.max_new_tokens is None:

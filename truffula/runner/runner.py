@@ -44,6 +44,7 @@ from truffula.sampling.metadata import build_sampling_batch
 from truffula.sampling.params import SamplingParams
 from truffula.sampling.sampler import Sampler
 from truffula.scheduler.output import PLACEHOLDER, ScheduledSeq, SchedulerOutput
+from truffula.structured.compiler import Constraint, GrammarCompiler
 
 log = logging.getLogger("truffula.runner")
 
@@ -56,6 +57,8 @@ class RequestState:
     generator: torch.Generator | None = None
     prompt_lp_next: int = 1
     """Next prompt position whose logprob is still to be reported."""
+    constraint: Constraint | None = None
+    """Structured-output matcher, advanced by each sampled token once it is on the host."""
 
 
 @dataclass
@@ -98,6 +101,8 @@ class ModelRunner:
         self.sampler = Sampler(self.kernels.stats)
         self.steps = StepBuilder(self.model, self.kernels, self.block_size, dtype)
         self.states: dict[str, RequestState] = {}
+        self.grammars: GrammarCompiler | None = None
+        """Makes the matchers of constrained requests (set by the engine: it has the tokenizer)."""
         self.graphs: DecodeGraphs | None = None
         graph_batch = config.model.cuda_graph_max_batch or 0
         if (
@@ -164,7 +169,13 @@ class ModelRunner:
         if params.seed is not None and not params.greedy:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed)
-        self.states[request_id] = RequestState(list(prompt_ids), params, generator=gen)
+        constraint = None
+        if params.structured is not None:
+            assert self.grammars is not None, "structured output needs the engine's grammars"
+            constraint = self.grammars.constraint(params.structured)
+        self.states[request_id] = RequestState(
+            list(prompt_ids), params, generator=gen, constraint=constraint
+        )
 
     def remove_request(self, request_id: str) -> None:
         self.states.pop(request_id, None)
@@ -196,6 +207,7 @@ class ModelRunner:
                 [st.generator for st in states],
                 self.vocab_size,
                 self.device,
+                [st.constraint for st in states],
             )
         jobs = self._prompt_jobs(sched.seqs, starts)
         for job in jobs:
@@ -313,6 +325,8 @@ class ModelRunner:
                 st = self.states.get(seqs[i].request_id)
                 if st is not None:
                     st.output_ids.append(tok)
+                    if st.constraint is not None:
+                        st.constraint.accept(tok)
             if has_lp:
                 rows, ids, lps, ranks, ents = (next(it) for _ in range(5))
                 ks = [

@@ -8,6 +8,8 @@ import torch
 
 from truffula.device import host_tensor, to_device
 from truffula.sampling.params import SamplingParams
+from truffula.structured.compiler import Constraint
+from truffula.structured.mask import fill_bitmask
 
 
 @dataclass
@@ -41,6 +43,10 @@ class SamplingBatch:
     """[R2] long: rows reporting logprobs of the raw distribution."""
     max_k: int
     """Largest number of alternatives asked in this step (0: chosen token only)."""
+    grammar_rows: torch.Tensor | None = None
+    """[G] long: rows with a structured-output constraint."""
+    grammar_mask: torch.Tensor | None = None
+    """[G, ceil(vocab / 32)] int32: their allowed tokens (``truffula.structured.mask``)."""
 
 
 def build_sampling_batch(
@@ -50,8 +56,11 @@ def build_sampling_batch(
     generators: list[torch.Generator | None],
     vocab_size: int,
     device: torch.device,
+    constraints: list[Constraint | None] | None = None,
 ) -> SamplingBatch:
-    """Gather per-request parameters into tensors; rows that need nothing cost nothing later."""
+    """Gather per-request parameters into tensors; rows that need nothing cost nothing later.
+    ``constraints``: each row's structured-output matcher (None: free), already advanced by
+    every token the row sampled; their bitmask is filled here, on the host."""
     n = len(params)
 
     def col(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -73,6 +82,11 @@ def build_sampling_batch(
         prompt_t = _padded([prompts[i] for i in pen], vocab_size, device)
         output_t = _padded([outputs[i] for i in pen], vocab_size, device)
     all_greedy = all(greedy)
+    grammar_rows = grammar_mask = None
+    cons = [(i, c) for i, c in enumerate(constraints or ()) if c is not None]
+    if cons:
+        grammar_rows = col([i for i, _ in cons], torch.long)
+        grammar_mask = to_device(fill_bitmask([c for _, c in cons], vocab_size), device)
     return SamplingBatch(  # all-greedy batches skip the tensors only sampling needs
         temperature=col(temperature, torch.float32) if not all_greedy else None,
         greedy=col(greedy, torch.bool) if not all_greedy else None,
@@ -102,6 +116,8 @@ def build_sampling_batch(
         processed_rows=rows([p.wants_logprobs and p.logprobs_mode == "processed" for p in params]),
         raw_rows=rows([p.wants_logprobs and p.logprobs_mode == "raw" for p in params]),
         max_k=max((p.return_k_alternatives for p in params), default=0),
+        grammar_rows=grammar_rows,
+        grammar_mask=grammar_mask,
     )
 
 

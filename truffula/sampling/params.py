@@ -8,6 +8,7 @@ from typing import Literal
 
 from truffula.config import LimitsConfig
 from truffula.errors import RequestValidationError
+from truffula.structured.spec import StructuredOutput
 
 LogprobsMode = Literal["processed", "raw"]
 
@@ -54,6 +55,10 @@ class SamplingParams:
     adapter_id: str | None = None
     """LoRA adapter serving the request (None: the base model)."""
     extra_stop_token_ids: tuple[int, ...] = field(default=())
+    structured: StructuredOutput | None = None
+    """Constrain the output to a JSON schema, regex, choice or grammar (``truffula.structured``):
+    tokens the constraint forbids are masked before the filters; ``processed`` logprobs are
+    renormalised over the allowed tokens, ``raw`` ones are the model's own."""
 
     def __post_init__(self) -> None:
         t = self.temperature
@@ -79,6 +84,10 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
             or self.presence_penalty != 0.0
         )
+
+    @property
+    def constrained(self) -> bool:
+        return self.structured is not None
 
     @property
     def needs_filters(self) -> bool:
@@ -158,6 +167,12 @@ class SamplingParams:
             )
         for t in ids:
             _check_int("extra_stop_token_ids", t, lo=0, hi=MAX_TOKEN_ID)
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredOutput):
+                raise RequestValidationError(
+                    "structured", "`structured` must be a StructuredOutput"
+                )
+            self.structured.validate()
 
     def _validate_stop(self, limits: LimitsConfig) -> None:
         stop = self.stop

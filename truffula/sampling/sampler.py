@@ -1,7 +1,8 @@
 """The sampler: logits -> sampled ids and, for rows that asked, token-probability tensors.
 
 Stages, each a pure function of its inputs:
-1. penalties (repetition over prompt + output, frequency / presence over output);
+1. penalties (repetition over prompt + output, frequency / presence over output), then the
+   structured-output mask of constrained rows (-inf on the tokens their grammar forbids);
 2. temperature (greedy rows keep 1.0);
 3. filters top-k, top-p, min-p, typical-p (HF transformers' order and semantics), -inf outside;
 4. sampling: argmax for greedy rows, the exponential race ``argmax(p / q), q ~ Exp(1)`` for the
@@ -25,6 +26,7 @@ import torch
 
 from truffula.kernels.stats_torch import TokenStats, Top, TorchTokenStats
 from truffula.sampling.metadata import SamplingBatch
+from truffula.structured.mask import apply_bitmask
 
 
 @dataclass
@@ -63,6 +65,8 @@ class Sampler:
             # conversion is exact and keeps the order); everything else computes in fp32
             logits = logits.float()
         x = apply_penalties(logits, batch) if batch.penalty_rows is not None else logits
+        if batch.grammar_rows is not None and batch.grammar_mask is not None:
+            x = apply_bitmask(x, batch.grammar_rows, batch.grammar_mask)
         if not batch.all_greedy:
             x = x / batch.temperature.unsqueeze(1)
         x = apply_filters(x, batch)
@@ -122,10 +126,12 @@ class Sampler:
 
 
 def _unprocessed(b: SamplingBatch) -> bool:
-    """Every row greedy, with no penalty or filter: the processed logits are the logits."""
+    """Every row greedy, with no penalty, filter or constraint: the processed logits are the
+    logits."""
     return (
         b.all_greedy
         and b.penalty_rows is None
+        and b.grammar_rows is None
         and b.top_k is None
         and b.top_p is None
         and b.min_p is None

@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from truffula.sampling.params import SamplingParams
 from truffula.server.formats import Accumulator, details_dict, prefill_dict, token_dict, top_tokens
-from truffula.server.params import RouteOptions, lorax_params
+from truffula.server.params import RouteOptions, check_structured, lorax_params
 from truffula.server.protocol import (
     GENERATION_ERRORS,
     CompatGenerateRequest,
@@ -74,6 +74,7 @@ async def run_generate(
 ) -> tuple[dict[str, Any], dict[str, str]]:
     state = state_of(request)
     params, opts = lorax_params(body.parameters, state, stream=False)
+    await check_structured(state, params)
     params = await state.resolve_adapter(AdapterRef.of(body.parameters), params)
     if opts.best_of > 1:
         return await _best_of(body, request, params, opts), {"x-model-id": state.settings.model_id}
@@ -113,6 +114,7 @@ async def open_stream(body: GenerateRequest, request: Request) -> StreamingRespo
     """Validate and submit first (errors answer with a status), then stream token events."""
     state = state_of(request)
     params, opts = lorax_params(body.parameters, state, stream=True)
+    await check_structured(state, params)
     params = await state.resolve_adapter(AdapterRef.of(body.parameters), params)
     stream = await state.start(await prompt_of(body, state), params)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from truffula.sampling.params import SamplingParams
 from truffula.server.errors import invalid
 from truffula.server.protocol import GenerateParameters
 from truffula.server.state import ServerState
+from truffula.structured.spec import only_one, response_format, tgi_grammar
 
 
 @dataclass
@@ -34,6 +36,14 @@ def check_k(name: str, k: int | None, limit: int) -> int:
     return k
 
 
+async def check_structured(state: ServerState, params: SamplingParams) -> None:
+    """Compile (or find cached) the request's grammar in a worker thread, with a time limit: an
+    invalid or slow one is a 422 naming its field before anything runs, and the event loop keeps
+    answering meanwhile."""
+    if params.structured is not None:
+        await asyncio.to_thread(state.frontend.grammars.check_with_timeout, params.structured)
+
+
 def lorax_params(
     p: GenerateParameters | None, state: ServerState, stream: bool
 ) -> tuple[SamplingParams, RouteOptions]:
@@ -41,9 +51,7 @@ def lorax_params(
     limit = state.limits.max_k_alternatives
     if p.top_k is not None and p.top_k <= 0:
         raise invalid("top_k", "`top_k` must be strictly positive")
-    if p.response_format is not None or p.grammar is not None:
-        field = "response_format" if p.response_format is not None else "grammar"
-        raise invalid(field, f"`{field}` (structured output) is not supported by this server")
+    structured = only_one(response_format(p.response_format), tgi_grammar(p.grammar))
     if p.adapter_id and p.merged_adapters is not None:
         raise invalid("adapter_id", "at most one of `adapter_id` or `adapters` may be provided")
     k_alt = check_k("return_k_alternatives", p.return_k_alternatives, limit)
@@ -102,6 +110,7 @@ def lorax_params(
         decoder_input_details=decoder_input,
         prompt_k_alternatives=prompt_k,
         adapter_id=p.adapter_id or None,
+        structured=structured,
     )
     if p.max_new_tokens is not None and p.max_new_tokens <= 0:
         raise invalid("max_new_tokens", "`max_new_tokens` must be strictly positive")

@@ -113,8 +113,10 @@ class GenerateParameters(_Lenient):
         None, description="TGI name of return_k_alternatives (details.top_tokens)"
     )
     seed: Int | None = None
-    response_format: Any | None = None
-    grammar: Any | None = None
+    response_format: Any | None = Field(
+        None, description="{type: text | json_object | json_schema, schema?}: constrain the output"
+    )
+    grammar: Any | None = Field(None, description="TGI: {type: json | regex, value}")
     logprobs_mode: str | None = Field(None, description="processed (default) | raw")
     prompt_k_alternatives: Int | None = Field(
         None, description="k most likely tokens at each prompt position"
@@ -179,6 +181,13 @@ class CompletionRequest(_Lenient):
     ignore_eos_token: Bool | None = None
     adapter_source: str | None = None
     logprobs_mode: str | None = None
+    response_format: dict[str, Any] | None = Field(
+        None,
+        description="{type: text | json_object | json_schema, json_schema?: {name, schema, strict}}",
+    )
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="vLLM: one of {json, regex, choice, grammar, json_object}"
+    )
 
 
 class ContentPart(_Lenient):
@@ -221,6 +230,13 @@ class ChatCompletionRequest(_Lenient):
     ignore_eos: Bool | None = None
     adapter_source: str | None = None
     logprobs_mode: str | None = None
+    response_format: dict[str, Any] | None = Field(
+        None,
+        description="{type: text | json_object | json_schema, json_schema?: {name, schema, strict}}",
+    )
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="vLLM: one of {json, regex, choice, grammar, json_object}"
+    )
 
 
 class ErrorResponse(BaseModel):

@@ -14,8 +14,10 @@ from truffula.engine.async_engine import RequestStream
 from truffula.engine.output import RequestOutput
 from truffula.sampling.params import SamplingParams
 from truffula.server.errors import HTTPError, invalid
+from truffula.server.params import check_structured
 from truffula.server.protocol import ChatCompletionRequest, CompletionRequest, first_surrogate
 from truffula.server.state import AdapterRef, ServerState
+from truffula.structured.spec import only_one, response_format, structured_outputs
 
 MAX_N = 16
 FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length", "abort": "length"}
@@ -51,6 +53,9 @@ def sampling_params(
         details=k >= 0,
         return_k_alternatives=max(k, 0),
         logprobs_mode=body.logprobs_mode or "processed",  # type: ignore[arg-type]
+        structured=only_one(
+            response_format(body.response_format), structured_outputs(body.structured_outputs)
+        ),
     )
 
 
@@ -66,8 +71,11 @@ def seeded(params: SamplingParams, i: int) -> SamplingParams:
 
 
 async def model_params(state: ServerState, body: Any, params: SamplingParams) -> SamplingParams:
-    """OpenAI's ``model`` names the base model or an adapter."""
-    return await state.resolve_adapter(AdapterRef(body.model, body.adapter_source), params)
+    """OpenAI's ``model`` names the base model or an adapter; a structured-output constraint is
+    compiled (checked) here, before anything runs."""
+    params = await state.resolve_adapter(AdapterRef(body.model, body.adapter_source), params)
+    await check_structured(state, params)
+    return params
 
 
 async def submit_all(
