@@ -281,3 +281,55 @@ def test_large_decode_graphs_with_and_without_lora_equal_eager(tiny: Path, tmp_p
             assert a.token_ids == b.token_ids
             for x, y in zip(a.tokens, b.tokens, strict=True):
                 assert abs(x.logprob - y.logprob) < 1e-4
+
+
+def test_steps_with_prefill_chunks_replay_graphs_and_match_hf(tiny: Path) -> None:
+    """Two running requests at a time and a 4-token prefill cap while they decode: later
+    requests prefill in chunks beside decodes, in mixed-step CUDA graphs; every logprob, rank
+    and alternative matches HF (fp32)."""
+    from truffula.engine.llm import LLM
+    from truffula.sampling.params import SamplingParams
+
+    llm = LLM(
+        str(tiny),
+        progress=False,
+        device="cuda",
+        dtype="float32",
+        max_num_seqs=2,
+        max_prefill_while_decoding=4,
+    )
+    graphs = llm.engine.runner.graphs
+    assert graphs is not None and graphs.mixed_sizes[-1] == 2 + 4
+    replays = []
+    run = graphs.run
+
+    def counted(seqs, fill=None):  # type: ignore[no-untyped-def]
+        replays.append(sum(s.num_tokens for s in seqs) > len(seqs))
+        return run(seqs, fill)
+
+    graphs.run = counted
+    ref_model = hf(tiny, torch.float32)
+    prompts = PROMPTS + [p.upper() for p in PROMPTS]
+    params = [
+        SamplingParams(
+            max_new_tokens=6 + 3 * i,
+            temperature=0,
+            ignore_eos=True,
+            return_k_alternatives=4,
+            decoder_input_details=True,
+        )
+        for i in range(len(prompts))
+    ]
+    outs = llm.generate(prompts, params)
+    assert any(replays), "no step with a prefill chunk was replayed from a graph"
+    for out in outs:
+        ids = out.prompt_token_ids + out.token_ids
+        with torch.no_grad():
+            ref = cuda_logsoftmax(ref_model, ids)
+        n = len(out.prompt_token_ids)
+        assert out.token_ids == ref[n - 1 : -1].argmax(-1).tolist()
+        for i, t in enumerate(out.tokens):
+            assert abs(t.logprob - ref[n - 1 + i, t.id].item()) < 1e-4
+            assert [a.id for a in t.alternatives] == ref[n - 1 + i].topk(4).indices.tolist()
+        for pos in range(1, n):
+            assert abs(out.prompt_tokens[pos].logprob - ref[pos - 1, ids[pos]].item()) < 1e-4

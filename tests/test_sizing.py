@@ -178,6 +178,12 @@ def test_the_gpu_code_imports_without_cuda() -> None:
 
     assert graphs.ladder(256)[:5] == [1, 2, 4, 8, 16] and graphs.ladder(256)[-1] == 256
     assert graphs.ladder(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert graphs.token_ladder(512) == [32, 64, 128, 192, 256, 320, 384, 448, 512]
+    assert graphs.token_ladder(300)[-2:] == [256, 300] and graphs.token_ladder(0) == []
+    # every tile of a layout fits the map sized for its token count and sequence bound
+    lens = [1, 1, 1, 37, 16, 2]
+    seq, q0 = graphs.tile_map(lens, 16, graphs.max_tiles(sum(lens), 8, 16))
+    assert seq[:7] == [0, 1, 2, 3, 3, 3, 4] and q0[3:7] == [0, 16, 32, 0] and set(seq[8:]) == {-1}
 
 
 # ---------------------------------------------------------------- the engine on the CPU

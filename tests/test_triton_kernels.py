@@ -302,3 +302,84 @@ def test_gemv(dtype, n_out: int, n_in: int, bias: bool) -> None:
     if dtype != torch.float32:
         assert linear_triton.weight_fits(w) and linear_triton.one_row(x, w)
         assert not linear_triton.one_row(x.expand(2, -1), w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "block", "window", "softcap"),
+    [
+        (32, 8, 128, 16, None, None),
+        (9, 3, 64, 16, None, None),
+        (4, 4, 64, 8, 20, None),
+        (8, 2, 64, 16, None, 30.0),
+    ],
+)
+def test_varlen_attention(dtype, heads, kv_heads, dim, block, window, softcap) -> None:
+    """Decodes, a whole prompt and prefill chunks over cached tokens in one launch, with the
+    layout read from a tile map padded past the last tile, against the torch reference."""
+    from truffula.forward import AttentionMetadata
+    from truffula.kernels.attention_torch import paged_attention
+    from truffula.kernels.attention_varlen_triton import varlen_attention
+    from truffula.kernels.triton_support import varlen_block_q
+    from truffula.runner.graphs import max_tiles, tile_map
+
+    g = torch.Generator().manual_seed(heads * dim + block)
+    seqs = [(1, 1), (40, 1), (75, 1), (37, 37), (75, 20), (130, 64), (17, 3)]  # (kv len, queries)
+    lens, qlens = [s[0] for s in seqs], [s[1] for s in seqs]
+    b, t = len(seqs), sum(qlens)
+    num_blocks = 64
+    perm = torch.randperm(num_blocks - 1, generator=g) + 1
+    tables = torch.zeros(b, 32, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(lens):
+        nb = -(-n // block)
+        tables[i, :nb] = perm[used : used + nb]
+        used += nb
+    k_cache = torch.randn(num_blocks * block, kv_heads, dim, generator=g).to(dtype).to(DEV)
+    v_cache = torch.randn(num_blocks * block, kv_heads, dim, generator=g).to(dtype).to(DEV)
+    q = torch.randn(t, heads, dim, generator=g).to(dtype).to(DEV)
+    k_new = torch.randn(t, kv_heads, dim, generator=g).to(dtype).to(DEV)
+    v_new = torch.randn(t, kv_heads, dim, generator=g).to(dtype).to(DEV)
+    pos = torch.cat([torch.arange(n - ql, n) for n, ql in seqs])
+    owner = torch.cat([torch.full((ql,), i) for i, (_, ql) in enumerate(seqs)])
+    slots = (tables[owner, pos // block].long() * block + pos % block).to(DEV)
+    starts = [0]
+    for ql in qlens:
+        starts.append(starts[-1] + ql)
+    meta = AttentionMetadata(
+        slot_mapping=slots,
+        block_tables=tables.to(DEV),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=DEV),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=DEV),
+        num_decodes=3,
+        max_query_len=max(qlens),
+        max_seq_len=max(lens),
+        block_size=block,
+        seq_lens_cpu=lens,
+        query_start_loc_cpu=starts,
+    )
+    scale = dim**-0.5
+    kc, vc = k_cache.float().clone(), v_cache.float().clone()
+    want = paged_attention(
+        q.float(), k_new.float(), v_new.float(), kc, vc, meta, scale, window, softcap
+    )
+    k_cache.index_copy_(0, slots, k_new)
+    v_cache.index_copy_(0, slots, v_new)
+    bq = varlen_block_q(heads, kv_heads)
+    tiles = torch.tensor(tile_map(qlens, bq, max_tiles(t + 5, b + 2, bq)), dtype=torch.int32)
+    pad = torch.zeros(5, heads, dim, dtype=dtype, device=DEV)  # rows of no sequence
+    got = varlen_attention(
+        torch.cat([q, pad]),
+        k_cache,
+        v_cache,
+        meta.block_tables,
+        meta.seq_lens,
+        meta.query_start_loc,
+        tiles.to(DEV),
+        scale,
+        block,
+        window,
+        softcap,
+    )
+    assert rel(got[:t], want) < tol(dtype) * 2
+    assert not got[t:].any()

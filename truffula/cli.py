@@ -59,7 +59,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="most prefill tokens in a step that also decodes, so new prompts add a bounded "
-        "delay to running streams (default 0: no cap beyond the step budget)",
+        "delay to running streams (default: 256 on CUDA, where such steps replay CUDA graphs; 0, "
+        "no cap beyond the step budget, on CPU)",
     )
     g.add_argument(
         "--max-num-seqs",

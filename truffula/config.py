@@ -106,10 +106,13 @@ class DeviceDefaults:
 
 DEVICE_DEFAULTS: dict[str, DeviceDefaults] = {
     # a GPU reads the weights once per step whatever its width: wide steps (long prefill
-    # chunks, hundreds of decodes) are what keep its matrix units busy. No prefill cap while
-    # decoding: a step with a prefill chunk runs eagerly, its launches cost several decode steps
+    # chunks, hundreds of decodes) are what keep its matrix units busy. While requests decode, a
+    # step's prefill is held near the GPU's balance point (the tokens whose matmul time is about
+    # one read of the weights) and the step is replayed as a CUDA graph, so new prompts lengthen
+    # running streams' steps boundedly; without such graphs (see ``runner.graphs``) the runner
+    # lifts the cap: an eager mixed step's launches alone cost several decode steps
     "cuda": DeviceDefaults(
-        max_num_batched_tokens=8192, max_num_seqs=256, max_prefill_while_decoding=0
+        max_num_batched_tokens=8192, max_num_seqs=256, max_prefill_while_decoding=256
     ),
     # a CPU step's time grows with its tokens: short steps keep decodes flowing
     "cpu": DeviceDefaults(
@@ -129,7 +132,8 @@ class SchedulerConfig:
     """Most requests running in one step. None: by device (256 on CUDA, 64 on CPU)."""
     max_prefill_while_decoding: int | None = None
     """Most prefill tokens in a step that also runs decodes (chunked prefill keeps the rest for
-    later steps); 0: the step budget alone. None: by device (0). Bounds
+    later steps); 0: the step budget alone. None: by device (256 on CUDA when such steps run
+    as CUDA graphs, else 0). Bounds
     the inter-token latency new prompts add to running streams."""
     max_queued_requests: int = 1024
     """Most requests held (running + waiting) before new ones are refused as overloaded."""

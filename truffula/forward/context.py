@@ -41,6 +41,11 @@ class AttentionMetadata:
     block_size: int
     seq_lens_cpu: list[int] = field(default_factory=list)
     query_start_loc_cpu: list[int] = field(default_factory=list)
+    tiles: torch.Tensor | None = None
+    """[2, N] int32 (sequence, first query token) of each query tile, -1 past the last: set in
+    a CUDA graph of a step with prefill chunks, where the CPU lists above are not the step's and
+    the attention kernel reads the layout from device memory alone
+    (``kernels.attention_varlen_triton``)."""
     request_ids: list[str] = field(default_factory=list)
     """Request of each sequence (read by the transformers fallback, which caches per request)."""
     memo: dict[tuple[object, ...], torch.Tensor | tuple[torch.Tensor, ...]] = field(

@@ -1,6 +1,7 @@
 """Paged attention on CUDA: one-token queries through a Triton decode kernel, split over the
 sequence when the batch is small; multi-token chunks through torch SDPA (flash attention for a
-whole prompt).
+whole prompt), or, in a CUDA graph of a step with prefill chunks, every token through
+``attention_varlen_triton``.
 
 Reference: ``kernels.attention_torch.paged_attention``. One program per
 (sequence, kv head, split) handles all query heads of the group with ``tl.dot`` over blocks of
@@ -19,6 +20,7 @@ import triton.language as tl
 
 from truffula.forward import AttentionMetadata
 from truffula.kernels.attention_torch import prefill_attention, write_kv
+from truffula.kernels.attention_varlen_triton import varlen_attention
 from truffula.kernels.rotary_triton import rotary_into_cache
 from truffula.kernels.triton_support import next_pow2
 
@@ -257,8 +259,24 @@ def paged_attention(
 ) -> torch.Tensor:
     """``attention_torch.paged_attention`` with the decodes through the Triton kernel
     (graph-capturable: it reads lengths and block tables from device tensors). Head dimensions
-    are powers of two (the kernel tiles them so); ``select`` keeps the others on torch."""
+    are powers of two (the kernel tiles them so); ``select`` keeps the others on torch. With a
+    tile map (``meta.tiles``: a graph of a step with prefill chunks), every query token goes
+    through ``varlen_attention``."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    if meta.tiles is not None:
+        return varlen_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            meta.tiles,
+            scale,
+            meta.block_size,
+            sliding_window,
+            softcap,
+        )
     nd = meta.num_decodes
     if nd == q.shape[0]:
         return decode_attention(

@@ -115,6 +115,11 @@ class Kernels:
         """The fused decode path (``RotaryAttentionFn``), or None."""
         return None
 
+    def mixed_graph_safe(self, head_dim: int) -> bool:
+        """Whether the attention of ``head_dim`` reads a step's layout from device memory alone
+        (a tile map), so steps with prefill chunks can be captured in CUDA graphs too."""
+        return False
+
 
 class TritonKernels(Kernels):
     """CUDA with Triton; the torch kernels where a Triton kernel does not apply."""
@@ -160,6 +165,9 @@ class TritonKernels(Kernels):
         from truffula.kernels import attention_triton
 
         return attention_triton.rotary_decode_attention
+
+    def mixed_graph_safe(self, head_dim: int) -> bool:
+        return _pow2(head_dim)
 
 
 def _pow2(n: int) -> bool:

@@ -23,3 +23,12 @@ ENABLED = AVAILABLE and os.environ.get("TRUFFULA_KERNELS", "auto") != "torch"
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, (n - 1).bit_length())
+
+
+VARLEN_ROWS = 64
+"""Query rows (tokens x query heads of one kv head) per program of the varlen attention."""
+
+
+def varlen_block_q(num_heads: int, num_kv_heads: int) -> int:
+    """Query tokens per tile of ``attention_varlen_triton`` for this head layout (at least 1)."""
+    return max(1, VARLEN_ROWS // next_pow2(num_heads // num_kv_heads))

@@ -9,7 +9,7 @@ import torch
 
 from truffula.config import EngineConfig
 from truffula.layers.attention import Attention
-from truffula.runner.graphs import DecodeGraphs
+from truffula.runner.graphs import StepGraphs
 from truffula.runner.sizing import (
     CudaMemory,
     EngineSizing,
@@ -52,7 +52,7 @@ def size_kv_cache(
     config: EngineConfig,
     given: EngineConfig,
     max_len: int,
-    graphs: DecodeGraphs | None,
+    graphs: StepGraphs | None,
     profile_step: Callable[[], None],
 ) -> EngineSizing:
     """Decide the KV cache's size for ``config`` (the batching limits filled in by device;
@@ -90,6 +90,7 @@ def size_kv_cache(
         max_num_seqs=config.scheduler.max_num_seqs or 1,
         max_prefill_while_decoding=config.scheduler.max_prefill_while_decoding or 0,
         graph_batch_sizes=tuple(graphs.sizes) if graphs is not None else (),
+        mixed_graph_tokens=tuple(graphs.mixed_sizes) if graphs is not None else (),
         kv_cache_source=choice.source,
         kv_cache_reason=choice.reason,
         max_len_source="flag" if max_len_flag else "auto",
@@ -102,7 +103,7 @@ def size_kv_cache(
 
 
 def measure_cuda(
-    cache: KVCache, graphs: DecodeGraphs | None, profile_step: Callable[[], None]
+    cache: KVCache, graphs: StepGraphs | None, profile_step: Callable[[], None]
 ) -> CudaMemory:
     """GPU memory once the model is loaded, before the KV cache exists: what PyTorch holds,
     what is free, the peak of the heaviest step at the token budget, and an eager decode at

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -33,9 +33,10 @@ from truffula.forward import ForwardContext, forward_context
 from truffula.kernels import linear_cpu
 from truffula.kernels.select import select_kernels
 from truffula.layers.attention import Attention
+from truffula.layers.rotary import RotaryEmbedding
 from truffula.models.registry import LoadedModel
 from truffula.runner.context import StepBuilder
-from truffula.runner.graphs import DecodeGraphs
+from truffula.runner.graphs import StepGraphs
 from truffula.runner.kv_cache import KVCache, size_kv_cache
 from truffula.runner.output import RunnerOutput, SeqOutput
 from truffula.runner.results import records, to_host_async
@@ -103,7 +104,7 @@ class ModelRunner:
         self.states: dict[str, RequestState] = {}
         self.grammars: GrammarCompiler | None = None
         """Makes the matchers of constrained requests (set by the engine: it has the tokenizer)."""
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: StepGraphs | None = None
         graph_batch = config.model.cuda_graph_max_batch or 0
         if (
             device.type == "cuda"
@@ -112,8 +113,29 @@ class ModelRunner:
             and self.kernels.graph_safe
             and not getattr(self.model, "is_fallback", False)
         ):
-            self.graphs = DecodeGraphs(
-                self.model, self.steps, graph_batch, self.max_len, self.block_size
+            cap = config.scheduler.max_prefill_while_decoding or 0
+            if not self._mixed_graph_safe():
+                if given.scheduler.max_prefill_while_decoding is None:
+                    cap = 0  # an eager step with a prefill chunk costs several decode steps
+                    self.config = config = replace(
+                        config, scheduler=replace(config.scheduler, max_prefill_while_decoding=0)
+                    )
+                mixed = 0
+            else:
+                mixed = graph_batch + cap if cap else 0
+            first = self.attn_layers[0]
+            self.graphs = StepGraphs(
+                self.model,
+                self.steps,
+                graph_batch,
+                self.max_len,
+                self.block_size,
+                mixed_tokens=mixed,
+                heads=(first.num_heads, first.num_kv_heads),
+            )
+        elif device.type == "cuda" and given.scheduler.max_prefill_while_decoding is None:
+            self.config = config = replace(
+                config, scheduler=replace(config.scheduler, max_prefill_while_decoding=0)
             )
         self.kv_cache = KVCache(self.attn_layers, self.block_size, device, dtype)
         self.sizing = size_kv_cache(
@@ -121,6 +143,16 @@ class ModelRunner:
         )
         self.num_blocks = self.sizing.num_blocks + 1  # + the null block
         self.kv_cache.allocate(self.num_blocks)
+
+    def _mixed_graph_safe(self) -> bool:
+        """Whether steps with prefill chunks can be captured: every attention reads the query
+        layout from device memory, and no rotary embedding picks its factors per sequence on
+        the host (longrope)."""
+        rotaries = [m for m in self.model.modules() if isinstance(m, RotaryEmbedding)]
+        return bool(self.attn_layers) and (
+            all(self.kernels.mixed_graph_safe(a.head_dim) for a in self.attn_layers)
+            and all(getattr(r, "_long", None) is None for r in rotaries)
+        )
 
     def capture_graphs(self) -> None:
         """Capture the decode graphs (after LoRA wrapping, so adapters can join a graph)."""

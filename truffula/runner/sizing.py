@@ -217,6 +217,8 @@ class EngineSizing:
     """Prefill tokens in a step that also decodes (0: the step budget alone)."""
     graph_batch_sizes: tuple[int, ...]
     """Decode batch sizes captured in CUDA graphs (empty: none)."""
+    mixed_graph_tokens: tuple[int, ...]
+    """Token counts of the CUDA graphs of steps with prefill chunks (empty: none)."""
     kv_cache_source: str
     kv_cache_reason: str
     max_len_source: str
@@ -246,6 +248,8 @@ class EngineSizing:
                 f"decode graphs for {sizes[0]}..{sizes[-1]} ({len(sizes)} sizes, "
                 f"{self.graph_batch_sizes_source})"
             )
+        if self.mixed_graph_tokens:
+            graphs += f", mixed-step graphs for {self.mixed_graph_tokens[-1]} tokens or fewer"
         return (
             f"{kv}; max length {self.max_len:,} ({length}); step budget "
             f"{self.max_num_batched_tokens:,} tokens ({self.max_num_batched_tokens_source}), "

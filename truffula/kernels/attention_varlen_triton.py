@@ -1,0 +1,168 @@
+"""Paged attention for any mix of query lengths in one Triton launch, with every length read from
+device memory: the attention of a step replayed as a CUDA graph when it holds prefill chunks.
+
+Reference: ``kernels.attention_torch.paged_attention``. The host cuts each sequence's query
+tokens into tiles of BLOCK_Q tokens and writes a tile map (``tile_seq``: the sequence of each
+tile, -1 past the last; ``tile_q0``: its first query token within the sequence). One program
+per (tile, kv head) holds the tile's BLOCK_Q tokens times the group's query heads as the rows
+of one ``tl.dot`` and walks the sequence's cached keys block by block up to the tile's last
+position (online softmax), reading block ids from the block table. The grid is fixed by the
+map's size, so a graph captured for a token count serves any split of it into sequences
+(``runner.graphs.tile_map`` builds the map).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from truffula.kernels.triton_support import next_pow2, varlen_block_q
+
+
+@triton.jit
+def _varlen_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bt_ptr,
+    lens_ptr,
+    qsl_ptr,
+    tile_seq_ptr,
+    tile_q0_ptr,
+    out_ptr,
+    stride_qt,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    scale,
+    softcap,
+    window,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    s = tl.load(tile_seq_ptr + tile)
+    if s < 0:
+        return
+    s = s.to(tl.int64)
+    q0 = tl.load(tile_q0_ptr + tile)
+    qs = tl.load(qsl_ptr + s)
+    q_len = tl.load(qsl_ptr + s + 1) - qs
+    kv_len = tl.load(lens_ptr + s)
+    r = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    tok = q0 + r // GROUP_PAD  # query token within the sequence
+    g = r % GROUP_PAD
+    row_ok = (tok < q_len) & (g < GROUP)
+    pos = kv_len - q_len + tok  # absolute position of each row's token
+    d = tl.arange(0, HEAD_DIM)
+    t = (qs + tok).to(tl.int64)
+    heads = kvh * GROUP + g
+    q = tl.load(
+        q_ptr + t[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    hi = tl.minimum(kv_len, kv_len - q_len + q0 + BLOCK_Q)  # past the tile's last position
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(kv_len - q_len + q0 - window + 1, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    m = tl.full([BLOCK_Q * GROUP_PAD], -1e30, tl.float32)
+    lsum = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        valid = n < hi
+        blk = tl.load(bt_ptr + s * stride_bt + n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        kv_off = (
+            (blk * BLOCK_SIZE + n % BLOCK_SIZE)[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+        )
+        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
+        if IEEE:
+            sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            sc = tl.dot(q, tl.trans(k)) * scale
+        if HAS_SOFTCAP:
+            sc = softcap * (2.0 * tl.sigmoid(2.0 * sc / softcap) - 1.0)
+        keep = valid[None, :] & (n[None, :] <= pos[:, None])
+        if HAS_WINDOW:
+            keep = keep & (n[None, :] > pos[:, None] - window)
+        sc = tl.where(keep, sc, float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, axis=1))
+        p = tl.exp(sc - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        lsum = lsum * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+    lsum = tl.where(row_ok, lsum, 1.0)
+    o_ptr = out_ptr + t[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :]
+    tl.store(o_ptr, (acc / lsum[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    tiles: torch.Tensor,
+    scale: float,
+    block_size: int,
+    window: int | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """q [T, H, D]; caches [slots, Hkv, D]; ``tiles`` [2, N] int32 -> [T, H, D].
+    Rows of no sequence (padding) are zero."""
+    _, h, d = q.shape
+    hkv = k_cache.shape[1]
+    group = h // hkv
+    out = torch.zeros_like(q)
+    _varlen_kernel[(tiles.shape[1], hkv)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        tiles[0],
+        tiles[1],
+        out,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        scale,
+        softcap or 1.0,
+        window or 0,
+        GROUP=group,
+        GROUP_PAD=next_pow2(group),
+        BLOCK_Q=varlen_block_q(h, hkv),
+        HEAD_DIM=d,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=max(16, min(64, block_size * 4)),
+        HAS_WINDOW=window is not None,
+        HAS_SOFTCAP=softcap is not None,
+        IEEE=q.dtype == torch.float32,
+    )
+    return out
