@@ -83,6 +83,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", "on", "off"],
         help="launch each step before reading the previous one's results (auto: on CUDA)",
     )
+    g.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="compute every prompt in full (default: reuse cached KV blocks of shared prefixes)",
+    )
     g.add_argument("--max-k-alternatives", type=int, default=20, help="largest k a request may ask")
     g.add_argument("--max-stop-sequences", type=int, default=4)
     g.add_argument(
@@ -113,6 +119,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         gpu_memory_utilization=args.gpu_memory_utilization,
         num_blocks=args.num_kv_blocks,
         block_size=args.block_size,
+        enable_prefix_caching=args.prefix_caching,
         max_num_batched_tokens=args.max_batch_tokens,
         max_num_seqs=args.max_num_seqs,
         max_prefill_while_decoding=args.max_prefill_while_decoding,

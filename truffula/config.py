@@ -80,6 +80,9 @@ class CacheConfig:
     """CUDA: the fraction of the GPU's total memory truffula may use (weights, activations,
     CUDA graphs and KV cache together; what other processes hold counts against it). Used
     when neither ``kv_cache_memory`` nor ``num_blocks`` is set."""
+    enable_prefix_caching: bool = True
+    """Reuse the full KV blocks (and prompt-logprob records) of prompts seen before
+    (``truffula.scheduler.prefix_cache``)."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -22,11 +22,12 @@ import torch
 
 from truffula.adapters.store import AdapterStore
 from truffula.config import EngineConfig
-from truffula.device import keep_host_memory
+from truffula.device import keep_host_memory, pick_device, pick_dtype
 from truffula.engine.detokenizer import TokenTable
 from truffula.engine.frontend import Frontend
 from truffula.engine.messages import EngineOutput, EngineRequest
 from truffula.engine.output import RequestOutput
+from truffula.engine.prefix import PromptCache, cut
 from truffula.engine.tokenizer import Tokenizer
 from truffula.errors import EngineOverloadedError, RequestValidationError
 from truffula.layers.lora import apply_lora
@@ -89,18 +90,6 @@ class _InFlight:
     """Request -> index of its ``PLACEHOLDER`` in ``seq.token_ids`` (None: its last token)."""
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 class EngineCore:
     def __init__(
         self,
@@ -134,6 +123,15 @@ class EngineCore:
         self.max_len = self.runner.max_len
         self.vocab_size = self.runner.vocab_size
         self.pool = BlockPool(self.runner.num_blocks)
+        self.prompts = PromptCache(
+            self.pool,
+            config.cache.block_size,
+            f"{folder}|{self.architecture}|{self.dtype}|{self.serving_path}",
+            self.adapters,
+            config.limits.max_k_alternatives,
+            config.cache.enable_prefix_caching,
+        )
+        self.runner.prompt_records_k = self.prompts.records_k
         self.runner.capture_graphs()
         log.info("sizing: %s", self.sizing.describe())
         self.scheduler = Scheduler(
@@ -144,6 +142,7 @@ class EngineCore:
             admit=self._admit,
             release=self._release,
             max_prefill_while_decoding=config.scheduler.max_prefill_while_decoding or 0,
+            prefix_cache=self.prompts.cache,
         )
         self.frontend = Frontend(
             self.tokenizer,
@@ -225,6 +224,7 @@ class EngineCore:
         seq = SeqState(
             req.request_id, list(req.prompt_ids), len(req.prompt_ids), adapter=params.adapter_id
         )
+        self.prompts.prepare(seq, params)
         self.requests[req.request_id] = Request(req, seq)
         self.runner.add_request(req.request_id, req.prompt_ids, params)
         self.scheduler.add(seq)
@@ -284,6 +284,7 @@ class EngineCore:
         prev, self.inflight = self.inflight, None
         source = prev.launched if prev is not None else None  # where placeholders are read
         sched = self.scheduler.schedule()
+        self.prompts.take_records(sched, self.requests)
         outputs: list[EngineOutput] = []
         if prev is not None and (sched.is_empty or self._needs_history(sched)):
             outputs += self._process(prev)  # penalties need every output token on the host
@@ -338,6 +339,8 @@ class EngineCore:
                 continue
             for i, rec in enumerate(seq_out.prompt_logprobs):
                 req.prompt_records[seq_out.prompt_logprobs_start + i] = rec
+            if seq_out.prompt_logprobs:
+                self.prompts.keep_records(req.seq, req.prompt_records)
             if seq_out.sampled is not None and seq_out.request_id in inflight.placeholders:
                 req.in_flight -= 1
                 ph = inflight.placeholders[seq_out.request_id]
@@ -360,10 +363,12 @@ class EngineCore:
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
             if params.wants_prompt_logprobs:
+                k = params.prompt_k_alternatives
                 out.prompt_logprobs = [
-                    req.prompt_records.get(pos) for pos in range(len(req.prompt_ids))
+                    cut(req.prompt_records.get(pos), k) for pos in range(len(req.prompt_ids))
                 ]
             req.prompt_records = {}
+            req.seq.prompt_records_k = -1  # delivered: a recompute after preemption needs none
             if self.metrics is not None:
                 self.metrics.first_token(req)
         reason = None

@@ -75,6 +75,10 @@ class _PromptJob:
 
 
 class ModelRunner:
+    prompt_records_k = 0
+    """Least k of prompt-logprob alternatives computed (the prefix cache keeps records this
+    wide, the engine cuts them to each request's k)."""
+
     def __init__(
         self, loaded: LoadedModel, config: EngineConfig, device: torch.device, dtype: torch.dtype
     ):
@@ -317,11 +321,8 @@ class ModelRunner:
                 continue
             base = starts[i] - s.start_pos
             rows = [base + t - 1 for t in range(first, last + 1)]
-            jobs.append(
-                _PromptJob(
-                    i, rows, st.prompt_ids[first : last + 1], first, st.params.prompt_k_alternatives
-                )
-            )
+            k = max(st.params.prompt_k_alternatives, self.prompt_records_k)
+            jobs.append(_PromptJob(i, rows, st.prompt_ids[first : last + 1], first, k))
             st.prompt_lp_next = last + 1
         return jobs
 

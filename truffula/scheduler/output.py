@@ -40,6 +40,9 @@ class SchedulerOutput:
     preempted_ids: list[str] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)
     """Requests that left since the last step; the runner drops their state."""
+    prefix_hits: list[str] = field(default_factory=list)
+    """Requests admitted this step with prompt records from the prefix cache
+    (``SeqState.cached_records``) for the engine to take."""
 
     @property
     def num_tokens(self) -> int:

@@ -17,6 +17,10 @@ Step by step (``schedule``):
    still in flight, keeps its place and the next one is tried, so a busy adapter never blocks
    the base model. Waiting requests never preempt.
 3. The result lists decodes first, then prefill chunks.
+
+With a prefix cache (``prefix_cache.py``), a waiting request that has computed nothing first
+takes the cached blocks of its longest cached prefix (shared through the pool's reference
+counts) and starts from there; ``step_done`` registers every block that became full.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dataclasses import dataclass, field
 
 from truffula.scheduler.block_pool import BlockPool
 from truffula.scheduler.output import ScheduledSeq, SchedulerOutput
+from truffula.scheduler.prefix_cache import PrefixCache
 
 
 class SeqStatus(enum.Enum):
@@ -52,6 +57,21 @@ class SeqState:
     adapter_slot: int = -1
     unresolved: int = 0
     """``PLACEHOLDER`` tokens at the end of ``token_ids`` (sampled by a step in flight)."""
+    cache_salt: bytes = b""
+    """What besides the tokens shapes its KV: the adapter (key and load) or merge; b"": base."""
+    prompt_records_k: int = -1
+    """Alternatives the prompt records it still needs must carry (-1: it needs none); a prefix
+    hit must bring the records of every prompt position it covers."""
+    block_keys: list[bytes] = field(default_factory=list)
+    """Prefix-cache keys of its first full, known blocks (they depend on tokens only)."""
+    block_serials: list[int] = field(default_factory=list)
+    """Prefix-cache serial of the content of each of its first blocks (hit or registered)."""
+    records_attached: int = 0
+    """Blocks whose prompt records were offered to the prefix cache."""
+    cached_records: dict[int, object] = field(default_factory=dict)
+    """Prompt records a prefix hit brought, for the engine to take (position -> record)."""
+    num_cached_tokens: int = 0
+    """Tokens its last admission took from the prefix cache."""
 
     @property
     def num_pending(self) -> int:
@@ -71,8 +91,10 @@ class Scheduler:
         admit: AdmitHook | None = None,
         release: Callable[[SeqState], None] | None = None,
         max_prefill_while_decoding: int = 0,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.pool = pool
+        self.prefix_cache = prefix_cache
         self.max_prefill_while_decoding = max_prefill_while_decoding
         self.block_size = block_size
         self.max_tokens = max_num_batched_tokens
@@ -83,6 +105,7 @@ class Scheduler:
         self.running: list[SeqState] = []
         self._by_id: dict[str, SeqState] = {}
         self._finished_since_step: list[str] = []
+        self._hits_since_step: list[str] = []
         self._arrivals = 0
 
     # ---------------------------------------------------------------- requests in and out
@@ -100,6 +123,8 @@ class Scheduler:
         seq = self._by_id.pop(request_id, None)
         if seq is None:
             return
+        if self.prefix_cache is not None and seq.status is SeqStatus.RUNNING:
+            self.prefix_cache.register(seq)  # tokens resolved since its last step
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
             if self.release is not None:
@@ -164,12 +189,24 @@ class Scheduler:
             if seq.unresolved or (self.admit is not None and not self.admit(seq)):
                 held.append(seq)
                 continue
+            hit = self._take_prefix(seq)
+            if self._computing_its_prefix(seq, chosen):
+                if self.release is not None:
+                    self.release(seq)
+                self._drop_prefix(seq)
+                held.append(seq)  # its next block is being computed: a hit next step
+                continue
             n = min(seq.num_pending, budget, prefill_left)
             if not self._grow(seq, n):
                 if self.release is not None:
                     self.release(seq)
+                self._drop_prefix(seq)
                 self.waiting.appendleft(seq)
                 break
+            if self.prefix_cache is not None:
+                self.prefix_cache.count(seq, hit)
+                if seq.cached_records:
+                    self._hits_since_step.append(seq.request_id)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             chosen.append((seq, n))
@@ -179,8 +216,9 @@ class Scheduler:
         seqs = [self._scheduled(seq, n) for seq, n in chosen]
         # single-token sequences first, grouped by adapter so LoRA kernels share weight reads
         seqs.sort(key=lambda s: (s.num_tokens != 1, s.num_tokens == 1 and s.adapter_slot))
-        out = SchedulerOutput(seqs, preempted, self._finished_since_step)
+        out = SchedulerOutput(seqs, preempted, self._finished_since_step, self._hits_since_step)
         self._finished_since_step = []
+        self._hits_since_step = []
         return out
 
     def step_done(self, out: SchedulerOutput) -> None:
@@ -189,6 +227,8 @@ class Scheduler:
             seq = self._by_id.get(s.request_id)
             if seq is not None and seq.status is SeqStatus.RUNNING:
                 seq.num_computed = s.start_pos + s.num_tokens
+                if self.prefix_cache is not None:
+                    self.prefix_cache.register(seq)
 
     # ---------------------------------------------------------------- helpers
     def _scheduled(self, seq: SeqState, n: int) -> ScheduledSeq:
@@ -201,6 +241,46 @@ class Scheduler:
             sample=start + n == len(seq.token_ids),
             adapter_slot=seq.adapter_slot,
         )
+
+    def _take_prefix(self, seq: SeqState) -> int:
+        """Start a sequence that holds no blocks from its longest usable cached prefix; returns
+        the tokens it takes."""
+        if self.prefix_cache is None or seq.block_ids or seq.num_computed:
+            return 0
+        hit = self.prefix_cache.lookup(seq)
+        ids = [b.block_id for b in hit.blocks]
+        self.pool.share(ids)
+        seq.block_ids = ids
+        seq.block_serials = [b.serial for b in hit.blocks]
+        seq.num_computed = seq.num_cached_tokens = len(ids) * self.block_size
+        seq.cached_records = hit.records
+        return seq.num_computed
+
+    def _computing_its_prefix(self, seq: SeqState, chosen: list[tuple[SeqState, int]]) -> bool:
+        """Whether a request chosen this step computes the block this sequence would compute
+        first (requests sharing a new prompt, /score continuations): then it waits a step and
+        takes that block from the cache instead of computing it again."""
+        if self.prefix_cache is None:
+            return False
+        bs = self.block_size
+        first = seq.num_computed // bs
+        key = self.prefix_cache.key_at(seq, first)
+        if key is None:
+            return False
+        for other, n in chosen:
+            if other.cache_salt == seq.cache_salt and other.num_pending > 1:
+                lo, hi = other.num_computed // bs, -(-(other.num_computed + n) // bs)
+                if lo <= first < hi and self.prefix_cache.key_at(other, first) == key:
+                    return True
+        return False
+
+    def _drop_prefix(self, seq: SeqState) -> None:
+        """Undo ``_take_prefix`` for a sequence that could not be admitted."""
+        if self.prefix_cache is not None:  # a waiting sequence holds only its hit's blocks
+            self._free_blocks(seq)
+            seq.num_computed = seq.num_cached_tokens = 0
+            seq.block_serials = []
+            seq.cached_records = {}
 
     def _grow(self, seq: SeqState, n: int) -> bool:
         """Allocate blocks so that ``num_computed + n`` tokens fit; False if the pool is short."""
@@ -218,6 +298,8 @@ class Scheduler:
             self.release(seq)
         self._free_blocks(seq)
         seq.num_computed = 0
+        seq.block_serials = []
+        seq.records_attached = 0
         seq.num_preemptions += 1
         seq.status = SeqStatus.WAITING
         # Preempted requests go back in front of the queue, oldest first.
@@ -230,5 +312,5 @@ class Scheduler:
 
     def _free_blocks(self, seq: SeqState) -> None:
         if seq.block_ids:
-            self.pool.free(seq.block_ids)
+            self.pool.free(reversed(seq.block_ids))  # the tail is evicted before the prefix
             seq.block_ids = []
