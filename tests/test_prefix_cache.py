@@ -334,3 +334,17 @@ def test_adapter_blocks_are_never_read_by_the_base_or_another_adapter(
     assert eng.engine.pool.num_used == 0
     again = eng.generate(many, SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True))
     assert [r.token_ids for r in again] == [r.token_ids for r in res]
+
+
+def test_metrics_and_info_report_the_cache(server) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+
+    body = {"inputs": _prompt("served", 20), "parameters": {"max_new_tokens": 1}}
+    for _ in range(2):
+        assert httpx.post(server.url + "/generate", json=body, timeout=120).status_code == 200
+    info = httpx.get(server.url + "/info", timeout=30).json()
+    assert info["prefix_caching"] is True
+    assert info["prefix_cache_hits"] > 0 and 0 < info["prefix_cache_hit_rate"] <= 1
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    assert "truffula_prefix_cache_queries_total" in text
+    assert "truffula_prefix_cache_hits_total" in text

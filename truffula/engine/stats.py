@@ -5,9 +5,12 @@ or a flat dict (``snapshot``) and add their own HTTP counters."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from truffula.engine.core import EngineCore, Request
@@ -74,6 +77,7 @@ class EngineMetrics:
             "truffula_adapter_evictions", "Adapters evicted from a device slot", registry=r
         )
         adapters.on_load = self.adapter_loads.inc
+        r.register(_PrefixCacheCounters(core))
         adapters.on_evict = self.adapter_evictions.inc
         core.metrics = self
 
@@ -98,6 +102,27 @@ class EngineMetrics:
 
     def snapshot(self) -> dict[str, Any]:
         return registry_snapshot(self.registry)
+
+
+class _PrefixCacheCounters(Collector):
+    """``truffula_prefix_cache_queries_total`` and ``..._hits_total``: prompt tokens of admitted
+    requests looked up in the prefix cache, and those served from it (read at scrape time)."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.cache = core.prompts.cache
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        c = self.cache
+        yield CounterMetricFamily(
+            "truffula_prefix_cache_queries",
+            "Tokens of admitted requests looked up in the prefix cache",
+            value=c.queries if c is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "truffula_prefix_cache_hits",
+            "Tokens served from the prefix cache",
+            value=c.hits if c is not None else 0,
+        )
 
 
 def registry_snapshot(registry: CollectorRegistry) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Operations routes: health, info, Prometheus metrics, tokenize. Every GET route also answers
+"""Operations routes: health, info, Prometheus metrics (the tokenizer routes: ``tokens``). Every GET route also answers
 HEAD (the middleware serves it as GET without the body)."""
 
 from __future__ import annotations
@@ -8,10 +8,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from truffula.server.errors import invalid
 from truffula.server.metrics import CONTENT_TYPE
-from truffula.server.protocol import ErrorResponse, TokenizeRequest, error_responses
-from truffula.server.responses import JSON, json_bytes
+from truffula.server.protocol import ErrorResponse, error_responses
+from truffula.server.responses import JSON
 from truffula.server.state import state_of
 
 router = APIRouter(tags=["Operations"])
@@ -44,6 +43,9 @@ async def info(request: Request) -> JSON:
     info = state.engine.info
     cfg = state.engine.config
     adapters = await state.adapters()
+    stats = await state.engine.call("stats")
+    queries = stats.get("truffula_prefix_cache_queries_total", 0.0)
+    hits = stats.get("truffula_prefix_cache_hits_total", 0.0)
     kv_tokens = info.kv_blocks * info.kv_block_size
     body: dict[str, Any] = {
         "model_id": state.settings.model_id,
@@ -68,6 +70,10 @@ async def info(request: Request) -> JSON:
         "logprobs_modes": ["processed", "raw"],
         "kv_cache_blocks": info.kv_blocks,
         "kv_block_size": info.kv_block_size,
+        "prefix_caching": cfg.cache.enable_prefix_caching,
+        "prefix_cache_queries": int(queries),
+        "prefix_cache_hits": int(hits),
+        "prefix_cache_hit_rate": hits / queries if queries else None,
         "sizing": info.sizing,
         "api_servers": state.settings.api_server_count,
         "eager_prefill": False,
@@ -103,29 +109,3 @@ async def metrics(request: Request) -> Response:
         return JSON({**(await state.engine.call("stats")), **state.metrics.snapshot()})
     text = await state.engine.call("metrics") + state.metrics.render()
     return Response(text, media_type=CONTENT_TYPE)
-
-
-@router.post(
-    "/tokenize",
-    summary="Tokenize a text: [{id, text, start, stop}]",
-    responses=error_responses(401, 413, 422),
-)
-async def tokenize(body: TokenizeRequest, request: Request) -> JSON:
-    """The answer's size is bounded by the body's (``--max-request-bytes``); a long text is
-    tokenized and encoded in a worker thread."""
-    state = state_of(request)
-    if not body.inputs:
-        raise invalid("inputs", "`inputs` cannot be empty")
-    add = True if body.add_special_tokens is None else body.add_special_tokens
-    content = await state.off_loop(len(body.inputs), _tokens_json, state, body.inputs, add)
-    return Response(content, media_type="application/json")
-
-
-def _tokens_json(state: Any, text: str, add_special_tokens: bool) -> bytes:
-    strings = state.frontend.table.strings
-    return json_bytes(
-        [
-            {"id": i, "text": strings[i] if i < len(strings) else "", "start": a, "stop": b}
-            for i, a, b in state.tokenizer.offsets(text, add_special_tokens=add_special_tokens)
-        ]
-    )
