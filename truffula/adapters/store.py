@@ -150,16 +150,15 @@ class AdapterStore:
         return adapter_id, folder, files_root
 
     def _hub(self, adapter_id: str) -> Path:
-        try:
-            from huggingface_hub import snapshot_download
+        from truffula.errors import ModelLoadError
+        from truffula.model_store.hub import ADAPTER_PATTERNS, hub_snapshot, missing_adapter_files
 
-            return Path(snapshot_download(adapter_id, local_files_only=True))
-        except Exception as exc:
-            raise AdapterError(
-                f"adapter {adapter_id!r} is not in the local Hugging Face cache (truffula loads hub "
-                "adapters offline; fetch it first)",
-                404,
-            ) from exc
+        try:
+            return hub_snapshot(
+                adapter_id, ADAPTER_PATTERNS, missing_adapter_files, "adapter", progress=False
+            )
+        except ModelLoadError as exc:
+            raise AdapterError(str(exc), 404) from exc
 
     def _local(self, adapter_id: str, must_exist: bool) -> Path | None:
         path = (self.root / adapter_id).resolve()

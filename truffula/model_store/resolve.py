@@ -8,10 +8,17 @@ from typing import Any
 
 from truffula.errors import ModelLoadError
 from truffula.model_store.default_model import DEFAULT_MODEL_ALIASES, ensure_default_model
+from truffula.model_store.hub import (
+    MODEL_PATTERNS,
+    hub_snapshot,
+    looks_like_repo_id,
+    missing_model_files,
+)
 
 
 def resolve_model(model: str, progress: bool = True, need_weights: bool = True) -> Path:
-    """Return the folder of ``model``: the default model, a local folder, or a cached hub id."""
+    """Return the folder of ``model``: the default model, a local folder, or a hub id (the cache
+    first, then a download)."""
     if model in DEFAULT_MODEL_ALIASES:
         return ensure_default_model(progress=progress)
     path = Path(model).expanduser()
@@ -22,26 +29,14 @@ def resolve_model(model: str, progress: bool = True, need_weights: bool = True) 
             )
         check_model_dir(path, need_weights)
         return path
-    if model.count("/") == 1 and not model.startswith((".", "/")):
-        folder = _from_hf_cache(model)
+    if looks_like_repo_id(model):
+        folder = hub_snapshot(model, MODEL_PATTERNS, missing_model_files, progress=progress)
         check_model_dir(folder)
         return folder
     raise ModelLoadError(
-        f"model {model!r} not found: it is neither a local folder nor a hub id (org/name) "
-        "in the local Hugging Face cache"
+        f"model {model!r} not found: it is neither a local folder, a .gguf file nor a hub id "
+        "(org/name[@revision])"
     )
-
-
-def _from_hf_cache(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception as exc:
-        raise ModelLoadError(
-            f"model {repo_id!r} is not in the local Hugging Face cache and truffula never "
-            f"downloads at run time; fetch it first (hf download {repo_id}) or pass a local folder"
-        ) from exc
 
 
 def check_model_dir(folder: Path, need_weights: bool = True) -> None:
