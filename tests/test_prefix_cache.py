@@ -65,6 +65,18 @@ def test_block_key_is_128_bit_and_covers_parent_salt_and_tokens() -> None:
 
 
 # ---------------------------------------------------------------- scheduler with a cache
+def test_a_long_prompt_registers_its_blocks_chunk_by_chunk() -> None:
+    pool = BlockPool(64)
+    cache = PrefixCache(pool, BS, "model")
+    s = Scheduler(pool, BS, 16, 8, prefix_cache=cache)  # 16-token chunks of a 50-token prompt
+    _run(s, SeqState("a", list(range(50)), 50))
+    assert cache.num_cached_blocks == 12
+    seq = SeqState("b", list(range(50)), 50)
+    s.add(seq)
+    s.schedule()
+    assert seq.num_cached_tokens == 48
+
+
 def test_a_repeated_prompt_starts_from_its_cached_blocks_and_computes_one_token() -> None:
     s, cache = _sched()
     first = SeqState("a", list(range(100, 112)), 12)

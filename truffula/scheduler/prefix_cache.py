@@ -152,7 +152,7 @@ class PrefixCache:
     def _keys_known(self, seq: SeqState, limit: int) -> list[bytes]:
         bs = self.block_size
         tokens = seq.token_ids
-        n = len(seq.block_keys)
+        n = min(len(seq.block_keys), limit)
         while n < limit and PLACEHOLDER not in tokens[n * bs : (n + 1) * bs]:
             n += 1
         return self._keys(seq, n)[:n]
