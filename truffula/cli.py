@@ -63,6 +63,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "no cap beyond the step budget, on CPU)",
     )
     g.add_argument(
+        "--speculative-config",
+        default=None,
+        help='speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_min": 1, "prompt_lookup_max": 4} (prompt lookup; outputs, logprobs and '
+        "alternatives are those of plain decoding)",
+    )
+    g.add_argument(
         "--max-num-seqs",
         type=int,
         default=None,
@@ -123,6 +130,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_batch_tokens,
         max_num_seqs=args.max_num_seqs,
         max_prefill_while_decoding=args.max_prefill_while_decoding,
+        speculative=args.speculative_config,
         cuda_graph_max_batch=args.cuda_graph_max_batch,
         max_queued_requests=args.max_concurrent_requests,
         async_scheduling=args.async_scheduling,

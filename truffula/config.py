@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
+from truffula.speculative.config import SpeculativeConfig
+
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 
@@ -138,6 +140,8 @@ class SchedulerConfig:
     later steps); 0: the step budget alone. None: by device (256 on CUDA when such steps run
     as CUDA graphs, else 0). Bounds
     the inter-token latency new prompts add to running streams."""
+    speculative: SpeculativeConfig | None = None
+    """Speculative decoding (``--speculative-config``); None: off."""
     max_queued_requests: int = 1024
     """Most requests held (running + waiting) before new ones are refused as overloaded."""
     async_scheduling: str = "auto"
@@ -263,6 +267,8 @@ class EngineConfig:
             )
             if owner is None:
                 raise TypeError(f"unknown engine option {key!r}")
+            if key == "speculative" and isinstance(value, str | dict):
+                value = SpeculativeConfig.parse(value)
             if key == "kv_cache_memory" and isinstance(value, str):  # None stays automatic
                 value = parse_size(value)
             parts.setdefault(owner, {})[key] = value

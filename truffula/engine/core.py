@@ -39,6 +39,7 @@ from truffula.sampling.params import SamplingParams
 from truffula.scheduler.block_pool import BlockPool
 from truffula.scheduler.output import PLACEHOLDER, SchedulerOutput
 from truffula.scheduler.scheduler import Scheduler, SeqState
+from truffula.speculative.drafter import Drafter
 
 log = logging.getLogger("truffula.engine")
 
@@ -77,6 +78,11 @@ class Request:
     @property
     def max_new_tokens(self) -> int:
         return self.spec.max_new_tokens
+
+    @property
+    def speculative(self) -> bool:
+        """Drafts may be verified for it (not for constrained output)."""
+        return self.spec.params.speculative and self.spec.params.structured is None
 
     @property
     def arrival(self) -> float:
@@ -160,6 +166,10 @@ class EngineCore:
         self.overlap = self.serving_path != "fallback" and (
             mode == "on" or (mode == "auto" and self.device.type == "cuda")
         )
+        self.drafter = None
+        if config.scheduler.speculative is not None:  # verification waits for each step
+            self.drafter = Drafter(config.scheduler.speculative, self.max_len)
+            self.overlap = False
         self.inflight: _InFlight | None = None
         keep_host_memory()
         log.info(
@@ -283,6 +293,8 @@ class EngineCore:
         is read before returning."""
         prev, self.inflight = self.inflight, None
         source = prev.launched if prev is not None else None  # where placeholders are read
+        if self.drafter is not None:
+            self.drafter.draft(self.requests.values())
         sched = self.scheduler.schedule()
         self.prompts.take_records(sched, self.requests)
         outputs: list[EngineOutput] = []
@@ -316,7 +328,7 @@ class EngineCore:
         """Give each sampling request a ``PLACEHOLDER`` for its coming token, unless that token
         is its last by length (then it is not scheduled again)."""
         placeholders: dict[str, int | None] = {}
-        for i in launched.sample_idx:
+        for i in dict.fromkeys(launched.sample_idx):  # a sequence with drafts has several rows
             req = self.requests.get(launched.sched.seqs[i].request_id)
             if req is None:
                 continue
@@ -344,8 +356,26 @@ class EngineCore:
             if seq_out.sampled is not None and seq_out.request_id in inflight.placeholders:
                 req.in_flight -= 1
                 ph = inflight.placeholders[seq_out.request_id]
-                outputs.append(self._on_token(req, seq_out, ph))
+                out = self._on_token(req, seq_out, ph)
+                if req.seq.drafts:
+                    out = self._on_accepted(req, seq_out, out)
+                outputs.append(out)
         return outputs
+
+    def _on_accepted(self, req: Request, seq_out: SeqOutput, out: EngineOutput) -> EngineOutput:
+        """The drafted tokens a step confirmed, and the sample after them, as one output."""
+        assert self.drafter is not None
+        self.drafter.accepted += len(seq_out.accepted)
+        self.scheduler.accept_drafts(req.request_id, len(seq_out.accepted))
+        records = seq_out.accepted_logprobs or [None] * len(seq_out.accepted)
+        for tok, rec in zip(seq_out.accepted, records, strict=True):
+            if out.finish_reason is not None:
+                break
+            more = self._on_token(req, SeqOutput(req.request_id, tok, rec), None)
+            out.token_ids += more.token_ids
+            out.logprobs += more.logprobs
+            out.finish_reason = more.finish_reason
+        return out
 
     def _on_token(self, req: Request, seq_out: SeqOutput, placeholder: int | None) -> EngineOutput:
         tok = seq_out.sampled

@@ -29,6 +29,11 @@ class SeqOutput:
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     """Prompt positions ``prompt_logprobs_start, prompt_logprobs_start + 1, ...``."""
     prompt_logprobs_start: int = 0
+    accepted: list[int] = field(default_factory=list)
+    """Tokens after ``sampled`` from the same step: drafted tokens the step's samples confirmed,
+    then the sample after the last of them (speculative decoding)."""
+    accepted_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    """Parallel to ``accepted``: each token's statistics at its own position."""
 
 
 @dataclass

@@ -45,6 +45,7 @@ from truffula.sampling.metadata import build_sampling_batch
 from truffula.sampling.params import SamplingParams
 from truffula.sampling.sampler import Sampler
 from truffula.scheduler.output import PLACEHOLDER, ScheduledSeq, SchedulerOutput
+from truffula.speculative.verify import accepted
 from truffula.structured.compiler import Constraint, GrammarCompiler
 
 log = logging.getLogger("truffula.runner")
@@ -232,14 +233,29 @@ class ModelRunner:
         starts = [0]
         for s in sched.seqs:
             starts.append(starts[-1] + s.num_tokens)
-        sample_idx = [i for i, s in enumerate(sched.seqs) if s.sample]
+        # one sampled row per sampling sequence; a sequence with drafts samples every position
+        # from its last known token on, each over the history with the drafts before it
+        sample_idx: list[int] = []
+        last_rows: list[int] = []
+        drafted: list[list[int]] = []
+        for i, s in enumerate(sched.seqs):
+            if s.sample:
+                first = starts[i + 1] - 1 - s.num_drafts
+                drafts = s.token_ids[len(s.token_ids) - s.num_drafts :]
+                for j in range(s.num_drafts + 1):
+                    sample_idx.append(i)
+                    last_rows.append(first + j)
+                    drafted.append(drafts[:j])
         batch = None
         if sample_idx:  # built before the forward, so its host-to-device copies overlap it
             states = [self._state(sched.seqs[i].request_id) for i in sample_idx]
             batch = build_sampling_batch(
                 [st.params for st in states],
                 [st.prompt_ids for st in states],
-                [st.output_ids for st in states],
+                [
+                    st.output_ids + d if d else st.output_ids
+                    for st, d in zip(states, drafted, strict=True)
+                ],
                 [st.generator for st in states],
                 self.vocab_size,
                 self.device,
@@ -251,7 +267,6 @@ class ModelRunner:
                 host_tensor(job.rows, torch.long, self.device),
                 host_tensor(job.targets, torch.long, self.device),
             )
-        last_rows = [starts[i + 1] - 1 for i in sample_idx]
         contiguous = last_rows == list(range(len(last_rows)))  # decodes come first
         row_index = None if contiguous else host_tensor(last_rows, torch.long, self.device)
         fill = _placeholder_fill(sched.seqs, starts, prev, self.device)
@@ -341,6 +356,22 @@ class ModelRunner:
         return [torch.cat(p) for p in parts]
 
     # ---------------------------------------------------------------- results
+    @staticmethod
+    def _verify(seqs: list[ScheduledSeq], sample_idx: list[int], sampled: list[int]) -> list[bool]:
+        """Which sampled rows the step emits: all of a sequence without drafts; of one with
+        drafts, the samples up to the first that differs from its draft, inclusive."""
+        kept = [True] * len(sampled)
+        r = 0
+        while r < len(sample_idx):
+            s = seqs[sample_idx[r]]
+            if s.num_drafts:
+                drafts = s.token_ids[len(s.token_ids) - s.num_drafts :]
+                n = accepted(drafts, sampled[r : r + s.num_drafts + 1])
+                for j in range(n + 1, s.num_drafts + 1):
+                    kept[r + j] = False
+            r += s.num_drafts + 1 if s.sample else 1
+        return kept
+
     def _unpack(
         self,
         seqs: list[ScheduledSeq],
@@ -353,8 +384,14 @@ class ModelRunner:
         it = iter(host)
         if sample_idx:
             sampled = next(it).astype(np.int64).tolist()
-            for i, tok in zip(sample_idx, sampled, strict=True):
-                outs[i].sampled = tok
+            kept = self._verify(seqs, sample_idx, sampled)
+            for r, (i, tok) in enumerate(zip(sample_idx, sampled, strict=True)):
+                if not kept[r]:
+                    continue
+                if outs[i].sampled is None:
+                    outs[i].sampled = tok
+                else:
+                    outs[i].accepted.append(tok)
                 st = self.states.get(seqs[i].request_id)
                 if st is not None:
                     st.output_ids.append(tok)
@@ -369,7 +406,13 @@ class ModelRunner:
                 for r, rec in zip(
                     rows.astype(np.int64).tolist(), records(ids, lps, ranks, ents, ks), strict=True
                 ):
-                    outs[sample_idx[r]].logprobs = rec
+                    if not kept[r]:
+                        continue
+                    out = outs[sample_idx[r]]
+                    if r == 0 or sample_idx[r - 1] != sample_idx[r]:
+                        out.logprobs = rec
+                    else:
+                        out.accepted_logprobs.append(rec)
         for job in jobs:
             ids, lps, ranks, ents = (next(it) for _ in range(4))
             outs[job.seq_index].prompt_logprobs = records(

@@ -55,6 +55,9 @@ class SamplingParams:
     adapter_id: str | None = None
     """LoRA adapter serving the request (None: the base model)."""
     extra_stop_token_ids: tuple[int, ...] = field(default=())
+    speculative: bool = True
+    """Let the engine verify drafted tokens for this request when it speculates
+    (``--speculative-config``); outputs and records are the same either way."""
     structured: StructuredOutput | None = None
     """Constrain the output to a JSON schema, regex, choice or grammar (``truffula.structured``):
     tokens the constraint forbids are masked before the filters; ``processed`` logprobs are
@@ -167,6 +170,10 @@ class SamplingParams:
             )
         for t in ids:
             _check_int("extra_stop_token_ids", t, lo=0, hi=MAX_TOKEN_ID)
+        if not isinstance(self.speculative, bool):
+            raise RequestValidationError(
+                "speculative", f"`speculative` must be a boolean. Given: {_show(self.speculative)}"
+            )
         if self.structured is not None:
             if not isinstance(self.structured, StructuredOutput):
                 raise RequestValidationError(

@@ -23,6 +23,9 @@ class ScheduledSeq:
     """The chunk reaches the last known token: sample the next one."""
     adapter_slot: int = -1
     """Device LoRA slot of the request's adapter, -1 for the base model."""
+    num_drafts: int = 0
+    """Speculated tokens at the end of ``token_ids``: every position from the last known token
+    on is sampled, and the drafts the samples confirm are accepted."""
 
     @property
     def num_tokens(self) -> int:

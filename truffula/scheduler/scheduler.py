@@ -72,6 +72,9 @@ class SeqState:
     """Prompt records a prefix hit brought, for the engine to take (position -> record)."""
     num_cached_tokens: int = 0
     """Tokens its last admission took from the prefix cache."""
+    drafts: list[int] = field(default_factory=list)
+    """Speculated tokens after its last known one, verified with its next decode
+    (``truffula.speculative``); never part of ``token_ids`` until accepted."""
 
     @property
     def num_pending(self) -> int:
@@ -160,8 +163,8 @@ class Scheduler:
             is_decode = seq.num_pending == 1
             if is_decode:
                 decodes_left -= 1
-            if is_decode:
-                n = 1
+            if is_decode:  # drafted tokens ride along while the budget has room
+                n = 1 + min(len(seq.drafts), max(0, budget - 1 - decodes_left))
             else:
                 n = min(seq.num_pending, budget - decodes_left, prefill_left)
             if n <= 0:
@@ -226,20 +229,32 @@ class Scheduler:
         for s in out.seqs:
             seq = self._by_id.get(s.request_id)
             if seq is not None and seq.status is SeqStatus.RUNNING:
-                seq.num_computed = s.start_pos + s.num_tokens
+                # drafted tokens count once accepted (``accept_drafts``)
+                seq.num_computed = s.start_pos + s.num_tokens - s.num_drafts
                 if self.prefix_cache is not None:
                     self.prefix_cache.register(seq)
+
+    def accept_drafts(self, request_id: str, n: int) -> None:
+        """``n`` drafted tokens of the last step were accepted (the engine appended them to
+        ``token_ids``): their KV entries, written by that step, are now the sequence's."""
+        seq = self._by_id.get(request_id)
+        if seq is not None and seq.status is SeqStatus.RUNNING:
+            seq.num_computed += n
+            seq.drafts = []
 
     # ---------------------------------------------------------------- helpers
     def _scheduled(self, seq: SeqState, n: int) -> ScheduledSeq:
         start = seq.num_computed
+        known = min(n, len(seq.token_ids) - start)
+        drafts = seq.drafts[: n - known]
         return ScheduledSeq(
             request_id=seq.request_id,
-            token_ids=seq.token_ids[start : start + n],
+            token_ids=seq.token_ids[start : start + known] + drafts,
             start_pos=start,
             block_ids=list(seq.block_ids),
-            sample=start + n == len(seq.token_ids),
+            sample=start + known == len(seq.token_ids),
             adapter_slot=seq.adapter_slot,
+            num_drafts=len(drafts),
         )
 
     def _take_prefix(self, seq: SeqState) -> int:

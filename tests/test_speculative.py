@@ -1,0 +1,120 @@
+"""Speculative decoding (prompt lookup) against plain decoding with the default model: the same
+tokens, logprobs, ranks and alternatives, only fewer steps."""
+
+from __future__ import annotations
+
+import pytest
+
+from truffula.sampling.params import SamplingParams
+from truffula.speculative import ngram
+from truffula.speculative.config import SpeculativeConfig
+from truffula.speculative.verify import accepted
+
+TEXT = (
+    "The committee met on Tuesday to review the budget for the new library. After a long "
+    "discussion, the members agreed to fund the children's reading room and the new roof."
+)
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match() -> None:
+    h = [1, 2, 3, 4, 9, 1, 2, 3, 5, 6, 1, 2, 3]
+    assert ngram.propose(h, 2, 1, 3) == [5, 6]  # the latest earlier [1, 2, 3] was followed by 5
+    assert ngram.propose(h, 9, 1, 3) == [5, 6, 1, 2, 3]
+    assert ngram.propose([7, 8, 9], 4, 1, 3) == []  # nothing recurs
+    assert ngram.propose([5, 5], 3, 1, 1) == [5]  # the tail itself is not a match
+    assert ngram.propose(h, 2, 4, 4) == []  # [9? , 1, 2, 3]: no earlier 4-gram equals the tail
+    assert ngram.propose(h, 0, 1, 3) == []
+
+
+def test_acceptance_is_the_prefix_the_samples_confirm() -> None:
+    assert accepted([5, 6, 7], [5, 6, 7, 8]) == 3
+    assert accepted([5, 6, 7], [5, 9, 7, 8]) == 1
+    assert accepted([5, 6, 7], [4, 6, 7, 8]) == 0
+    with pytest.raises(ValueError):
+        accepted([5], [5])
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('{"method": "ngram"}', "num_speculative_tokens"),
+        ('{"num_speculative_tokens": 40}', "num_speculative_tokens"),
+        ('{"num_speculative_tokens": 2, "lookahead": 1}', "lookahead"),
+        ('{"num_speculative_tokens": 2, "method": "medusa"}', "method"),
+        ('{"num_speculative_tokens": 2, "prompt_lookup_min": 5, "prompt_lookup_max": 2}', "min"),
+        ("[1]", "object"),
+        ("{", "JSON"),
+    ],
+)
+def test_bad_speculative_config_names_the_key(text: str, key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        SpeculativeConfig.parse(text)
+
+
+@pytest.fixture(scope="module")
+def spec_llm(model_dir):  # type: ignore[no-untyped-def]
+    from truffula.engine.llm import LLM
+
+    cfg = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}'
+    return LLM(str(model_dir), progress=False, speculative=cfg)
+
+
+def copy_prompts(tok) -> list[str]:  # type: ignore[no-untyped-def]
+    asks = [
+        f"Repeat this text exactly, word for word:\n\n{TEXT}",
+        f"Copy the following paragraph:\n\n{TEXT}\n\nCopy:",
+        "Count from one to twenty in words: one, two, three, four, five,",
+    ]
+    return [
+        tok.apply_chat_template(
+            [{"role": "user", "content": a}], tokenize=False, add_generation_prompt=True
+        )
+        for a in asks
+    ]
+
+
+def test_greedy_speculation_changes_nothing_but_steps(llm, spec_llm, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    p = SamplingParams(
+        max_new_tokens=48,
+        temperature=0,
+        return_k_alternatives=5,
+        details=True,
+        repetition_penalty=1.05,
+    )
+    prompts = copy_prompts(hf_tokenizer)
+    plain, spec = llm.generate(prompts, p), spec_llm.generate(prompts, p)
+    drafter = spec_llm.engine.drafter
+    assert drafter.accepted > 20, (drafter.drafted, drafter.accepted)  # it sped something up
+    for a, b in zip(plain, spec, strict=True):
+        assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason
+        assert b.text == a.text
+        for x, y in zip(a.tokens, b.tokens, strict=True):
+            assert abs(x.logprob - y.logprob) < 1e-4 and x.rank == y.rank
+            assert [t.id for t in x.alternatives] == [t.id for t in y.alternatives]
+            for s, t in zip(x.alternatives, y.alternatives, strict=True):
+                assert abs(s.logprob - t.logprob) < 1e-4
+
+
+def test_stop_sequence_inside_an_accepted_run(llm, spec_llm, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    p = SamplingParams(max_new_tokens=48, temperature=0, stop=("reading room",), details=True)
+    prompts = copy_prompts(hf_tokenizer)[:1]
+    a, b = llm.generate(prompts, p)[0], spec_llm.generate(prompts, p)[0]
+    assert b.text == a.text and b.finish_reason == a.finish_reason
+    assert b.token_ids == a.token_ids
+
+
+def test_sampled_tokens_carry_their_own_positions_statistics(llm, spec_llm, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Sampled (temperature 1, no filters: processed = the model's distribution): every emitted
+    token's logprob and rank equal what a plain prefill of the same text gives at its position."""
+    prompts = copy_prompts(hf_tokenizer)[:2]
+    outs = spec_llm.generate(prompts, SamplingParams(max_new_tokens=32, seed=7, details=True))
+    for out in outs:
+        ref = llm.generate(
+            [out.prompt_token_ids + out.token_ids],
+            SamplingParams(max_new_tokens=1, decoder_input_details=True, temperature=0),
+        )[0]
+        n = len(out.prompt_token_ids)
+        for i, tok in enumerate(out.tokens):
+            want = ref.prompt_tokens[n + i]
+            assert want.id == tok.id
+            assert abs(want.logprob - tok.logprob) < 1e-4, i

@@ -1,0 +1,68 @@
+"""The engine's side of speculation: drafts for the running requests before each step, and the
+count of what was drafted and accepted."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from truffula.scheduler.scheduler import SeqState, SeqStatus
+from truffula.speculative import ngram
+from truffula.speculative.config import SpeculativeConfig
+
+
+class Drafted(Protocol):
+    """What the drafter reads of a request (``engine.core.Request``)."""
+
+    @property
+    def seq(self) -> SeqState: ...
+    @property
+    def output_ids(self) -> list[int]: ...
+    @property
+    def max_new_tokens(self) -> int: ...
+    @property
+    def speculative(self) -> bool: ...
+
+
+class Drafter:
+    def __init__(self, config: SpeculativeConfig, max_len: int) -> None:
+        if config.method != "ngram":
+            raise ValueError(
+                f'--speculative-config: method {config.method!r} is not served; use "ngram"'
+            )
+        self.config = config
+        self.max_len = max_len
+        self.drafted = 0
+        """Tokens proposed since start-up."""
+        self.accepted = 0
+        """Proposed tokens the target model confirmed."""
+
+    def draft(self, requests: Iterable[Drafted]) -> None:
+        """Set each running request's ``seq.drafts`` for the coming step: up to
+        ``num_speculative_tokens``, never past its length limits; none for a request that
+        opted out, is prefilling or has tokens in flight."""
+        cfg = self.config
+        for req in requests:
+            seq = req.seq
+            seq.drafts = []
+            if (
+                not req.speculative
+                or seq.status is not SeqStatus.RUNNING
+                or seq.num_pending != 1
+                or seq.unresolved
+            ):
+                continue
+            room = min(
+                cfg.num_speculative_tokens,
+                req.max_new_tokens - len(req.output_ids) - 1,
+                self.max_len - len(seq.token_ids) - 1,
+            )
+            if room > 0:
+                seq.drafts = ngram.propose(
+                    seq.token_ids, room, cfg.prompt_lookup_min, cfg.prompt_lookup_max
+                )
+                self.drafted += len(seq.drafts)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
