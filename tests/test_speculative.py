@@ -118,3 +118,17 @@ def test_sampled_tokens_carry_their_own_positions_statistics(llm, spec_llm, hf_t
             want = ref.prompt_tokens[n + i]
             assert want.id == tok.id
             assert abs(want.logprob - tok.logprob) < 1e-4, i
+
+
+def test_metrics_count_drafted_and_accepted_tokens(spec_llm) -> None:  # type: ignore[no-untyped-def]
+    from truffula.engine.stats import EngineMetrics
+
+    core = spec_llm.engine
+    text = EngineMetrics(core).render()
+    drafter = core.drafter
+    assert drafter.drafted >= drafter.accepted > 0  # the tests above ran drafts
+    assert (
+        f'truffula_spec_decode_num_accepted_tokens_total{{method="ngram"}} {float(drafter.accepted)}'
+        in text
+    )
+    assert 'truffula_spec_decode_acceptance_rate{method="ngram"}' in text

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -78,6 +78,8 @@ class EngineMetrics:
         )
         adapters.on_load = self.adapter_loads.inc
         r.register(_PrefixCacheCounters(core))
+        if core.drafter is not None:
+            r.register(_SpeculativeCounters(core))
         adapters.on_evict = self.adapter_evictions.inc
         core.metrics = self
 
@@ -123,6 +125,36 @@ class _PrefixCacheCounters(Collector):
             "Tokens served from the prefix cache",
             value=c.hits if c is not None else 0,
         )
+
+
+class _SpeculativeCounters(Collector):
+    """``truffula_spec_decode_num_draft_tokens_total`` and ``..._num_accepted_tokens_total``
+    (vLLM's names), and the acceptance rate, read at scrape time."""
+
+    def __init__(self, core: EngineCore) -> None:
+        assert core.drafter is not None
+        self.drafter = core.drafter
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        d = self.drafter
+        method = d.config.method
+        drafted = CounterMetricFamily(
+            "truffula_spec_decode_num_draft_tokens", "Tokens drafted", labels=["method"]
+        )
+        drafted.add_metric([method], d.drafted)
+        accepted = CounterMetricFamily(
+            "truffula_spec_decode_num_accepted_tokens",
+            "Drafted tokens the target model confirmed",
+            labels=["method"],
+        )
+        accepted.add_metric([method], d.accepted)
+        rate = GaugeMetricFamily(
+            "truffula_spec_decode_acceptance_rate",
+            "Accepted over drafted tokens since start-up",
+            labels=["method"],
+        )
+        rate.add_metric([method], d.acceptance_rate)
+        yield from (drafted, accepted, rate)
 
 
 def registry_snapshot(registry: CollectorRegistry) -> dict[str, Any]:
