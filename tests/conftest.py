@@ -72,6 +72,42 @@ def server(model_dir):  # type: ignore[no-untyped-def]
     proc.stop()
 
 
+EXTRAS_KEY = "playground-key"
+
+
+@pytest.fixture(scope="session")
+def extras_server(model_dir):  # type: ignore[no-untyped-def]
+    """A server with an API key, --strict-params, JSON logs and traces exported to an OTLP
+    receiver of the test process (``extras_server.collector``)."""
+    import os
+
+    pytest.importorskip("opentelemetry.sdk", reason="pip install 'truffula[tracing]'")
+    from otlpcollector import Collector
+    from serverproc import ServerProcess
+
+    collector = Collector()
+    os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "200"  # export spans soon after they end
+    try:
+        proc = ServerProcess(
+            "--api-key",
+            EXTRAS_KEY,
+            "--strict-params",
+            "--log-format",
+            "json",
+            "--otlp-endpoint",
+            collector.url,
+            "--max-k-alternatives",
+            "20",
+        )
+    finally:
+        os.environ.pop("OTEL_BSP_SCHEDULE_DELAY", None)
+    proc.collector = collector
+    proc.key = EXTRAS_KEY
+    yield proc
+    proc.stop()
+    collector.close()
+
+
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_SPECS = {
     "qv4": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},

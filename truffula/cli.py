@@ -226,6 +226,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--log-level", default="info")
     srv.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one JSON object a line, with the request id (x-request-id) of each request",
+    )
+    srv.add_argument(
+        "--strict-params",
+        action="store_true",
+        help="answer 422 naming any unknown field of a request body (default: ignored, as LoRAX)",
+    )
+    srv.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        help="export OpenTelemetry traces over OTLP/HTTP to this URL, e.g. "
+        "http://localhost:4318 (needs pip install 'truffula[tracing]')",
+    )
+    srv.add_argument(
+        "--otlp-service-name", default="truffula", help="service.name of the exported spans"
+    )
+    srv.add_argument(
         "--api-server-count",
         type=int,
         default=1,

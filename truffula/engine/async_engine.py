@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -382,6 +383,8 @@ class RequestStream:
         self._queue = queue
         self.finished = False
         self._closed = False
+        self.timings: list[float] | None = None
+        self.ended_at: float | None = None
 
     @property
     def request_id(self) -> str:
@@ -402,8 +405,11 @@ class RequestStream:
             self.finished = True
             self.close()
             raise item
+        if item.timings is not None:
+            self.timings = item.timings  # for the request's trace spans
         if item.finished:
             self.finished = True
+            self.ended_at = time.monotonic()
             self.close()
         return item
 

@@ -57,6 +57,7 @@ class Request:
     seq: SeqState
     output_ids: list[int] = field(default_factory=list)
     prompt_records: dict[int, TokenLogprobs] = field(default_factory=dict)
+    scheduled_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
     finish_reason: str | None = None
@@ -202,12 +203,14 @@ class EngineCore:
 
     def _admit(self, seq: SeqState) -> bool:
         """Scheduler hook: a request runs only once its adapter holds a device slot."""
-        if seq.adapter is None or seq.adapter_slot >= 0:
-            return True
-        slot = self.adapters.acquire(seq.adapter)
-        if slot is None:
-            return False
-        seq.adapter_slot = slot
+        if seq.adapter is not None and seq.adapter_slot < 0:
+            slot = self.adapters.acquire(seq.adapter)
+            if slot is None:
+                return False
+            seq.adapter_slot = slot
+        req = self.requests.get(seq.request_id)
+        if req is not None and req.scheduled_at is None:
+            req.scheduled_at = time.monotonic()  # the end of its queue span
         return True
 
     def _release(self, seq: SeqState) -> None:
@@ -392,6 +395,7 @@ class EngineCore:
         )
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
+            out.timings = [req.scheduled_at or req.arrival, req.first_token_at]
             if params.wants_prompt_logprobs:
                 k = params.prompt_k_alternatives
                 out.prompt_logprobs = [
@@ -414,6 +418,7 @@ class EngineCore:
         if reason is not None:
             out.finish_reason = reason
             self._finish(req, reason)
+            out.timings = [req.scheduled_at or req.arrival, req.first_token_at, req.finished_at]
         return out
 
     def _finish(self, req: Request, reason: str) -> None:

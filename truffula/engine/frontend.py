@@ -124,7 +124,7 @@ class Frontend:
         if tr is None:
             return None, False
         req, params = tr.request, tr.request.params
-        res = RequestOutput(out.request_id, seed=params.seed)
+        res = RequestOutput(out.request_id, seed=params.seed, timings=out.timings)
         res.num_prompt_tokens = len(req.prompt_ids)
         if out.prompt_logprobs is not None:
             tr.prompt_records = out.prompt_logprobs

@@ -43,6 +43,9 @@ class EngineOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     error: str | None = None
     """The engine failed this request (it is gone); ``status`` is the HTTP status to answer."""
     status: int = 500
+    timings: list[float] | None = None
+    """``time.monotonic()`` of the request's admission and first token (on its first output),
+    and of its end (on its finishing output): the queue / prefill / decode spans."""
 
 
 class ModelInfo(msgspec.Struct):

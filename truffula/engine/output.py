@@ -53,6 +53,8 @@ class RequestOutput:
     generated_text: str | None = None
     """The whole text, on the finishing output."""
     seed: int | None = None
+    timings: list[float] | None = None
+    """The engine's ``EngineOutput.timings`` (admission, first token[, end]), when it sent them."""
 
 
 class LazyAlternatives(Sequence[Alternative]):

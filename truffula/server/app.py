@@ -12,7 +12,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
 from truffula import __version__
-from truffula.server import adapters, errors, lorax, openai, ops
+from truffula.server import adapters, errors, lorax, openai, ops, tokens
+from truffula.server.observe import Observe
 from truffula.server.state import ServerState
 
 DESCRIPTION = """truffula serves many LoRA adapters on one base model and returns, for every
@@ -22,7 +23,7 @@ Dialects: LoRAX (`/generate`, `/generate_stream`, `/`), TGI (`top_n_tokens`), Op
 
 class Gate:
     """ASGI middleware, before any route runs: the bearer-token check (every route but
-    /health), the body limit (``--max-request-bytes``), HEAD answered as GET without a body,
+    /health and the playground's static page), the body limit (``--max-request-bytes``), HEAD answered as GET without a body,
     and per-route request counters.
 
     The body limit is enforced before anything is parsed: a ``Content-Length`` above it is
@@ -40,7 +41,7 @@ class Gate:
             return
         settings = self.state.settings
         key = settings.api_key
-        if key and scope["path"] != "/health" and not _authorized(scope, key):
+        if key and not _public(scope) and not _authorized(scope, key):
             await _reject(
                 scope,
                 send,
@@ -82,6 +83,15 @@ class Gate:
                 "unmatched" if status["code"] == 404 else scope["path"]
             )
             self.state.metrics.observe_http(name, status["code"])
+
+
+def _public(scope: dict[str, Any]) -> bool:
+    """What answers without the API key: /health, and the playground's page and files (which
+    hold nothing of the server: the page asks for the key before it calls the API)."""
+    path = scope["path"]
+    if path == "/health":
+        return True
+    return scope["method"] in ("GET", "HEAD") and (path == "/" or path.startswith("/ui/"))
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
@@ -173,6 +183,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.truffula = state
     errors.install(app)
     app.include_router(ops.router)
+    app.include_router(tokens.router)
     app.include_router(lorax.router)
     app.include_router(openai.router)
     app.include_router(adapters.router)
@@ -193,4 +204,5 @@ def create_app(state: ServerState) -> FastAPI:
     # text/event-stream); level 5 keeps the API process's time per byte low.
     app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=5)
     app.add_middleware(Gate, state=state)
+    app.add_middleware(Observe)  # outermost: 401s and 413s get a request id too
     return app

@@ -78,10 +78,16 @@ def dialect(path: str, status: int, body: dict[str, str], param: str | None = No
     }
 
 
+def _loc(err: dict) -> list[str]:
+    """A validation error's field path, without ``body`` and the tags of tagged unions (which
+    start with ``~``: they name a body shape, not a field)."""
+    return [str(x) for x in err.get("loc", ()) if x != "body" and not str(x).startswith("~")]
+
+
 def pydantic_field(exc: FastAPIValidationError) -> str | None:
     """The first field a validation error names (``parameters.top_k``), if any."""
     for err in exc.errors():
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        loc = _loc(err)
         if loc and err.get("type") != "json_invalid":
             return ".".join(loc)
     return None
@@ -90,7 +96,7 @@ def pydantic_field(exc: FastAPIValidationError) -> str | None:
 def pydantic_message(exc: FastAPIValidationError) -> str:
     parts = []
     for err in exc.errors():
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        loc = _loc(err)
         if err.get("type") == "json_invalid":
             return f"malformed JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}"
         where = ".".join(loc) or "body"

@@ -27,7 +27,10 @@ from truffula import __version__
 from truffula.config import EngineConfig
 from truffula.engine.async_engine import AsyncEngine
 from truffula.engine.messages import ModelInfo
+from truffula.server import tracing
 from truffula.server.metrics import Metrics
+from truffula.server.observe import configure_logging
+from truffula.server.protocol import set_strict_fields
 from truffula.server.state import DEFAULT_MAX_REQUEST_BYTES, ServerSettings, ServerState
 
 log = logging.getLogger("truffula.server")
@@ -48,6 +51,10 @@ def settings_of(args: argparse.Namespace, config: EngineConfig) -> ServerSetting
         version=__version__,
         api_server_count=getattr(args, "api_server_count", 1),
         max_request_bytes=getattr(args, "max_request_bytes", None) or DEFAULT_MAX_REQUEST_BYTES,
+        strict_params=bool(getattr(args, "strict_params", False)),
+        log_format=getattr(args, "log_format", "text"),
+        otlp_endpoint=getattr(args, "otlp_endpoint", None),
+        otlp_service_name=getattr(args, "otlp_service_name", "truffula"),
     )
 
 
@@ -71,7 +78,13 @@ def bind_socket(host: str, port: int) -> socket.socket:
 class _Server:
     """uvicorn on an already bound socket; a signal starts the drain."""
 
-    def __init__(self, state: ServerState, sock: socket.socket, args: argparse.Namespace) -> None:
+    def __init__(
+        self,
+        state: ServerState,
+        sock: socket.socket,
+        args: argparse.Namespace,
+        log_config: dict[str, Any] | None = None,
+    ) -> None:
         import uvicorn
 
         from truffula.server.app import create_app
@@ -84,7 +97,8 @@ class _Server:
             log_level=args.log_level,
             timeout_graceful_shutdown=int(self.drain) + 3,
             lifespan="off",
-            access_log=args.log_level == "debug",
+            access_log=False,  # the ``request`` lines of truffula.access replace uvicorn's
+            **({"log_config": log_config} if log_config is not None else {}),
         )
         outer = self
 
@@ -134,6 +148,7 @@ class _Server:
             ann.cancel()
             watch.cancel()
             await engine.shutdown(drain_timeout=0)
+            tracing.shutdown()
         return 1 if self.engine_died else 0
 
 
@@ -143,8 +158,17 @@ def _quiet_signals() -> None:
         signal.signal(sig, lambda *_: None)
 
 
+def observe(settings: ServerSettings, log_level: str, prefix: str = "") -> dict[str, Any] | None:
+    """This process's logs (``--log-format``), traces (``--otlp-endpoint``) and
+    ``--strict-params``; returns uvicorn's ``log_config``."""
+    set_strict_fields(settings.strict_params)
+    tracing.setup(settings.otlp_endpoint, settings.otlp_service_name)
+    return configure_logging(settings.log_format, log_level, prefix)
+
+
 def serve(args: argparse.Namespace, config: EngineConfig) -> int:
-    logging.getLogger("truffula").setLevel(logging.INFO)
+    # a missing tracing SDK fails before the model loads
+    log_config = observe(settings_of(args, config), args.log_level)
     sock = bind_socket(args.host, args.port)
     count = int(getattr(args, "api_server_count", 1))
     if count < 1:
@@ -187,7 +211,7 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
 
         _quiet_signals()
         try:
-            return await _Server(state, sock, args).run(announce)
+            return await _Server(state, sock, args, log_config).run(announce)
         finally:
             for p in others:
                 if p.is_alive():
@@ -216,12 +240,12 @@ def run_api_server(
     index: int,
 ) -> None:
     """Entry point of API process ``index`` (> 0): a client of the running engine process."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s api-{index} %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the first API process forwards SIGTERM
+    log_config = observe(settings_of(args, config), args.log_level, f"api-{index} ")
 
     async def main() -> int:
         engine = AsyncEngine.connect(address, msgspec.json.decode(info, type=ModelInfo), engine_pid)
         state = ServerState(engine, settings_of(args, config), Metrics())
-        return await _Server(state, sock, args).run()
+        return await _Server(state, sock, args, log_config).run()
 
     sys.exit(asyncio.run(main()))

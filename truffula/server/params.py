@@ -44,6 +44,17 @@ async def check_structured(state: ServerState, params: SamplingParams) -> None:
         await asyncio.to_thread(state.frontend.grammars.check_with_timeout, params.structured)
 
 
+def _max_new_tokens(p: GenerateParameters) -> tuple[int | None, str]:
+    """``max_new_tokens``, or its vLLM / OpenAI name ``max_tokens``; both only if they agree."""
+    if p.max_tokens is None:
+        return p.max_new_tokens, "max_new_tokens"
+    if p.max_new_tokens is not None and p.max_new_tokens != p.max_tokens:
+        raise invalid(
+            "max_tokens", "`max_tokens` is another name of `max_new_tokens`: give one of them"
+        )
+    return p.max_tokens, "max_tokens"
+
+
 def lorax_params(
     p: GenerateParameters | None, state: ServerState, stream: bool
 ) -> tuple[SamplingParams, RouteOptions]:
@@ -79,6 +90,7 @@ def lorax_params(
             raise invalid("best_of", "you must use sampling when `best_of` is > 1")
         if p.seed is not None:
             raise invalid("seed", "`seed` must not be set when `best_of` > 1")
+    max_new, max_name = _max_new_tokens(p)
     decoder_input = bool(p.decoder_input_details) or prompt_k > 0
     if stream and decoder_input:
         raise invalid(
@@ -91,7 +103,7 @@ def lorax_params(
     k = max(k_alt, top_n)
     include_details = bool(p.details) or decoder_input or k > 0 or best_of > 1
     params = SamplingParams(
-        max_new_tokens=p.max_new_tokens,
+        max_new_tokens=max_new,
         temperature=(p.temperature if p.temperature is not None else 1.0) if sampling else 0.0,
         top_k=p.top_k or 0,
         top_p=p.top_p if p.top_p is not None else 1.0,
@@ -101,8 +113,8 @@ def lorax_params(
         frequency_penalty=p.frequency_penalty or 0.0,
         presence_penalty=p.presence_penalty or 0.0,
         seed=seed if sampling else None,
-        stop=tuple(p.stop or ()),
-        ignore_eos=bool(p.ignore_eos_token),
+        stop=(p.stop,) if isinstance(p.stop, str) else tuple(p.stop or ()),
+        ignore_eos=bool(p.ignore_eos_token or p.ignore_eos),
         truncate=p.truncate,
         details=include_details or stream,  # stream events always carry the token's logprob
         return_k_alternatives=k,
@@ -112,8 +124,8 @@ def lorax_params(
         adapter_id=p.adapter_id or None,
         structured=structured,
     )
-    if p.max_new_tokens is not None and p.max_new_tokens <= 0:
-        raise invalid("max_new_tokens", "`max_new_tokens` must be strictly positive")
+    if max_new is not None and max_new <= 0:
+        raise invalid(max_name, f"`{max_name}` must be strictly positive")
     params.validate(state.limits)
     opts = RouteOptions(
         return_full_text=bool(p.return_full_text),

@@ -20,6 +20,7 @@ from pydantic import (
     StrictInt,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 Int = StrictInt
@@ -51,8 +52,26 @@ def first_surrogate(value: Any, into_dicts: bool = True) -> bool:
     return False
 
 
+_STRICT = {"on": False}
+
+
+def set_strict_fields(on: bool) -> None:
+    """``--strict-params``: an unknown field in any request body is a 422 naming it."""
+    _STRICT["on"] = on
+
+
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if _STRICT["on"] and isinstance(data, dict):
+            unknown = [k for k in data if k not in cls.model_fields]
+            if unknown:
+                names = ", ".join(f"`{k}`" for k in unknown)
+                raise ValueError(f"unknown field(s) {names} (the server runs with --strict-params)")
+        return data
 
     @field_validator("*", mode="before")
     @classmethod
@@ -97,9 +116,11 @@ class GenerateParameters(_Lenient):
     min_p: Float | None = None
     do_sample: Bool | None = False
     max_new_tokens: Int | None = None
+    max_tokens: Int | None = Field(None, description="vLLM / OpenAI name of max_new_tokens")
     ignore_eos_token: Bool | None = False
+    ignore_eos: Bool | None = Field(None, description="vLLM name of ignore_eos_token")
     return_full_text: Bool | None = False
-    stop: list[str] | None = None
+    stop: str | list[str] | None = Field(None, description="stop strings (one string or a list)")
     truncate: Int | None = Field(None, description="keep only the last N prompt tokens")
     watermark: Bool | None = False
     details: Bool | None = False

@@ -20,6 +20,7 @@ from truffula.engine.tokenizer import Tokenizer
 from truffula.errors import AdapterError
 from truffula.sampling.params import SamplingParams
 from truffula.server.metrics import Metrics
+from truffula.server.observe import track
 
 LONG_PROMPT_CHARS = 4096
 """Texts longer than this are tokenized (and chat templates applied) in a worker thread."""
@@ -39,6 +40,10 @@ class ServerSettings:
     version: str = ""
     api_server_count: int = 1
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    strict_params: bool = False
+    log_format: str = "text"
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "truffula"
     started: float = field(default_factory=time.time)
 
 
@@ -77,8 +82,10 @@ class ServerState:
         return await self.off_loop(chars, self.engine.prepare, prompt, params)
 
     async def start(self, prompt: str | list[int], params: SamplingParams) -> RequestStream:
-        """Prepare and submit one request."""
-        return self.engine.submit(await self.prepare(prompt, params))
+        """Prepare and submit one request (its HTTP request's log line and trace name it)."""
+        stream = self.engine.submit(await self.prepare(prompt, params))
+        track(stream)
+        return stream
 
     async def start_all(
         self, items: list[tuple[str | list[int], SamplingParams]]

@@ -30,11 +30,43 @@
   const fixed = (x, n = 4) => (x === null || x === undefined ? '–' : x.toFixed(n));
   const quoted = (text) => JSON.stringify(text); // shows spaces, \n and \t unambiguously
 
+  // The API key (--api-key), asked for when the server answers 401: kept for this tab only
+  // (sessionStorage) and sent as a Bearer token on every call.
+  const KEY_ITEM = 'truffula-api-key';
+  class KeyNeeded extends Error {}
+
+  function authorized(headers = {}) {
+    const key = sessionStorage.getItem(KEY_ITEM);
+    return key ? { ...headers, Authorization: `Bearer ${key}` } : headers;
+  }
+
+  async function api(path, options = {}) {
+    const resp = await fetch(path, { ...options, headers: authorized(options.headers) });
+    if (resp.status === 401) throw new KeyNeeded(`${path}: HTTP 401`);
+    return resp;
+  }
+
   async function getJSON(path) {
-    const resp = await fetch(path);
+    const resp = await api(path);
     if (!resp.ok) throw new Error(`${path}: HTTP ${resp.status}`);
     return resp.json();
   }
+
+  function askForKey(rejected) {
+    $('#main').hidden = true;
+    $('#model-info').textContent = 'API key required';
+    $('#key-form').hidden = false;
+    $('#key-error').hidden = !rejected;
+    $('#key-error').textContent = rejected ? 'The server did not accept this key.' : '';
+    $('#api-key').focus();
+  }
+
+  $('#key-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    sessionStorage.setItem(KEY_ITEM, $('#api-key').value.trim());
+    $('#api-key').value = '';
+    init();
+  });
 
   function showError(prefix, body) {
     const kind = body && body.error_type ? ` (${body.error_type})` : '';
@@ -53,8 +85,16 @@
         `k ≤ ${info.max_k_alternatives}`;
       $('#k').max = info.max_k_alternatives;
     } catch (err) {
+      if (err instanceof KeyNeeded) {
+        const rejected = sessionStorage.getItem(KEY_ITEM) !== null;
+        sessionStorage.removeItem(KEY_ITEM);
+        askForKey(rejected);
+        return;
+      }
       $('#model-info').textContent = 'server info unavailable';
     }
+    $('#key-form').hidden = true;
+    $('#main').hidden = false;
     try {
       fillAdapters((await getJSON('/v1/models')).data || []);
     } catch (err) {
@@ -269,14 +309,19 @@
     const prefix = comparing ? `${run.label}: ` : '';
     let resp;
     try {
-      resp = await fetch('/generate_stream', {
+      resp = await api('/generate_stream', {
         method: 'POST',
         headers: { 'Content-Type': 'application/json', Accept: 'text/event-stream' },
         body,
         signal,
       });
     } catch (err) {
-      if (err.name !== 'AbortError') fail(run, prefix, { error: err.message, error_type: 'network' });
+      if (err instanceof KeyNeeded) {
+        sessionStorage.removeItem(KEY_ITEM);
+        askForKey(true);
+      } else if (err.name !== 'AbortError') {
+        fail(run, prefix, { error: err.message, error_type: 'network' });
+      }
       return;
     }
     if (!resp.ok) {
