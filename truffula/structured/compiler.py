@@ -142,11 +142,13 @@ class GrammarCompiler:
 
     def check_with_timeout(self, spec: StructuredOutput, timeout: float = CHECK_TIMEOUT_S) -> str:
         """``check`` in a worker thread, refused after ``timeout`` seconds (the check goes on in
-        the background and its result is cached)."""
+        the background and its result is cached). The tokenizer's one-off conversion is not
+        timed."""
         with self._lock:
             hit = self._checked.get(spec.key)
         if isinstance(hit, str):
             return hit
+        _ = self.tokenizer
         future = _pool.submit(self.check, spec)
         try:
             return future.result(timeout)
