@@ -256,3 +256,20 @@ def test_engine_spans_in_memory(llm) -> None:  # type: ignore[no-untyped-def]
     q, p, d = spans["queue"], spans["prefill"], spans["decode"]
     assert q.start_time <= q.end_time <= p.end_time <= d.end_time
     assert d.attributes["truffula.prompt_tokens"] == len(prompt_ids)
+
+
+def test_grafana_dashboard_queries_only_served_metrics(server) -> None:  # type: ignore[no-untyped-def]
+    """Every metric deploy/grafana-dashboard.json queries is one /metrics serves."""
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads(
+        (Path(__file__).parent.parent / "deploy/grafana-dashboard.json").read_text()
+    )
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 10
+    post(server.url, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 1}})
+    text = httpx.get(server.url + "/metrics").text
+    served = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
+    queried = {m for e in exprs for m in re.findall(r"\btruffula_[a-z_]+", e)}
+    assert queried and queried <= served, queried - served

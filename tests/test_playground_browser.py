@@ -308,3 +308,45 @@ def test_compare_adapter_with_base_marks_the_divergence(
         pg.screenshot(path=str(ARTIFACTS / "playground-adapter.png"), full_page=True)
     finally:
         pg.close()
+
+
+def test_without_a_key_the_page_never_asks_for_one(page: Any) -> None:
+    assert page.is_hidden("#key-form") and page.is_visible("#main")
+    assert page.evaluate("sessionStorage.getItem('truffula-api-key')") is None
+
+
+def test_api_key_is_asked_kept_for_the_tab_and_sent(browser: Any, extras_server: Any) -> None:
+    """With --api-key the page loads but shows nothing of the server until the key is
+    accepted; the key is then sent as a Bearer token on every call (generation too)."""
+    pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+    calls: list[tuple[str, str | None]] = []
+    pg.on("request", lambda r: calls.append((r.url, r.headers.get("authorization"))))
+    try:
+        pg.goto(extras_server.url + "/")
+        pg.wait_for_selector("#key-form", state="visible")
+        assert pg.is_hidden("#main")
+        assert pg.text_content("#model-info") == "API key required"
+        assert pg.locator("#adapter-a option").count() == 0
+        pg.fill("#api-key", "wrong-key")
+        pg.click("#key-submit")
+        pg.wait_for_selector("#key-error", state="visible")
+        assert pg.is_hidden("#main") and "not accept" in pg.text_content("#key-error")
+        pg.fill("#api-key", extras_server.key)
+        pg.click("#key-submit")
+        pg.wait_for_function("document.querySelectorAll('#adapter-a option').length > 0")
+        assert pg.is_visible("#main") and pg.is_hidden("#key-form")
+        assert "SmolLM2" in pg.text_content("#model-info")
+        stored = pg.evaluate("sessionStorage.getItem('truffula-api-key')")
+        assert stored == extras_server.key
+        assert pg.evaluate("localStorage.length") == 0
+        settings(pg, "The three primary colors are", **{"max-new-tokens": "4"})
+        pg.click("#generate")
+        wait_done(pg)
+        assert pg.locator("#pane-a .tok").count() == 4
+        api = [(u, a) for u, a in calls if "/ui/" not in u and not u.endswith("/")]
+        assert any(u.endswith("/generate_stream") for u, _ in api)
+        good = f"Bearer {extras_server.key}"
+        after = api[[a for _, a in api].index(good) :]
+        assert all(a == good for _, a in after), after
+    finally:
+        pg.close()
