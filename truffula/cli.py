@@ -21,10 +21,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         default="default",
-        help="'default' (embedded SmolLM2-135M-Instruct), a local HF folder, or a cached hub id",
+        help="'default' (embedded SmolLM2-135M-Instruct), a local HF folder, a .gguf file, or a "
+        "hub id org/name[@revision] (the HF cache first, then a download)",
     )
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument(
+        "--quantization",
+        default=None,
+        choices=["int8"],
+        help="int8: weight-only int8 linears, per-output-channel scales (LoRA factors stay 16/32-bit)",
+    )
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + generation")
     g.add_argument(
         "--kv-cache-memory",
@@ -121,6 +128,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model,
         device=args.device,
         dtype=args.dtype,
+        quantization=args.quantization,
         max_model_len=args.max_model_len,
         kv_cache_memory=None if args.kv_cache_memory is None else parse_size(args.kv_cache_memory),
         gpu_memory_utilization=args.gpu_memory_utilization,

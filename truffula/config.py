@@ -33,7 +33,8 @@ class ModelConfig:
     """Which model to load and how."""
 
     model: str = "default"
-    """``default`` (the embedded SmolLM2-135M-Instruct), a local HF folder or a cached hub id."""
+    """``default`` (the embedded SmolLM2-135M-Instruct), a local HF folder, a .gguf file or a hub
+    id ``org/name[@revision]`` (the HF cache first, then a download)."""
     device: str = "auto"
     """``auto`` picks CUDA when present, else CPU."""
     dtype: str = "auto"
@@ -48,8 +49,13 @@ class ModelConfig:
     linear_kernel: str = "auto"
     """CPU linears: ``packed`` (oneDNN pre-packed weights), ``torch`` (F.linear, the reference)
     or ``auto`` (packed where oneDNN is available)."""
+    quantization: str | None = None
+    """``int8``: weight-only int8 linears with per-output-channel scales (not the LM head);
+    None: the weights in ``dtype``."""
 
     def __post_init__(self) -> None:
+        if self.quantization not in (None, "int8"):
+            raise ValueError(f"quantization must be int8 or unset, not {self.quantization!r}")
         if self.linear_kernel not in ("auto", "packed", "torch"):
             raise ValueError(
                 f"linear_kernel must be auto, packed or torch, not {self.linear_kernel!r}"

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from truffula.kernels import linear_cpu
+from truffula.kernels import linear_cpu, quant_int8
 from truffula.kernels.select import Kernels, LinearFn
 
 
@@ -33,6 +33,9 @@ class Linear(nn.Module):
         else:
             self.bias = None
         self.packed: torch.Tensor | None = None
+        self.qweight: torch.Tensor | None = None
+        """int8 [out, in] after ``quantize_int8`` (with ``qscale`` [out]); the dense weight is freed."""
+        self.qscale: torch.Tensor | None = None
         self.linear: LinearFn = F.linear
         """The kernel applied to the dense weight (``_dense``)."""
         self.kernel: Callable[[torch.Tensor], torch.Tensor] = self._dense
@@ -46,11 +49,30 @@ class Linear(nn.Module):
         param.data.copy_(loaded)
 
     def use_kernels(self, kernels: Kernels) -> None:
-        if self.packed is None:
+        if self.packed is None and self.qweight is None:
             self.linear = kernels.linear(self.weight)
 
+    def quantize_int8(self) -> None:
+        """Keep the weight as int8 with per-output-channel scales (frees the dense one); the
+        kernel is ``_weight_int8pack_mm`` on CPU where it works, else dequantize-then-matmul."""
+        q, scale = quant_int8.quantize(self.weight.data)
+        dtype, device = self.weight.dtype, self.weight.device
+        self.qweight, self.qscale = q, scale
+        self.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False)
+        if device.type == "cpu" and quant_int8.cpu_int8pack_available():
+            self.kernel = functools.partial(
+                quant_int8.linear_cpu, q=q, scale_bf16=scale.to(torch.bfloat16), bias=self.bias
+            )
+        else:
+            self.kernel = functools.partial(
+                quant_int8.linear_dequant, q=q, scale=scale.to(dtype), bias=self.bias
+            )
+
     def pack_for_cpu(self) -> None:
-        """Replace the dense weight by a oneDNN-packed copy (frees the dense one)."""
+        """Replace the dense weight by a oneDNN-packed copy (frees the dense one); a quantized
+        weight stays as it is."""
+        if self.qweight is not None:
+            return
         self.packed = linear_cpu.pack(self.weight.data)
         self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
         self.kernel = functools.partial(linear_cpu.linear, packed=self.packed, bias=self.bias)
@@ -60,6 +82,31 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel(x)
+
+
+QUANTIZATIONS = ("int8",)
+
+
+def quantize_linears(
+    model: nn.Module, method: str, skip: tuple[str, ...] = ("lm_head", "embed_out")
+) -> int:
+    """Quantize every dense ``Linear`` of ``model`` but those named in ``skip`` (the LM head:
+    its logits feed the logprobs); returns how many. LoRA factors are not touched."""
+    if method not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {method!r}")
+    count = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear) or name.rsplit(".", 1)[-1] in skip:
+            continue
+        if module.qweight is None and module.packed is None and module.weight.numel():
+            module.quantize_int8()
+            count += 1
+    if count == 0:
+        raise ValueError(
+            f"--quantization {method}: the model has no native linear layers to quantize "
+            "(models served through transformers are not quantized)"
+        )
+    return count
 
 
 class MergedLinear(Linear):

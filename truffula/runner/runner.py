@@ -33,6 +33,7 @@ from truffula.forward import ForwardContext, forward_context
 from truffula.kernels import linear_cpu
 from truffula.kernels.select import select_kernels
 from truffula.layers.attention import Attention
+from truffula.layers.linear import quantize_linears
 from truffula.layers.rotary import RotaryEmbedding
 from truffula.models.registry import LoadedModel
 from truffula.runner.context import StepBuilder
@@ -95,6 +96,8 @@ class ModelRunner:
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.max_len = loaded.max_len
         self.kernels = select_kernels(device, dtype)  # the one the model was loaded with
+        if config.model.quantization:  # before packing: quantized linears are not packed
+            quantize_linears(self.model, config.model.quantization)
         kind = config.model.linear_kernel
         self.packed_linears = (
             device.type == "cpu" and kind != "torch" and linear_cpu.available(dtype)

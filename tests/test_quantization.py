@@ -1,0 +1,136 @@
+"""``--quantization int8``: weight-only int8 linears with per-output-channel scales.
+
+The kernels against the dequantized reference; the default model's top-1 agreement with fp32
+on a fixed text (>= 95%) and its mean |delta logprob| (printed); LoRA on an int8 base against
+peft on the dequantized base weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from modelharness import Harness
+
+from truffula.config import EngineConfig
+from truffula.kernels import quant_int8
+from truffula.layers.linear import Linear, quantize_linears
+
+
+def test_quantize_round_trip_and_kernels() -> None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=gen)
+    w[3] *= 50  # per-channel scales: a large row does not coarsen the others
+    x = torch.randn(5, 64, generator=gen)
+    b = torch.randn(96, generator=gen)
+    q, scale = quant_int8.quantize(w)
+    assert q.dtype == torch.int8 and scale.shape == (96,)
+    deq = quant_int8.dequantize(q, scale)
+    assert ((deq - w).abs() <= scale[:, None] / 2 + 1e-6).all()
+    ref = F.linear(x, deq, b)
+    assert torch.allclose(quant_int8.linear_dequant(x, q, scale, b), ref, atol=1e-5)
+    if quant_int8.cpu_int8pack_available():
+        got = quant_int8.linear_cpu(x[None], q, scale.to(torch.bfloat16), b)[0]
+        assert got.dtype == torch.float32
+        assert (got - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+
+
+def test_linear_layer_keeps_int8_and_skips_packing() -> None:
+    lin = Linear(64, 32, bias=True)
+    torch.nn.init.normal_(lin.weight)
+    torch.nn.init.normal_(lin.bias)
+    dense = lin.weight.detach().clone()
+    x = torch.randn(3, 64)
+    want = F.linear(x, dense, lin.bias)
+    lin.quantize_int8()
+    assert lin.weight.numel() == 0 and lin.qweight is not None
+    lin.pack_for_cpu()  # a no-op on a quantized layer
+    assert lin.packed is None
+    got = lin(x)
+    assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()
+    with pytest.raises(ValueError, match="quantization must be one of int8"):
+        quantize_linears(lin, "int4")
+    with pytest.raises(ValueError, match="quantization must be int8"):
+        EngineConfig.from_kwargs(quantization="fp4")
+
+
+def test_default_model_int8_agrees_with_fp32(model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    text = (
+        "The history of the printing press begins in the fifteenth century, when Johannes "
+        "Gutenberg combined movable metal type, oil-based ink and a screw press. Within fifty "
+        "years printers worked in more than two hundred European cities, and the price of books "
+        "fell sharply. Scholars could compare identical copies of a text for the first time, "
+        "which changed how knowledge was checked, corrected and shared across borders."
+    )
+    ids = AutoTokenizer.from_pretrained(model_dir)(text).input_ids
+    ref = Harness(model_dir, block_size=16, num_blocks=16).step({"a": ids})["a"]
+    h = Harness(model_dir, block_size=16, num_blocks=16)
+    assert quantize_linears(h.runner.model, "int8") == 30 * 4  # qkv, o, gate_up, down per layer
+    got = h.step({"a": ids})["a"]
+    assert torch.isfinite(got).all()
+    nxt = torch.tensor(ids[1:])[:, None]
+    agree = (got[:-1].argmax(-1) == ref[:-1].argmax(-1)).float().mean().item()
+    dlp = (got[:-1].gather(1, nxt) - ref[:-1].gather(1, nxt)).abs().mean().item()
+    print(f"int8 vs fp32 on {len(ids)} tokens: top-1 {agree:.3f}, mean |dlogprob| {dlp:.4f}")
+    assert agree >= 0.95
+    assert 0 < dlp < 0.2
+
+
+def test_lora_on_int8_base(tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from truffula.adapters.store import AdapterStore
+    from truffula.layers.lora import apply_lora
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        max_position_embeddings=64,
+    )
+    hf = LlamaForCausalLM(cfg).eval()
+    folder = tmp_path / "model"
+    hf.save_pretrained(folder)
+    # the reference: peft on the base whose linears hold the dequantized int8 weights
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() == 2 and "layers." in name:
+                p.copy_(quant_int8.dequantize(*quant_int8.quantize(p)))
+    targets = ["q_proj", "v_proj", "down_proj"]
+    model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=targets)).eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "lora_" in pname:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    model.save_pretrained(tmp_path / "ad")
+    ids = [5, 17, 42, 99, 7, 250, 3, 64, 128, 11]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+        with model.disable_adapter():
+            base = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+
+    h = Harness(folder, block_size=4)
+    quantize_linears(h.runner.model, "int8")
+    layers = apply_lora(h.runner.model, 2, 8, torch.float32, torch.device("cpu"))
+    store = AdapterStore(layers, h.runner.model.packed_modules, 2, 8, str(tmp_path))
+    slot = store.acquire(store.load("ad"))
+    assert (
+        next(iter(layers.values())).a.dtype == torch.float32
+    )  # the factors stay in the engine dtype
+    got = h.step({"a": ids}, {"a": slot})["a"]
+    plain = h.step({"b": ids})["b"]
+    assert torch.isfinite(got).all()
+    tol = 2e-2 if quant_int8.cpu_int8pack_available() else 1e-4  # bf16 activations on CPU
+    assert (got - ref).abs().max().item() < tol
+    assert (plain - base).abs().max().item() < tol
+    assert (ref - base).abs().max().item() > 10 * tol  # the adapter matters
