@@ -34,22 +34,14 @@ from truffula.engine.frontend import Frontend
 from truffula.engine.output import RequestOutput
 from truffula.engine.tokenizer import Tokenizer
 from truffula.errors import (
-    AdapterError,
     EngineDeadError,
     EngineOverloadedError,
-    GenerationError,
     ModelLoadError,
     RequestValidationError,
 )
 from truffula.sampling.params import SamplingParams
 
 log = logging.getLogger("truffula.engine")
-
-_ERRORS: dict[str, type[Exception]] = {
-    "AdapterError": AdapterError,
-    "RequestValidationError": RequestValidationError,
-    "EngineOverloadedError": EngineOverloadedError,
-}
 
 
 def engine_address() -> str:
@@ -282,7 +274,7 @@ class AsyncEngine:
                 continue
             if raw.error is not None:
                 self.frontend.forget(raw.request_id)
-                queue.put_nowait(_request_error(raw))
+                queue.put_nowait(m.request_error(raw))
                 continue
             out, stop = self.frontend.process(raw)
             if stop:
@@ -299,7 +291,7 @@ class AsyncEngine:
         if reply.error is None:
             fut.set_result(reply.result)
         else:
-            fut.set_exception(_call_error(reply))
+            fut.set_exception(m.call_error(reply))
 
     async def _watch(self) -> None:
         """Notice an engine that died (process gone, thread ended)."""
@@ -346,27 +338,6 @@ def _receive(conn: Any, proc: Any) -> tuple[str, Any]:
         return conn.recv()  # type: ignore[no-any-return]
     except EOFError:
         return "error", f"exited with code {proc.exitcode} while loading the model"
-
-
-def _request_error(out: m.EngineOutput) -> Exception:
-    if out.status == 429:
-        return EngineOverloadedError(out.error or "Model is overloaded")
-    if out.status == 422:
-        return RequestValidationError("inputs", out.error or "")
-    if 400 <= out.status < 500:
-        return AdapterError(out.error or "", out.status)
-    return GenerationError(out.error or "request failed")
-
-
-def _call_error(reply: m.Reply) -> Exception:
-    kind = _ERRORS.get(reply.error_type or "")
-    if kind is AdapterError:
-        return AdapterError(reply.error or "", reply.status)
-    if kind is RequestValidationError:
-        return RequestValidationError(reply.field or "adapter_id", reply.error or "")
-    if kind is not None:
-        return kind(reply.error)
-    return GenerationError(reply.error or "engine call failed")
 
 
 class RequestStream:

@@ -25,6 +25,7 @@ from truffula.config import EngineConfig
 from truffula.device import keep_host_memory, pick_device, pick_dtype
 from truffula.engine.detokenizer import TokenTable
 from truffula.engine.frontend import Frontend
+from truffula.engine.isolation import FaultInjector, StepIsolation
 from truffula.engine.messages import EngineOutput, EngineRequest
 from truffula.engine.output import RequestOutput
 from truffula.engine.prefix import PromptCache, cut
@@ -172,6 +173,7 @@ class EngineCore:
             self.drafter = Drafter(config.scheduler.speculative, self.max_len)
             self.overlap = False
         self.inflight: _InFlight | None = None
+        self.isolation = StepIsolation(FaultInjector.from_env())
         keep_host_memory()
         log.info(
             "engine ready: %s (%s) on %s/%s, %d KV blocks of %d tokens, max length %d",
@@ -287,6 +289,13 @@ class EngineCore:
 
     # ---------------------------------------------------------------- one step
     def step_outputs(self) -> list[EngineOutput]:
+        """One step; one that raises fails only its culprit (``truffula.engine.isolation``)."""
+        try:
+            return self._step_outputs()
+        except Exception as exc:
+            return self.isolation.recover(self, exc)
+
+    def _step_outputs(self) -> list[EngineOutput]:
         """Schedule and launch a step, and return the outputs of the step before it.
 
         With asynchronous scheduling the step launched here stays in flight: its tokens are
@@ -299,13 +308,14 @@ class EngineCore:
         if self.drafter is not None:
             self.drafter.draft(self.requests.values())
         sched = self.scheduler.schedule()
+        self.isolation.scheduled(self, sched)  # while isolating a failure: the suspects only
         self.prompts.take_records(sched, self.requests)
-        outputs: list[EngineOutput] = []
+        outputs = self.isolation.start(prev).outputs
         if prev is not None and (sched.is_empty or self._needs_history(sched)):
             outputs += self._process(prev)  # penalties need every output token on the host
             sched.seqs = [s for s in sched.seqs if s.request_id in self.requests]
             prev = None
-        launched = self.runner.launch(sched, source)
+        launched = self.isolation.launch(self.runner, sched, source)
         current = None
         if not sched.is_empty:
             self.scheduler.step_done(sched)
@@ -313,10 +323,11 @@ class EngineCore:
         if prev is not None:
             outputs += self._process(prev)
         if current is not None:
-            if self.overlap:
+            if self.overlap and not self.isolation.active:
                 self.inflight = current
             else:
                 outputs += self._process(current)
+        self.isolation.done()
         return outputs
 
     def _needs_history(self, sched: SchedulerOutput) -> bool:
@@ -346,7 +357,7 @@ class EngineCore:
         return placeholders
 
     def _process(self, inflight: _InFlight) -> list[EngineOutput]:
-        result = self.runner.collect(inflight.launched)
+        result = self.isolation.collect(self.runner, inflight)
         outputs = []
         for seq_out in result.seqs:
             req = self.requests.get(seq_out.request_id)

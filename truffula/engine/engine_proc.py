@@ -5,7 +5,10 @@ Clients (one per API process) connect DEALER sockets and send ``add`` (an ``Engi
 ``abort`` and ``call`` messages; the loop drains them, runs one step, and sends every client the
 ``EngineOutput``s of its own requests. Utility calls that read from disk (adapter loads and
 merges) run in a worker thread, so the step loop never waits for them. A step that fails
-fails the requests in flight with an error output and the loop goes on.
+fails only the request that made it fail (``truffula.engine.isolation``); the others go on.
+A device error that poisons the CUDA context ends the loop, and with it the engine process:
+the API processes notice and answer 503. An error that cannot be pinned on a request (the
+scheduler's own) fails the requests in flight, and the loop goes on.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import zmq
 from truffula.config import EngineConfig
 from truffula.engine import messages as m
 from truffula.engine.core import EngineCore
+from truffula.engine.isolation import device_lost
 from truffula.engine.stats import EngineMetrics
 from truffula.errors import AdapterError, EngineOverloadedError, RequestValidationError
 
@@ -140,9 +144,13 @@ class EngineLoop:
     def _step(self) -> list[m.EngineOutput]:
         try:
             return self.core.step_outputs()
-        except Exception as exc:  # a failed step must not take the engine down
-            log.exception("engine step failed; failing the requests in flight")
+        except Exception as exc:  # not pinned on one request: fail them all and go on
+            if device_lost(exc):
+                log.critical("the device cannot be used any more: the engine process stops")
+                raise
+            log.exception("engine step failed outside a launch or a read; failing every request")
             self.core.inflight = None
+            self.core.isolation.groups.clear()
             failed = []
             for rid in list(self.core.requests):
                 self.core.abort(rid)

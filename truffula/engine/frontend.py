@@ -154,7 +154,8 @@ class Frontend:
                 res.prompt_tokens = self._prompt_tokens(tr)
         res.num_generated_tokens = tr.generated
         reason = "stop_sequence" if stopped else out.finish_reason
-        if out.error is not None:
+        if out.error is not None:  # the engine failed this request alone
+            res.finished, res.finish_reason = True, "error"
             self.forget(out.request_id)
             return res, False
         if reason is not None:

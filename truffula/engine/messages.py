@@ -13,6 +13,12 @@ from typing import Any
 
 import msgspec
 
+from truffula.errors import (
+    AdapterError,
+    EngineOverloadedError,
+    GenerationError,
+    RequestValidationError,
+)
 from truffula.runner.output import TokenLogprobs
 from truffula.sampling.params import SamplingParams
 
@@ -104,3 +110,33 @@ reply_decoder = msgspec.msgpack.Decoder(Reply)
 request_decoder = msgspec.msgpack.Decoder(EngineRequest)
 aborts_decoder = msgspec.msgpack.Decoder(list[Abort])
 call_decoder = msgspec.msgpack.Decoder(Call)
+
+
+_ERRORS: dict[str, type[Exception]] = {
+    "AdapterError": AdapterError,
+    "RequestValidationError": RequestValidationError,
+    "EngineOverloadedError": EngineOverloadedError,
+}
+
+
+def request_error(out: EngineOutput) -> Exception:
+    """The exception an error output stands for, on the API side."""
+    if out.status == 429:
+        return EngineOverloadedError(out.error or "Model is overloaded")
+    if out.status == 422:
+        return RequestValidationError("inputs", out.error or "")
+    if 400 <= out.status < 500:
+        return AdapterError(out.error or "", out.status)
+    return GenerationError(out.error or "request failed")
+
+
+def call_error(reply: Reply) -> Exception:
+    """The exception a failed utility call raised in the engine, on the API side."""
+    kind = _ERRORS.get(reply.error_type or "")
+    if kind is AdapterError:
+        return AdapterError(reply.error or "", reply.status)
+    if kind is RequestValidationError:
+        return RequestValidationError(reply.field or "adapter_id", reply.error or "")
+    if kind is not None:
+        return kind(reply.error)
+    return GenerationError(reply.error or "engine call failed")

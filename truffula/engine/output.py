@@ -45,7 +45,7 @@ class RequestOutput:
     text: str = ""
     finished: bool = False
     finish_reason: str | None = None
-    """length | eos_token | stop_sequence | abort"""
+    """length | eos_token | stop_sequence | abort | error (the engine failed this request)"""
     prompt_tokens: list[TokenInfo] | None = None
     """Sent once, with the first generated token, when the request asked for them."""
     num_prompt_tokens: int = 0
