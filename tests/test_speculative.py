@@ -132,3 +132,53 @@ def test_metrics_count_drafted_and_accepted_tokens(spec_llm) -> None:  # type: i
         in text
     )
     assert 'truffula_spec_decode_acceptance_rate{method="ngram"}' in text
+
+
+@pytest.fixture(scope="module")
+def spec_server(model_dir):  # type: ignore[no-untyped-def]
+    from serverproc import ServerProcess
+
+    cfg = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}'
+    proc = ServerProcess("--speculative-config", cfg, "--max-k-alternatives", "20")
+    yield proc
+    proc.stop()
+
+
+def test_over_http_streamed_and_whole_answers_equal_plain_serving(  # type: ignore[no-untyped-def]
+    server, spec_server, hf_tokenizer
+) -> None:
+    import json
+
+    import httpx
+
+    prompt = copy_prompts(hf_tokenizer)[0]
+    par = {"max_new_tokens": 40, "details": True, "return_k_alternatives": 3}
+    body = {"inputs": prompt, "parameters": par}
+    plain = httpx.post(f"{server.url}/generate", json=body, timeout=120).json()
+    spec = httpx.post(f"{spec_server.url}/generate", json=body, timeout=120).json()
+    assert spec["generated_text"] == plain["generated_text"]
+    for a, b in zip(plain["details"]["tokens"], spec["details"]["tokens"], strict=True):
+        assert a["id"] == b["id"] and abs(a["logprob"] - b["logprob"]) < 1e-4
+        assert [x["id"] for x in a["alternative_tokens"]] == [
+            x["id"] for x in b["alternative_tokens"]
+        ]
+    streams = []
+    for url in (server.url, spec_server.url):
+        with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=120) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data:")]
+            streams.append([json.loads(line[5:])["token"] for line in lines])
+    assert [t["id"] for t in streams[0]] == [t["id"] for t in plain["details"]["tokens"]]
+    assert [(t["id"], t["text"]) for t in streams[1]] == [(t["id"], t["text"]) for t in streams[0]]
+    for a, b in zip(*streams, strict=True):
+        assert abs(a["logprob"] - b["logprob"]) < 1e-4
+    metrics = httpx.get(f"{spec_server.url}/metrics", timeout=30).text
+    line = next(
+        x for x in metrics.splitlines() if x.startswith("truffula_spec_decode_num_accepted")
+    )
+    assert float(line.split()[-1]) > 0
+    off = {"inputs": prompt, "parameters": {**par, "speculative": False}}
+    again = httpx.post(f"{spec_server.url}/generate", json=off, timeout=120).json()
+    assert again["generated_text"] == plain["generated_text"]
+    bad = {"inputs": prompt, "parameters": {"speculative": "no"}}
+    r = httpx.post(f"{spec_server.url}/generate", json=bad, timeout=30)
+    assert r.status_code == 422 and "speculative" in r.text

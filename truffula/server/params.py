@@ -119,6 +119,7 @@ def lorax_params(
         details=include_details or stream,  # stream events always carry the token's logprob
         return_k_alternatives=k,
         logprobs_mode=p.logprobs_mode or "processed",  # type: ignore[arg-type]
+        speculative=p.speculative is not False,
         decoder_input_details=decoder_input,
         prompt_k_alternatives=prompt_k,
         adapter_id=p.adapter_id or None,

@@ -139,6 +139,9 @@ class GenerateParameters(_Lenient):
     )
     grammar: Any | None = Field(None, description="TGI: {type: json | regex, value}")
     logprobs_mode: str | None = Field(None, description="processed (default) | raw")
+    speculative: Bool | None = Field(
+        None, description="false: no speculative decoding for this request (default: as served)"
+    )
     prompt_k_alternatives: Int | None = Field(
         None, description="k most likely tokens at each prompt position"
     )
@@ -202,6 +205,7 @@ class CompletionRequest(_Lenient):
     ignore_eos_token: Bool | None = None
     adapter_source: str | None = None
     logprobs_mode: str | None = None
+    speculative: Bool | None = None
     response_format: dict[str, Any] | None = Field(
         None,
         description="{type: text | json_object | json_schema, json_schema?: {name, schema, strict}}",
@@ -251,6 +255,7 @@ class ChatCompletionRequest(_Lenient):
     ignore_eos: Bool | None = None
     adapter_source: str | None = None
     logprobs_mode: str | None = None
+    speculative: Bool | None = None
     response_format: dict[str, Any] | None = Field(
         None,
         description="{type: text | json_object | json_schema, json_schema?: {name, schema, strict}}",

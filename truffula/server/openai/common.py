@@ -53,6 +53,7 @@ def sampling_params(
         details=k >= 0,
         return_k_alternatives=max(k, 0),
         logprobs_mode=body.logprobs_mode or "processed",  # type: ignore[arg-type]
+        speculative=body.speculative is not False,
         structured=only_one(
             response_format(body.response_format), structured_outputs(body.structured_outputs)
         ),
