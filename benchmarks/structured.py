@@ -13,6 +13,8 @@
     ``--gpu``: 64 concurrent, 512 in / 128 out, target >= 0.95x.
 (c) Compile time: checking each schema of (a) cold and cached, and making a matcher from the
     cached prototype; the tokenizer's one-off conversion is reported apart.
+(d) The per-step work a constraint adds for 32 rows: the host bitmask fill and the masking of
+    the logits.
 """
 
 from __future__ import annotations
@@ -200,6 +202,43 @@ def compile_times(llm: Any) -> dict[str, float]:
     return res
 
 
+def mask_overhead(llm: Any, rows: int = 32, repeats: int = 20) -> dict[str, float]:
+    """Per-step host and device work that a constraint adds, for ``rows`` constrained rows
+    midway through a JSON object: filling the bitmask, and masking [rows, vocab] logits."""
+    import torch
+
+    from truffula.structured.mask import apply_bitmask, fill_bitmask
+
+    engine = llm.engine
+    grammars = engine.frontend.grammars
+    spec = StructuredOutput("json", json.dumps(LONG))
+    cons = [grammars.constraint(spec) for _ in range(rows)]
+    prefix = engine.tokenizer.encode('[{"id":12,"name":"ab', add_special_tokens=False)
+    for c in cons:
+        for t in prefix:
+            c.accept(t)
+    vocab = engine.vocab_size
+    logits = torch.randn(rows, vocab)
+    index = torch.arange(rows)
+    fill, apply = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mask = fill_bitmask(cons, vocab)
+        fill.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        apply_bitmask(logits, index, mask)
+        apply.append(time.perf_counter() - t0)
+    res = {
+        "rows": rows,
+        "fill_ms": 1e3 * statistics.median(fill),
+        "apply_ms": 1e3 * statistics.median(apply),
+    }
+    print(
+        f"(d) {rows} rows: fill {res['fill_ms']:.3f} ms, apply {res['apply_ms']:.3f} ms", flush=True
+    )
+    return res
+
+
 def tok_s(generate: Any, prompts: list[list[int]], params: SamplingParams) -> float:
     t0 = time.perf_counter()
     n = generate(prompts, params)
@@ -245,7 +284,7 @@ def main_cpu(args: argparse.Namespace) -> None:
         assert all(len(o.token_ids) == params.max_new_tokens for o in outs)
         return sum(len(o.token_ids) for o in outs)
 
-    res: dict[str, Any] = {"compile": compile_times(llm)}
+    res: dict[str, Any] = {"compile": compile_times(llm), "mask_step": mask_overhead(llm)}
     res["cost"] = cost(generate, random_prompts(32, 64), args.new, args.repeats)
     adapters: list[str | None] = [None] if args.quick else [None, "french", "caps", "pirate"]
     res["validity"] = validity(llm, adapters, 160)
