@@ -151,7 +151,8 @@ def victims() -> list[tuple[str, dict[str, Any]]]:
 
 
 def culprits() -> list[tuple[str, dict[str, Any]]]:
-    params = {"max_new_tokens": 12, "ignore_eos_token": True, "seed": SEED, "details": True}
+    # the LoRAX routes keep a seed only when sampling
+    params = {"max_new_tokens": 12, "do_sample": True, "seed": SEED, "details": True}
     return [
         ("/generate", {"inputs": "The culprit says", "parameters": params}),
         ("/generate_stream", {"inputs": "Another culprit", "parameters": params}),
