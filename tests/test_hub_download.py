@@ -59,7 +59,11 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-unt
     server.add_folder(REPO, model)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # tests/conftest.py sets it
+    import huggingface_hub.constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
@@ -114,7 +118,7 @@ def test_failed_download_leaves_nothing_trusted(hub: FakeHub, monkeypatch) -> No
     cache = Path(os.environ["HF_HOME"]) / "hub" / "models--tiny-org--tiny-llama"
     assert not list((cache / "snapshots").glob("*/model.safetensors"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match="not complete in the local Hugging Face cache"):
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
         resolve_model(REPO, progress=False)
     # back online, the next run completes the download
     monkeypatch.delenv("HF_HUB_OFFLINE")

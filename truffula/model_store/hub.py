@@ -123,8 +123,9 @@ def hub_snapshot(
         pass
     if offline():
         raise ModelLoadError(
-            f"{what} {spec!r} is not complete in the local Hugging Face cache ({cache}; missing: "
-            f"{lacks}) and HF_HUB_OFFLINE is set; unset it to download, or pass a local folder"
+            f"{what} {spec!r} is not in the local Hugging Face cache ({cache}), or not complete "
+            f"there (missing: {lacks}), and HF_HUB_OFFLINE is set; unset it to download, or "
+            "pass a local folder"
         )
     try:
         folder = Path(
