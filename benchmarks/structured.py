@@ -286,9 +286,12 @@ def main_cpu(args: argparse.Namespace) -> None:
 
     res: dict[str, Any] = {"compile": compile_times(llm), "mask_step": mask_overhead(llm)}
     res["cost"] = cost(generate, random_prompts(32, 64), args.new, args.repeats)
+    res["command"] = "python benchmarks/structured.py " + " ".join(sys.argv[1:])
+    if args.cost_only:
+        write_result("structured-cost", res)
+        return
     adapters: list[str | None] = [None] if args.quick else [None, "french", "caps", "pirate"]
     res["validity"] = validity(llm, adapters, 160)
-    res["command"] = "python benchmarks/structured.py " + " ".join(sys.argv[1:])
     if not args.quick:
         write_result("structured", res)
 
@@ -326,6 +329,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64, help="tokens per request in (b)")
     ap.add_argument("--quick", action="store_true", help="base model only, nothing written")
     ap.add_argument("--gpu", action="store_true", help="(b) on the 8B shape, one CUDA GPU")
+    ap.add_argument("--cost-only", action="store_true", help="(b)-(d) only")
     args = ap.parse_args()
     if args.gpu:
         main_gpu(args)
