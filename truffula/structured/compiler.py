@@ -133,9 +133,11 @@ class GrammarCompiler:
         llg = _llguidance()
         try:
             grammar = grammar_text(spec)
-        except ValueError as exc:  # a schema llguidance cannot read
+            is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(
+                grammar, self.tokenizer
+            )
+        except Exception as exc:  # text llguidance cannot take (a lone surrogate, ...)
             return _Invalid(str(exc))
-        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
         if is_error:
             return _Invalid("; ".join(messages))
         return grammar
