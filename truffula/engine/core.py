@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
@@ -29,12 +27,13 @@ from truffula.engine.isolation import FaultInjector, StepIsolation
 from truffula.engine.messages import EngineOutput, EngineRequest
 from truffula.engine.output import RequestOutput
 from truffula.engine.prefix import PromptCache, cut
+from truffula.engine.request import InFlight, MetricsSink, Request
 from truffula.engine.tokenizer import Tokenizer
 from truffula.errors import EngineOverloadedError, RequestValidationError
 from truffula.layers.lora import apply_lora
 from truffula.model_store.resolve import resolve_model
 from truffula.models.registry import load_model
-from truffula.runner.output import SeqOutput, TokenLogprobs
+from truffula.runner.output import SeqOutput
 from truffula.runner.runner import Launched, ModelRunner
 from truffula.sampling.params import SamplingParams
 from truffula.scheduler.block_pool import BlockPool
@@ -43,59 +42,6 @@ from truffula.scheduler.scheduler import Scheduler, SeqState
 from truffula.speculative.drafter import Drafter
 
 log = logging.getLogger("truffula.engine")
-
-
-class MetricsSink(Protocol):
-    def request_finished(self, req: Request, reason: str) -> None: ...
-    def first_token(self, req: Request) -> None: ...
-
-
-@dataclass(eq=False)
-class Request:
-    """The engine's state of one request (the scheduler owns its ``seq``)."""
-
-    spec: EngineRequest
-    seq: SeqState
-    output_ids: list[int] = field(default_factory=list)
-    prompt_records: dict[int, TokenLogprobs] = field(default_factory=dict)
-    scheduled_at: float | None = None
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    finish_reason: str | None = None
-    in_flight: int = 0
-    """Tokens sampled by launched steps whose results are not read yet."""
-
-    @property
-    def request_id(self) -> str:
-        return self.spec.request_id
-
-    @property
-    def prompt_ids(self) -> list[int]:
-        return self.spec.prompt_ids
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.spec.params
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.spec.max_new_tokens
-
-    @property
-    def speculative(self) -> bool:
-        """Drafts may be verified for it (not for constrained output)."""
-        return self.spec.params.speculative and self.spec.params.structured is None
-
-    @property
-    def arrival(self) -> float:
-        return self.spec.arrival
-
-
-@dataclass(eq=False)
-class _InFlight:
-    launched: Launched
-    placeholders: dict[str, int | None]
-    """Request -> index of its ``PLACEHOLDER`` in ``seq.token_ids`` (None: its last token)."""
 
 
 class EngineCore:
@@ -172,7 +118,7 @@ class EngineCore:
         if config.scheduler.speculative is not None:  # verification waits for each step
             self.drafter = Drafter(config.scheduler.speculative, self.max_len)
             self.overlap = False
-        self.inflight: _InFlight | None = None
+        self.inflight: InFlight | None = None
         self.isolation = StepIsolation(FaultInjector.from_env())
         keep_host_memory()
         log.info(
@@ -319,7 +265,7 @@ class EngineCore:
         current = None
         if not sched.is_empty:
             self.scheduler.step_done(sched)
-            current = _InFlight(launched, self._mark_in_flight(launched))
+            current = InFlight(launched, self._mark_in_flight(launched))
         if prev is not None:
             outputs += self._process(prev)
         if current is not None:
@@ -356,7 +302,7 @@ class EngineCore:
             placeholders[req.request_id] = len(req.seq.token_ids) - 1
         return placeholders
 
-    def _process(self, inflight: _InFlight) -> list[EngineOutput]:
+    def _process(self, inflight: InFlight) -> list[EngineOutput]:
         result = self.isolation.collect(self.runner, inflight)
         outputs = []
         for seq_out in result.seqs:

@@ -45,7 +45,8 @@ from truffula.errors import RequestValidationError
 from truffula.scheduler.output import PLACEHOLDER, SchedulerOutput
 
 if TYPE_CHECKING:
-    from truffula.engine.core import EngineCore, _InFlight
+    from truffula.engine.core import EngineCore
+    from truffula.engine.request import InFlight
     from truffula.runner.output import RunnerOutput
     from truffula.runner.runner import Launched, ModelRunner
 
@@ -58,13 +59,13 @@ FAULT_ENV = "TRUFFULA_FAULT_INJECT"
 class StepTrace:
     """Where the core's step is (``EngineCore._step_outputs``)."""
 
-    prev: _InFlight | None = None
+    prev: InFlight | None = None
     """Launched by the call before, read by this one (None once read)."""
     launching: SchedulerOutput | None = None
     """The step being launched."""
     current: Launched | None = None
     """Launched by this call."""
-    reading: _InFlight | None = None
+    reading: InFlight | None = None
     """The step whose results are being read."""
     outputs: list[EngineOutput] = field(default_factory=list)
     """What this call produced so far (delivered even if the step fails)."""
@@ -123,7 +124,7 @@ class StepIsolation:
         return bool(self.groups)
 
     # ---------------------------------------------------------------- the core's step
-    def start(self, prev: _InFlight | None) -> StepTrace:
+    def start(self, prev: InFlight | None) -> StepTrace:
         self.trace = StepTrace(prev)
         return self.trace
 
@@ -157,7 +158,7 @@ class StepIsolation:
         self.trace.current = launched
         return launched
 
-    def collect(self, runner: ModelRunner, step: _InFlight) -> RunnerOutput:
+    def collect(self, runner: ModelRunner, step: InFlight) -> RunnerOutput:
         self.trace.reading = step
         result = runner.collect(step.launched)
         trace = self.trace

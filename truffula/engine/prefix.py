@@ -21,7 +21,7 @@ from truffula.scheduler.prefix_cache import PrefixCache
 
 if TYPE_CHECKING:
     from truffula.adapters.store import AdapterStore
-    from truffula.engine.core import Request
+    from truffula.engine.request import Request
     from truffula.sampling.params import SamplingParams
     from truffula.scheduler.output import SchedulerOutput
     from truffula.scheduler.scheduler import SeqState

@@ -21,7 +21,6 @@ as ``sizing`` (``EngineSizing``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -39,14 +38,14 @@ from truffula.models.registry import LoadedModel
 from truffula.runner.context import StepBuilder
 from truffula.runner.graphs import StepGraphs
 from truffula.runner.kv_cache import KVCache, size_kv_cache
+from truffula.runner.launched import Fill, Launched, PromptJob, kept_rows, placeholder_fill
 from truffula.runner.output import RunnerOutput, SeqOutput
 from truffula.runner.results import records, to_host_async
 from truffula.runner.sizing import profile_layout
 from truffula.sampling.metadata import build_sampling_batch
 from truffula.sampling.params import SamplingParams
 from truffula.sampling.sampler import Sampler
-from truffula.scheduler.output import PLACEHOLDER, ScheduledSeq, SchedulerOutput
-from truffula.speculative.verify import accepted
+from truffula.scheduler.output import ScheduledSeq, SchedulerOutput
 from truffula.structured.compiler import Constraint, GrammarCompiler
 
 log = logging.getLogger("truffula.runner")
@@ -62,18 +61,6 @@ class RequestState:
     """Next prompt position whose logprob is still to be reported."""
     constraint: Constraint | None = None
     """Structured-output matcher, advanced by each sampled token once it is on the host."""
-
-
-@dataclass
-class _PromptJob:
-    seq_index: int
-    rows: list[int]
-    """Hidden-state rows (in the step's flattened tokens) predicting the targets."""
-    targets: list[int]
-    first_pos: int
-    k: int
-    tensors: tuple[torch.Tensor, torch.Tensor] | None = None
-    """rows and targets on the device, copied before the forward pass (no sync after it)."""
 
 
 class ModelRunner:
@@ -272,7 +259,7 @@ class ModelRunner:
             )
         contiguous = last_rows == list(range(len(last_rows)))  # decodes come first
         row_index = None if contiguous else host_tensor(last_rows, torch.long, self.device)
-        fill = _placeholder_fill(sched.seqs, starts, prev, self.device)
+        fill = placeholder_fill(sched.seqs, starts, prev, self.device)
         # every host-to-device copy of the step is issued above; after the forward pass the
         # only synchronisation is the one copy of results back to the host
         hidden = self._forward(sched.seqs, fill)
@@ -324,7 +311,7 @@ class ModelRunner:
         with forward_context(ctx):
             return self.model(input_ids, positions)
 
-    def _prompt_jobs(self, seqs: list[ScheduledSeq], starts: list[int]) -> list[_PromptJob]:
+    def _prompt_jobs(self, seqs: list[ScheduledSeq], starts: list[int]) -> list[PromptJob]:
         jobs = []
         for i, s in enumerate(seqs):
             st = self.states[s.request_id]
@@ -340,11 +327,11 @@ class ModelRunner:
             base = starts[i] - s.start_pos
             rows = [base + t - 1 for t in range(first, last + 1)]
             k = max(st.params.prompt_k_alternatives, self.prompt_records_k)
-            jobs.append(_PromptJob(i, rows, st.prompt_ids[first : last + 1], first, k))
+            jobs.append(PromptJob(i, rows, st.prompt_ids[first : last + 1], first, k))
             st.prompt_lp_next = last + 1
         return jobs
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, job: _PromptJob) -> list[torch.Tensor]:
+    def _prompt_logprobs(self, hidden: torch.Tensor, job: PromptJob) -> list[torch.Tensor]:
         """Raw logprob stats of prompt targets, materializing at most ``chunk`` logit rows at once."""
         chunk = self.config.limits.prompt_logprobs_chunk
         assert job.tensors is not None
@@ -359,35 +346,19 @@ class ModelRunner:
         return [torch.cat(p) for p in parts]
 
     # ---------------------------------------------------------------- results
-    @staticmethod
-    def _verify(seqs: list[ScheduledSeq], sample_idx: list[int], sampled: list[int]) -> list[bool]:
-        """Which sampled rows the step emits: all of a sequence without drafts; of one with
-        drafts, the samples up to the first that differs from its draft, inclusive."""
-        kept = [True] * len(sampled)
-        r = 0
-        while r < len(sample_idx):
-            s = seqs[sample_idx[r]]
-            if s.num_drafts:
-                drafts = s.token_ids[len(s.token_ids) - s.num_drafts :]
-                n = accepted(drafts, sampled[r : r + s.num_drafts + 1])
-                for j in range(n + 1, s.num_drafts + 1):
-                    kept[r + j] = False
-            r += s.num_drafts + 1 if s.sample else 1
-        return kept
-
     def _unpack(
         self,
         seqs: list[ScheduledSeq],
         sample_idx: list[int],
         has_lp: bool,
-        jobs: list[_PromptJob],
+        jobs: list[PromptJob],
         host: list[np.ndarray],
     ) -> RunnerOutput:
         outs = [SeqOutput(s.request_id, None) for s in seqs]
         it = iter(host)
         if sample_idx:
             sampled = next(it).astype(np.int64).tolist()
-            kept = self._verify(seqs, sample_idx, sampled)
+            kept = kept_rows(seqs, sample_idx, sampled)
             for r, (i, tok) in enumerate(zip(sample_idx, sampled, strict=True)):
                 if not kept[r]:
                     continue
@@ -425,42 +396,4 @@ class ModelRunner:
         return RunnerOutput(outs)
 
 
-Fill = tuple[torch.Tensor, torch.Tensor]
-"""(token rows of this step, their ids on the device) for ``PLACEHOLDER`` tokens."""
-
-
-@dataclass(eq=False)
-class Launched:
-    """A step whose device work and result copy are issued; ``host()`` waits for the copy."""
-
-    sched: SchedulerOutput
-    sample_idx: list[int]
-    jobs: list[_PromptJob]
-    has_lp: bool
-    host: Callable[[], list[np.ndarray]]
-    sampled: torch.Tensor | None = None
-    """[len(sample_idx)] sampled ids on the device (the next step's placeholder tokens)."""
-
-
 _GONE = RequestState([], SamplingParams(temperature=0.0))
-
-
-def _placeholder_fill(
-    seqs: list[ScheduledSeq], starts: list[int], prev: Launched | None, device: torch.device
-) -> Fill | None:
-    dst, src = [], []
-    rows = None
-    for i, s in enumerate(seqs):
-        for j, tok in enumerate(s.token_ids):
-            if tok != PLACEHOLDER:
-                continue
-            if rows is None:
-                assert prev is not None and prev.sampled is not None, "placeholder without a step"
-                rows = {prev.sched.seqs[k].request_id: r for r, k in enumerate(prev.sample_idx)}
-            dst.append(starts[i] + j)
-            src.append(rows[s.request_id])
-    if not dst:
-        return None
-    assert prev is not None and prev.sampled is not None
-    index = host_tensor([dst, src], torch.long, device)
-    return index[0], prev.sampled.index_select(0, index[1])
