@@ -464,6 +464,8 @@ def test_client_disconnect_aborts_and_frees_blocks(server) -> None:  # type: ign
 
 def test_metrics_info_tokenize_openapi(server) -> None:  # type: ignore[no-untyped-def]
     post(server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}})
+    bad = httpx.post(server.url + "/generate", json={"inputs": PROMPT, "parameters": {"top_k": -3}})
+    assert bad.status_code == 422  # counted by status below
     text = httpx.get(server.url + "/metrics").text
     for name in (
         'truffula_requests_total{route="/generate",status="200"}',

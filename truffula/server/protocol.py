@@ -180,29 +180,24 @@ class StreamOptions(_Lenient):
     include_usage: Bool | None = False
 
 
-class CompletionRequest(_Lenient):
+class _OpenAIRequest(_Lenient):
+    """The fields the completions and chat bodies share (OpenAI's, then vLLM's and truffula's)."""
+
     model: str | None = None
-    prompt: str | list[str] | list[Int] | list[list[Int]]
-    max_tokens: Int | None = 16
     temperature: Float | None = None
     top_p: Float | None = None
     n: Int | None = 1
     stream: Bool | None = False
     stream_options: StreamOptions | None = None
-    logprobs: Int | None = None
-    echo: Bool | None = False
     stop: str | list[str] | None = None
     seed: Int | None = None
     presence_penalty: Float | None = None
     frequency_penalty: Float | None = None
-    best_of: Int | None = Field(None, description="only 1 (or null): use `n` for more choices")
-    suffix: str | None = None
     user: str | None = None
     top_k: Int | None = None
     min_p: Float | None = None
     repetition_penalty: Float | None = None
     ignore_eos: Bool | None = None
-    ignore_eos_token: Bool | None = None
     adapter_source: str | None = None
     logprobs_mode: str | None = None
     speculative: Bool | None = None
@@ -213,6 +208,16 @@ class CompletionRequest(_Lenient):
     structured_outputs: dict[str, Any] | None = Field(
         None, description="vLLM: one of {json, regex, choice, grammar, json_object}"
     )
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: str | list[str] | list[Int] | list[list[Int]]
+    max_tokens: Int | None = 16
+    logprobs: Int | None = None
+    echo: Bool | None = False
+    best_of: Int | None = Field(None, description="only 1 (or null): use `n` for more choices")
+    suffix: str | None = None
+    ignore_eos_token: Bool | None = None
 
 
 class ContentPart(_Lenient):
@@ -232,37 +237,12 @@ class ChatMessage(_Lenient):
         return self.content or ""
 
 
-class ChatCompletionRequest(_Lenient):
-    model: str | None = None
+class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: Int | None = None
     max_completion_tokens: Int | None = None
-    temperature: Float | None = None
-    top_p: Float | None = None
-    n: Int | None = 1
-    stream: Bool | None = False
-    stream_options: StreamOptions | None = None
     logprobs: Bool | None = False
     top_logprobs: Int | None = None
-    stop: str | list[str] | None = None
-    seed: Int | None = None
-    presence_penalty: Float | None = None
-    frequency_penalty: Float | None = None
-    user: str | None = None
-    top_k: Int | None = None
-    min_p: Float | None = None
-    repetition_penalty: Float | None = None
-    ignore_eos: Bool | None = None
-    adapter_source: str | None = None
-    logprobs_mode: str | None = None
-    speculative: Bool | None = None
-    response_format: dict[str, Any] | None = Field(
-        None,
-        description="{type: text | json_object | json_schema, json_schema?: {name, schema, strict}}",
-    )
-    structured_outputs: dict[str, Any] | None = Field(
-        None, description="vLLM: one of {json, regex, choice, grammar, json_object}"
-    )
 
 
 class ErrorResponse(BaseModel):
