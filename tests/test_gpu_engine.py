@@ -333,3 +333,23 @@ def test_steps_with_prefill_chunks_replay_graphs_and_match_hf(tiny: Path) -> Non
             assert [a.id for a in t.alternatives] == ref[n - 1 + i].topk(4).indices.tolist()
         for pos in range(1, n):
             assert abs(out.prompt_tokens[pos].logprob - ref[pos - 1, ids[pos]].item()) < 1e-4
+
+
+def test_speculative_decoding_on_cuda_equals_plain_decoding(tiny: Path) -> None:
+    """Prompt-lookup drafts verified on CUDA (the verify steps replay mixed-step graphs): the
+    same greedy tokens and logprobs as plain decoding, fp32."""
+    from truffula.engine.llm import LLM
+    from truffula.sampling.params import SamplingParams
+
+    cfg = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}'
+    spec = LLM(str(tiny), progress=False, device="cuda", dtype="float32", speculative=cfg)
+    p = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True, return_k_alternatives=3)
+    prompts = [t + " " + t for t in PROMPTS]  # repeated text: lookups find matches
+    with_spec = spec.generate(prompts, p)
+    plain = spec.generate(prompts, p.with_updates(speculative=False))
+    assert spec.engine.drafter.drafted > 0
+    for a, b in zip(plain, with_spec, strict=True):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.tokens, b.tokens, strict=True):
+            assert abs(x.logprob - y.logprob) < 1e-4
+            assert [t.id for t in x.alternatives] == [t.id for t in y.alternatives]
