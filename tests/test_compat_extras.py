@@ -207,6 +207,10 @@ def test_json_logs_carry_request_ids(extras_server) -> None:  # type: ignore[no-
     assert line["path"] == "/generate" and len(line["engine_request_ids"]) == 1
     assert {"time", "level", "message", "duration_ms"} <= set(line)
     assert any(rec["status"] == 401 for rec in records if rec.get("logger") == "truffula.access")
+    # the engine process logs in the same format (its start-up lines among them)
+    assert any(rec["logger"].startswith("truffula.engine") for rec in records)
+    text = [x for x in extras_server.log.read_text().splitlines() if "truffula.engine" in x]
+    assert text and all(x.startswith("{") for x in text), text[:3]
 
 
 def test_engine_spans_in_memory(llm) -> None:  # type: ignore[no-untyped-def]

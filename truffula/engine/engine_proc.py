@@ -32,6 +32,7 @@ from truffula.engine.core import EngineCore
 from truffula.engine.isolation import device_lost
 from truffula.engine.stats import EngineMetrics
 from truffula.errors import AdapterError, EngineOverloadedError, RequestValidationError
+from truffula.logs import configure_engine_logging
 
 log = logging.getLogger("truffula.engine")
 
@@ -235,9 +236,7 @@ class EngineLoop:
 def run_engine_process(config: EngineConfig, address: str, conn: Connection) -> None:
     """Entry point of the engine process: load, bind, say ready (or why not), loop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API process decides when to stop
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_engine_logging()
     try:
         core = EngineCore(config)
         ctx = zmq.Context()

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import logging
 import multiprocessing as mp
+import os
 import signal
 import socket
 import sys
@@ -23,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from truffula import __version__
+from truffula import __version__, envs
 from truffula.config import EngineConfig
 from truffula.engine.async_engine import AsyncEngine
 from truffula.engine.messages import ModelInfo
@@ -162,6 +163,7 @@ def observe(settings: ServerSettings, log_level: str, prefix: str = "") -> dict[
     """This process's logs (``--log-format``), traces (``--otlp-endpoint``) and
     ``--strict-params``; returns uvicorn's ``log_config``."""
     set_strict_fields(settings.strict_params)
+    os.environ[envs.TRUFFULA_LOG_FORMAT] = settings.log_format  # the engine process's too
     tracing.setup(settings.otlp_endpoint, settings.otlp_service_name)
     return configure_logging(settings.log_format, log_level, prefix)
 

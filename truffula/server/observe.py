@@ -9,7 +9,6 @@ message, request_id`` and the fields a record carries) and one ``request`` line 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
@@ -18,32 +17,13 @@ import uuid
 from contextvars import ContextVar
 from typing import Any
 
+from truffula.logs import JSONFormatter
 from truffula.server import tracing
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("truffula_request_id", default=None)
 _STREAMS: ContextVar[list[Any] | None] = ContextVar("truffula_streams", default=None)
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_FIELDS = ("method", "path", "status", "duration_ms", "engine_request_ids")
 access_log = logging.getLogger("truffula.access")
-
-
-class JSONFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        request_id = getattr(record, "request_id", None)
-        if request_id:
-            out["request_id"] = request_id
-        for name in _FIELDS:
-            if hasattr(record, name):
-                out[name] = getattr(record, name)
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False, default=str)
 
 
 class RequestIdFilter(logging.Filter):
