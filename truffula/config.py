@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from truffula.speculative.config import SpeculativeConfig
 
@@ -239,10 +240,11 @@ class EngineConfig:
         size needs the loaded model and is resolved by the runner (``truffula.runner.sizing``)."""
         d = DEVICE_DEFAULTS.get(device_type, DEVICE_DEFAULTS["cpu"])
         s = self.scheduler
+        max_num_seqs = s.max_num_seqs or d.max_num_seqs
         scheduler = replace(
             s,
             max_num_batched_tokens=s.max_num_batched_tokens or d.max_num_batched_tokens,
-            max_num_seqs=s.max_num_seqs or d.max_num_seqs,
+            max_num_seqs=max_num_seqs,
             max_prefill_while_decoding=d.max_prefill_while_decoding
             if s.max_prefill_while_decoding is None
             else s.max_prefill_while_decoding,
@@ -250,9 +252,7 @@ class EngineConfig:
         graphs = self.model.cuda_graph_max_batch
         model = replace(
             self.model,
-            cuda_graph_max_batch=min(scheduler.max_num_seqs, graphs)
-            if graphs is not None
-            else scheduler.max_num_seqs,
+            cuda_graph_max_batch=min(max_num_seqs, graphs) if graphs is not None else max_num_seqs,
         )
         return replace(self, model=model, scheduler=scheduler)
 
@@ -260,7 +260,7 @@ class EngineConfig:
     def from_kwargs(cls, **kwargs: object) -> EngineConfig:
         """Build a config from flat keyword arguments (``model=..., num_blocks=...``)."""
         parts: dict[str, dict[str, object]] = {}
-        sections = {
+        sections: dict[str, type[Any]] = {
             "model": ModelConfig,
             "cache": CacheConfig,
             "scheduler": SchedulerConfig,
@@ -278,4 +278,4 @@ class EngineConfig:
             if key == "kv_cache_memory" and isinstance(value, str):  # None stays automatic
                 value = parse_size(value)
             parts.setdefault(owner, {})[key] = value
-        return cls(**{name: sections[name](**parts.get(name, {})) for name in sections})  # type: ignore[arg-type]
+        return cls(**{name: sections[name](**parts.get(name, {})) for name in sections})

@@ -19,12 +19,12 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from truffula.errors import AdapterError
-from truffula.layers.linear import Linear
+from truffula.layers.linear import Linear, MergedLinear
 
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<name>[^.]+))?\.weight$"
@@ -243,7 +243,12 @@ def load_peft(
                 422,
             )
         lin = targets[target]
-        out_features = lin.shard_offsets[shard][1] if shard is not None else lin.out_features  # type: ignore[attr-defined]
+        # a shard names a projection of a fused layer (``_target``): a MergedLinear
+        out_features = (
+            cast(MergedLinear, lin).shard_offsets[shard][1]
+            if shard is not None
+            else lin.out_features
+        )
         if a.shape[1] != lin.in_features or b.shape[0] != out_features:
             raise AdapterError(
                 f"adapter {adapter_id!r} does not fit the base model: {module} expects "

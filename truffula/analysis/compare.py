@@ -112,7 +112,13 @@ def compare(a: Response, b: Response) -> Comparison:
         )
         if not same and first is None:
             first = i
-        both = pa is not None and pb is not None
+        div = a_in_b = b_in_a = None
+        if pa is not None and pb is not None:
+            div, a_in_b, b_in_a = (
+                divergence(pa, pb, by_id),
+                _cross(pa, pb, by_id),
+                _cross(pb, pa, by_id),
+            )
         rows.append(
             AlignedPosition(
                 index=i,
@@ -120,9 +126,9 @@ def compare(a: Response, b: Response) -> Comparison:
                 b=pb,
                 same_token=same,
                 same_prefix=first is None or i <= first,
-                divergence=divergence(pa, pb, by_id) if both else None,
-                a_token_in_b=_cross(pa, pb, by_id) if both else None,
-                b_token_in_a=_cross(pb, pa, by_id) if both else None,
+                divergence=div,
+                a_token_in_b=a_in_b,
+                b_token_in_a=b_in_a,
             )
         )
     tvs = [(r.divergence.tv, r.index) for r in rows if r.same_prefix and r.divergence]

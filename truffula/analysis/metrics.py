@@ -18,13 +18,13 @@ import math
 from dataclasses import dataclass, field
 
 from truffula.analysis.entropy import EntropyEstimate, entropy_bounds
-from truffula.analysis.types import Position, Response, token_key
+from truffula.analysis.types import Position, Response, TokenKey, token_key
 
 DEFAULT_AMBIGUITY_MARGIN = 0.5
 DEFAULT_LOW_PROB = 0.5
 
 
-def known_logprobs(pos: Position, by_id: bool = True) -> dict[object, float]:
+def known_logprobs(pos: Position, by_id: bool = True) -> dict[TokenKey, float]:
     """Token key -> logprob for every token whose probability the response states."""
     out = {token_key(a.id, a.text, by_id): a.logprob for a in pos.alternatives}
     if pos.logprob is not None:

@@ -131,7 +131,8 @@ def _parse_native(data: Mapping[str, Any], fmt: str) -> list[Response]:
 
 
 def _parse_stream(events: Sequence[Mapping[str, Any]], fmt: str) -> list[Response]:
-    tokens, tops, text, details = [], [], "", {}
+    tokens, tops, text = [], [], ""
+    details: dict[str, Any] = {}
     for ev in events:
         if "error" in ev:
             raise FormatError(f"the stream reported an error: {ev['error']}")

@@ -335,7 +335,7 @@ def _receive(conn: Any, proc: Any) -> tuple[str, Any]:
         if not proc.is_alive():
             return "error", f"exited with code {proc.exitcode} while loading the model"
     try:
-        return conn.recv()  # type: ignore[no-any-return]
+        return conn.recv()
     except EOFError:
         return "error", f"exited with code {proc.exitcode} while loading the model"
 

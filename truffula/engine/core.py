@@ -88,6 +88,9 @@ class EngineCore:
         self.runner.prompt_records_k = self.prompts.records_k
         self.runner.capture_graphs()
         log.info("sizing: %s", self.sizing.describe())
+        # resolved by the runner (``EngineConfig.for_device``): no batching limit is left unset
+        assert config.scheduler.max_num_batched_tokens is not None
+        assert config.scheduler.max_num_seqs is not None
         self.scheduler = Scheduler(
             self.pool,
             config.cache.block_size,
@@ -375,6 +378,7 @@ class EngineCore:
         if reason is not None:
             out.finish_reason = reason
             self._finish(req, reason)
+            assert req.finished_at is not None  # set by _finish
             out.timings = [req.scheduled_at or req.arrival, req.first_token_at, req.finished_at]
         return out
 

@@ -261,7 +261,7 @@ def start_thread(core: EngineCore, ctx: zmq.Context, address: str) -> threading.
     bound = threading.Event()
 
     def main() -> None:
-        sock = zmq.Context.shadow(ctx.underlying).socket(zmq.ROUTER)
+        sock: zmq.Socket[bytes] = zmq.Context.shadow(ctx.underlying).socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(address)
         loop = EngineLoop(core, sock)

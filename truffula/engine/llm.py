@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from truffula.config import EngineConfig
 from truffula.engine.core import EngineCore
 from truffula.engine.output import RequestOutput, TokenInfo
+from truffula.engine.tokenizer import Tokenizer
 from truffula.sampling.params import SamplingParams
 
 
@@ -35,7 +36,7 @@ class LLM:
         )
 
     @property
-    def tokenizer(self):  # type: ignore[no-untyped-def]
+    def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
     def generate(
@@ -43,15 +44,14 @@ class LLM:
         prompts: str | Sequence[str] | Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[Completion]:
-        if isinstance(prompts, str):
-            prompts = [prompts]
+        batch: Sequence[str | Sequence[int]] = [prompts] if isinstance(prompts, str) else prompts
         if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(prompts)
-        if len(params) != len(prompts):
+            params = [params or SamplingParams()] * len(batch)
+        if len(params) != len(batch):
             raise ValueError("give one SamplingParams for all prompts or one per prompt")
         results: dict[str, Completion] = {}
         order = []
-        for prompt, p in zip(prompts, params, strict=True):
+        for prompt, p in zip(batch, params, strict=True):
             rid = self.engine.add_request(prompt if isinstance(prompt, str) else list(prompt), p)
             results[rid] = Completion(rid, list(self.engine.requests[rid].prompt_ids))
             order.append(rid)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 from truffula.engine.detokenizer import Detokenizer, TokenTable
 from truffula.runner.output import TokenLogprobs
@@ -84,7 +85,13 @@ class LazyAlternatives(Sequence[Alternative]):
     def __len__(self) -> int:
         return len(self._src[2].top_ids) if self._src is not None else len(self._items)
 
-    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
+    @overload
+    def __getitem__(self, i: int) -> Alternative: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Alternative]: ...
+
+    def __getitem__(self, i: int | slice) -> Alternative | list[Alternative]:
         return self._load()[i]
 
     def __iter__(self) -> Iterator[Alternative]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from truffula.errors import ModelLoadError
 
@@ -32,16 +32,17 @@ class Tokenizer:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        return cast(str, self.hf.decode(ids, skip_special_tokens=skip_special_tokens))
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
     ) -> str:
         if not self.has_chat_template:
             raise ValueError("this model has no chat template")
-        return self.hf.apply_chat_template(
+        text = self.hf.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
+        return cast(str, text)  # tokenize=False: the rendered prompt
 
     def offsets(self, text: str, add_special_tokens: bool = True) -> list[tuple[int, int, int]]:
         """(id, start, stop) character offsets of each token of ``text``."""

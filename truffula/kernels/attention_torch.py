@@ -14,6 +14,8 @@ Keys and values of the step's own tokens are written to their cache slots first.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 
@@ -145,7 +147,7 @@ def _decode_layout(
         if window is not None:
             keep &= pos.unsqueeze(0) >= lens - window
         meta.memo[key] = (slots, keep[:, None, None, :])
-    return meta.memo[key]
+    return cast(tuple[torch.Tensor, torch.Tensor], meta.memo[key])
 
 
 def _seq_slots(meta: AttentionMetadata, s: int, kv_len: int) -> torch.Tensor:
@@ -154,7 +156,7 @@ def _seq_slots(meta: AttentionMetadata, s: int, kv_len: int) -> torch.Tensor:
         pos = torch.arange(kv_len, device=meta.block_tables.device)
         blocks = meta.block_tables[s, pos // meta.block_size].long()
         meta.memo[key] = blocks * meta.block_size + pos % meta.block_size
-    return meta.memo[key]
+    return cast(torch.Tensor, meta.memo[key])
 
 
 def _prefill_mask(
@@ -169,4 +171,4 @@ def _prefill_mask(
         if window is not None:
             keep &= kpos > qpos - window
         meta.memo[key] = keep
-    return meta.memo[key]
+    return cast(torch.Tensor, meta.memo[key])

@@ -37,8 +37,10 @@ DENSE_LIMIT = 4096
 class LoRAWeights(Protocol):
     """What a LoRA backend reads of a wrapped projection (``truffula.layers.lora.LoRALinear``)."""
 
-    base: Callable[[torch.Tensor], torch.Tensor]
-    """The wrapped projection: x [T, in] -> y [T, out]."""
+    @property
+    def base(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The wrapped projection: x [T, in] -> y [T, out]."""
+
     a: torch.Tensor
     """[slots, shards, R, in]."""
     bt: torch.Tensor
@@ -191,7 +193,15 @@ def lora_apply(
     return _segmented(y, x, a, bts, offsets, used, batch)
 
 
-def _dense(y, x, a, bts, offsets, used, batch):  # type: ignore[no-untyped-def]
+def _dense(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    bts: list[torch.Tensor],
+    offsets: list[int],
+    used: tuple[int, ...],
+    batch: LoRABatch,
+) -> torch.Tensor:
     s_all, n_sh, rank, d_in = a.shape
     u = len(used)
     idx = _index(batch, used)
@@ -205,7 +215,15 @@ def _dense(y, x, a, bts, offsets, used, batch):  # type: ignore[no-untyped-def]
     return y
 
 
-def _segmented(y, x, a, bts, offsets, used, batch):  # type: ignore[no-untyped-def]
+def _segmented(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    bts: list[torch.Tensor],
+    offsets: list[int],
+    used: tuple[int, ...],
+    batch: LoRABatch,
+) -> torch.Tensor:
     for slot in used:
         rows = _rows(batch, slot)
         xs = x.index_select(0, rows).to(a.dtype)
@@ -215,7 +233,14 @@ def _segmented(y, x, a, bts, offsets, used, batch):  # type: ignore[no-untyped-d
     return y
 
 
-def lora_reference(y, x, a, bts, offsets, token_slots):  # type: ignore[no-untyped-def]
+def lora_reference(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    bts: list[torch.Tensor],
+    offsets: list[int],
+    token_slots: torch.Tensor,
+) -> torch.Tensor:
     """The loop above, literally (tests)."""
     out = y.clone()
     for t, s in enumerate(token_slots.tolist()):

@@ -169,7 +169,7 @@ def _silent_tqdm() -> type:
     """A tqdm class that draws nothing (``progress=False``) but still iterates."""
     from tqdm.auto import tqdm
 
-    class Silent(tqdm):  # type: ignore[misc,valid-type]
+    class Silent(tqdm):
         def __init__(self, *args: object, **kwargs: object) -> None:
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)

@@ -6,7 +6,8 @@ A model file picks options (biases, q/k norm, sliding window, norms) and wires t
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -155,7 +156,7 @@ class DecoderModel(nn.Module):
     def __init__(
         self,
         config: Any,
-        layers: list[nn.Module],
+        layers: Sequence[nn.Module],
         embed_scale: float | None = None,
         norm_offset: float = 0.0,
     ) -> None:
@@ -211,7 +212,7 @@ class CausalLM(nn.Module):
     def tie_weights(self) -> None:
         """Share the embedding with the LM head when the config says so (again after to_empty)."""
         if getattr(self.config, "tie_word_embeddings", False):
-            self.lm_head.weight = self.input_embeddings().weight
+            self.lm_head.weight = cast(nn.Parameter, self.input_embeddings().weight)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)

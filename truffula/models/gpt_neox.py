@@ -88,7 +88,7 @@ class GPTNeoXModel(nn.Module):
         x = self.embed_in(input_ids)
         for layer in self.layers:
             x = layer(positions, x)
-        return self.final_layer_norm(x)  # type: ignore[return-value]
+        return self.final_layer_norm(x)
 
 
 class GPTNeoXForCausalLM(CausalLM):

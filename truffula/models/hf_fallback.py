@@ -50,7 +50,8 @@ class HFFallbackLM(nn.Module):
             )
         except Exception as exc:
             raise ModelLoadError(f"transformers cannot load the model in {folder}: {exc}") from exc
-        return cls(hf.to(device).eval(), config)
+        # transformers types ``to`` through a decorator whose stub wants the model as argument 1
+        return cls(hf.to(device).eval(), config)  # type: ignore[arg-type]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         from transformers import DynamicCache

@@ -124,7 +124,7 @@ class StepGraphs:
         """Decode graphs by (batch, with LoRA)."""
         self.mixed: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         """Mixed graphs by (tokens, with LoRA)."""
-        self.pool = None
+        self.pool: torch.cuda._POOL_HANDLE | None = None
         self.stream = torch.cuda.Stream(device)
         """Warm-up and capture stream of every graph."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,7 +64,7 @@ def build_sampling_batch(
     every token the row sampled; their bitmask is filled here, on the host."""
     n = len(params)
 
-    def col(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
+    def col(values: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
         return host_tensor(values, dtype, device)
 
     def rows(pred: list[bool]) -> torch.Tensor | None:

@@ -68,6 +68,7 @@ class Sampler:
         if batch.grammar_rows is not None and batch.grammar_mask is not None:
             x = apply_bitmask(x, batch.grammar_rows, batch.grammar_mask)
         if not batch.all_greedy:
+            assert batch.temperature is not None  # set unless all rows are greedy
             x = x / batch.temperature.unsqueeze(1)
         x = apply_filters(x, batch)
         top = None
@@ -91,6 +92,7 @@ class Sampler:
         for row, gen in batch.generators.items():
             q[row].exponential_(generator=gen)
         random_ids = (probs / q).argmax(dim=-1)
+        assert batch.greedy is not None  # set unless all rows are greedy
         return torch.where(batch.greedy, greedy_ids, random_ids)
 
     def _logprobs(

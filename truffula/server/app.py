@@ -97,7 +97,7 @@ def _public(scope: dict[str, Any]) -> bool:
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
     for key, value in scope.get("headers", []):
         if key == name:
-            return value.decode("latin-1").strip()  # type: ignore[no-any-return]
+            return value.decode("latin-1").strip()
     return None
 
 
@@ -135,7 +135,7 @@ def _replay(messages: list[dict[str, Any]], receive: Any) -> Any:
     async def replay() -> dict[str, Any]:
         if first:
             return first.pop(0)
-        return await receive()  # type: ignore[no-any-return]
+        return await receive()
 
     return replay
 

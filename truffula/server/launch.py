@@ -93,13 +93,14 @@ class _Server:
         self.state = state
         self.sock = sock
         self.drain = float(args.drain_timeout)
+        extra: dict[str, Any] = {} if log_config is None else {"log_config": log_config}
         config = uvicorn.Config(
             create_app(state),
             log_level=args.log_level,
             timeout_graceful_shutdown=int(self.drain) + 3,
             lifespan="off",
             access_log=False,  # the ``request`` lines of truffula.access replace uvicorn's
-            **({"log_config": log_config} if log_config is not None else {}),
+            **extra,
         )
         outer = self
 

@@ -104,7 +104,7 @@ class ServerState:
 
     async def adapters(self) -> dict[str, Any]:
         """``{"adapters": [{id, rank, modules, active, slot, requests}], "info": {...}}``."""
-        return await self.engine.call("adapters")  # type: ignore[no-any-return]
+        return await self.engine.call("adapters")
 
     async def loaded_adapter_ids(self) -> list[str]:
         return [a["id"] for a in (await self.adapters())["adapters"]]
@@ -112,7 +112,7 @@ class ServerState:
     async def load_adapter(self, adapter_id: str, source: str | None) -> str:
         """Read an adapter into host memory; the engine does it beside its step loop."""
         source = source or self.settings.default_adapter_source
-        return await self.engine.call("load_adapter", adapter_id, source)  # type: ignore[no-any-return]
+        return await self.engine.call("load_adapter", adapter_id, source)
 
     async def preload_adapter(self, adapter_id: str) -> None:
         await self.load_adapter(adapter_id, None)
@@ -168,4 +168,4 @@ class AdapterRef:
 
 
 def state_of(request: Request) -> ServerState:
-    return request.app.state.truffula  # type: ignore[no-any-return]
+    return request.app.state.truffula

@@ -61,7 +61,7 @@ class _CompletionLogprobs:
         }
         for i, t in enumerate(tokens):
             null = first_is_null and i == 0
-            top = None
+            top: dict[str, float] | None = None
             if not null and self.k > 0:
                 top = {}
                 for a in t.alternatives or []:
