@@ -75,10 +75,8 @@ class Constraint:
 
     def fill(self, bitmask: Any, row: int) -> None:
         """Write the allowed tokens into ``bitmask[row]`` (int32 words, bit ``t % 32`` of word
-        ``t // 32``); a matcher with nothing left to allow (it failed) allows EOS."""
+        ``t // 32``)."""
         _llguidance().torch.fill_next_token_bitmask(self.matcher, bitmask, row)
-        if not bool(bitmask[row].any()):
-            bitmask[row, self.eos_id // 32] = 1 << (self.eos_id % 32)
 
     def accept(self, token: int) -> None:
         self.matcher.consume_token(token)

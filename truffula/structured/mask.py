@@ -6,16 +6,22 @@ allows token ``t``. Only constrained rows have one; the others are never touched
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from truffula.structured.compiler import Constraint
 
 
 def fill_bitmask(constraints: list[Constraint], vocab_size: int) -> torch.Tensor:
-    """[len(constraints), ceil(vocab / 32)] int32 on the host."""
+    """[len(constraints), ceil(vocab / 32)] int32 on the host. A row left with nothing allowed
+    (its matcher failed) allows EOS: never a row of -inf only."""
     bitmask = torch.zeros((len(constraints), (vocab_size + 31) // 32), dtype=torch.int32)
     for row, c in enumerate(constraints):
         c.fill(bitmask, row)
+    empty = np.flatnonzero(~bitmask.numpy().any(axis=1))  # one check, not a torch op a row
+    for row in empty.tolist():
+        eos = constraints[row].eos_id
+        bitmask[row, eos // 32] = 1 << (eos % 32)
     return bitmask
 
 
