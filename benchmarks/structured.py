@@ -245,18 +245,20 @@ def tok_s(generate: Any, prompts: list[list[int]], params: SamplingParams) -> fl
     return n / (time.perf_counter() - t0)
 
 
-def cost(generate: Any, prompts: list[list[int]], new: int, repeats: int) -> dict[str, Any]:
+def cost(generate: Any, make_prompts: Any, new: int, repeats: int) -> dict[str, Any]:
+    """``make_prompts(seed)``: the concurrent prompts; every run gets prompts of its own, so no
+    run is served from the prefix cache that an earlier one filled."""
     free = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
     constrained = SamplingParams(
         max_new_tokens=new, temperature=0, structured=StructuredOutput("json", json.dumps(LONG))
     )
-    generate(
-        prompts[:2], constrained.with_updates(max_new_tokens=4)
-    )  # warm-up (matchers, tokenizer)
+    prompts = make_prompts(1000)
+    for params in (free, constrained):  # warm-up of both (graphs, kernels, matchers)
+        generate(prompts, params.with_updates(max_new_tokens=8))
     runs: dict[str, list[float]] = {"free": [], "json_schema": [], "ratio": []}
-    for _ in range(repeats):  # interleaved: the machine's drift hits both alike
-        a = tok_s(generate, prompts, free)
-        b = tok_s(generate, prompts, constrained)
+    for i in range(repeats):  # interleaved: the machine's drift hits both alike
+        a = tok_s(generate, make_prompts(2 * i), free)
+        b = tok_s(generate, make_prompts(2 * i + 1), constrained)
         runs["free"].append(a)
         runs["json_schema"].append(b)
         runs["ratio"].append(b / a)
@@ -285,7 +287,7 @@ def main_cpu(args: argparse.Namespace) -> None:
         return sum(len(o.token_ids) for o in outs)
 
     res: dict[str, Any] = {"compile": compile_times(llm), "mask_step": mask_overhead(llm)}
-    res["cost"] = cost(generate, random_prompts(32, 64), args.new, args.repeats)
+    res["cost"] = cost(generate, lambda seed: random_prompts(32, 64, seed), args.new, args.repeats)
     res["command"] = "python benchmarks/structured.py " + " ".join(sys.argv[1:])
     if args.cost_only:
         write_result("structured-cost", res)
@@ -313,8 +315,9 @@ def main_gpu(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         return n
 
-    prompts = random_prompts(64, 512)
-    prompts = [[t % 256 + 3 for t in p] for p in prompts]  # within the bench tokenizer's ids
+    def prompts(seed: int) -> list[list[int]]:  # within the bench tokenizer's ids
+        return [[t % 256 + 3 for t in p] for p in random_prompts(64, 512, seed)]
+
     res = {
         "device": torch.cuda.get_device_name(),
         "cost": cost(generate, prompts, 128, args.repeats),
