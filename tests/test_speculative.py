@@ -182,3 +182,38 @@ def test_over_http_streamed_and_whole_answers_equal_plain_serving(  # type: igno
     bad = {"inputs": prompt, "parameters": {"speculative": "no"}}
     r = httpx.post(f"{spec_server.url}/generate", json=bad, timeout=30)
     assert r.status_code == 422 and "speculative" in r.text
+
+
+def test_a_missed_draft_pauses_drafting_with_growing_waits() -> None:
+    from dataclasses import dataclass, field
+
+    from truffula.scheduler.scheduler import SeqState, SeqStatus
+    from truffula.speculative.drafter import Drafter
+
+    @dataclass
+    class Req:
+        seq: SeqState
+        output_ids: list[int] = field(default_factory=list)
+        max_new_tokens: int = 100
+        speculative: bool = True
+
+    tokens = [1, 2, 3, 1, 2, 3, 1, 2]
+    seq = SeqState("r", tokens, 3, num_computed=len(tokens) - 1, status=SeqStatus.RUNNING)
+    req = Req(seq)
+    d = Drafter(SpeculativeConfig.parse('{"num_speculative_tokens": 2}'), max_len=1000)
+
+    def drafts_over(steps: int) -> list[bool]:
+        out = []
+        for _ in range(steps):
+            d.draft([req])
+            out.append(bool(seq.drafts))
+        return out
+
+    assert drafts_over(1) == [True]
+    d.verified("r", 2, 0)  # a miss: skip one step
+    assert drafts_over(2) == [False, True]
+    d.verified("r", 2, 0)  # a second miss: skip two
+    assert drafts_over(3) == [False, False, True]
+    d.verified("r", 2, 1)  # a hit: every step again
+    assert drafts_over(2) == [True, True]
+    assert d.accepted == 1

@@ -328,7 +328,7 @@ class EngineCore:
     def _on_accepted(self, req: Request, seq_out: SeqOutput, out: EngineOutput) -> EngineOutput:
         """The drafted tokens a step confirmed, and the sample after them, as one output."""
         assert self.drafter is not None
-        self.drafter.accepted += len(seq_out.accepted)
+        self.drafter.verified(req.request_id, len(req.seq.drafts), len(seq_out.accepted))
         self.scheduler.accept_drafts(req.request_id, len(seq_out.accepted))
         records = seq_out.accepted_logprobs or [None] * len(seq_out.accepted)
         for tok, rec in zip(seq_out.accepted, records, strict=True):

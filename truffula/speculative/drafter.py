@@ -36,15 +36,23 @@ class Drafter:
         """Tokens proposed since start-up."""
         self.accepted = 0
         """Proposed tokens the target model confirmed."""
+        self._backoff: dict[str, tuple[int, int]] = {}
+        """Request -> (steps to skip drafting, the next wait after another miss)."""
 
     def draft(self, requests: Iterable[Drafted]) -> None:
         """Set each running request's ``seq.drafts`` for the coming step: up to
         ``num_speculative_tokens``, never past its length limits; none for a request that
-        opted out, is prefilling or has tokens in flight."""
+        opted out, is prefilling, has tokens in flight or is pausing after a miss."""
         cfg = self.config
+        live = set()
         for req in requests:
             seq = req.seq
             seq.drafts = []
+            live.add(seq.request_id)
+            skip, wait = self._backoff.get(seq.request_id, (0, 1))
+            if skip:
+                self._backoff[seq.request_id] = (skip - 1, wait)
+                continue
             if (
                 not req.speculative
                 or seq.status is not SeqStatus.RUNNING
@@ -62,6 +70,19 @@ class Drafter:
                     seq.token_ids, room, cfg.prompt_lookup_min, cfg.prompt_lookup_max
                 )
                 self.drafted += len(seq.drafts)
+        for rid in [r for r in self._backoff if r not in live]:
+            del self._backoff[rid]
+
+    def verified(self, request_id: str, drafted: int, accepted: int) -> None:
+        """A step verified ``drafted`` tokens of the request and kept ``accepted``. A miss (none
+        kept) pauses its drafts for 1, 2, 4, ... up to 16 steps, so text that does not repeat
+        itself pays for few rejected drafts; a hit resumes drafting every step."""
+        self.accepted += accepted
+        if accepted:
+            self._backoff.pop(request_id, None)
+        elif drafted:
+            _, wait = self._backoff.get(request_id, (0, 1))
+            self._backoff[request_id] = (wait, min(2 * wait, 16))
 
     @property
     def acceptance_rate(self) -> float:
