@@ -24,6 +24,10 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match() -> None:
     assert ngram.propose([5, 5], 3, 1, 1) == [5]  # the tail itself is not a match
     assert ngram.propose(h, 2, 4, 4) == []  # [9? , 1, 2, 3]: no earlier 4-gram equals the tail
     assert ngram.propose(h, 0, 1, 3) == []
+    grown = ngram.History()  # the array a request's history keeps, grown step by step
+    for n in (3, 8, 300, len(h) * 30):
+        tokens = (h * 30)[:n]
+        assert grown.sync(tokens).tolist() == tokens
 
 
 def test_acceptance_is_the_prefix_the_samples_confirm() -> None:

@@ -36,6 +36,7 @@ class Drafter:
         """Tokens proposed since start-up."""
         self.accepted = 0
         """Proposed tokens the target model confirmed."""
+        self._history: dict[str, ngram.History] = {}
         self._backoff: dict[str, tuple[int, int]] = {}
         """Request -> (steps to skip drafting, the next wait after another miss)."""
 
@@ -66,12 +67,15 @@ class Drafter:
                 self.max_len - len(seq.token_ids) - 1,
             )
             if room > 0:
+                history = self._history.setdefault(seq.request_id, ngram.History())
+                tokens = history.sync(seq.token_ids)  # no placeholders: none are unresolved
                 seq.drafts = ngram.propose(
-                    seq.token_ids, room, cfg.prompt_lookup_min, cfg.prompt_lookup_max
+                    tokens, room, cfg.prompt_lookup_min, cfg.prompt_lookup_max
                 )
                 self.drafted += len(seq.drafts)
-        for rid in [r for r in self._backoff if r not in live]:
-            del self._backoff[rid]
+        for table in (self._backoff, self._history):
+            for rid in [r for r in table if r not in live]:
+                del table[rid]
 
     def verified(self, request_id: str, drafted: int, accepted: int) -> None:
         """A step verified ``drafted`` tokens of the request and kept ``accepted``. A miss (none

@@ -7,10 +7,33 @@ draft. No model runs: the draft costs a scan of the history on the host.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 
-def propose(history: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+class History:
+    """A request's known tokens as an int64 array, grown by the tokens appended since the last
+    ``sync`` (the list is not converted again each step)."""
+
+    def __init__(self) -> None:
+        self._buf = np.empty(256, dtype=np.int64)
+        self.size = 0
+
+    def sync(self, tokens: Sequence[int]) -> np.ndarray:
+        """The array of ``tokens``, which must extend the tokens of the last call."""
+        n = len(tokens)
+        if n > len(self._buf):
+            grown = np.empty(max(n, 2 * len(self._buf)), dtype=np.int64)
+            grown[: self.size] = self._buf[: self.size]
+            self._buf = grown
+        if n > self.size:
+            self._buf[self.size : n] = tokens[self.size : n]
+        self.size = n
+        return self._buf[:n]
+
+
+def propose(history: Sequence[int] | np.ndarray, k: int, min_n: int, max_n: int) -> list[int]:
     """Up to ``k`` drafted tokens after ``history`` (empty when no n-gram recurs)."""
     size = len(history)
     if k <= 0 or size < min_n + 1:
