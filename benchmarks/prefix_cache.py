@@ -104,7 +104,7 @@ def cpu(reps: int) -> None:
     )
 
 
-def gpu(reps: int) -> None:
+def gpu(reps: int, profile: bool = False) -> None:
     """TTFT of a 4,000-token prompt with a cached 3,900-token prefix against cold (CUDA)."""
     import gpu as g  # benchmarks/gpu.py: imported here so the CPU mode needs no CUDA
 
@@ -124,14 +124,26 @@ def gpu(reps: int) -> None:
         f"GPU 8B shape, 4,000-token prompt: cold TTFT {c * 1e3:.1f} ms, "
         f"3,900 cached {h * 1e3:.1f} ms, ratio {h / c:.3f} (target <= 0.1)"
     )
+    if profile:  # where the time of a cached request goes, host and device
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        prefix = tokens(rng, 3900, vocab)
+        run(core, [prefix + tokens(rng, 100, vocab)], one)
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run(core, [prefix + tokens(rng, 100, vocab)], one)
+        table = prof.key_averages()
+        print(table.table(sort_by="cpu_time_total", row_limit=40))
+        print(table.table(sort_by="self_cuda_time_total", row_limit=20))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--gpu", action="store_true", help="the CUDA TTFT case (8B shape)")
+    ap.add_argument("--profile", action="store_true", help="--gpu: the profiler's tables of a hit")
     args = ap.parse_args()
-    gpu(args.reps) if args.gpu else cpu(args.reps)
+    gpu(args.reps, args.profile) if args.gpu else cpu(args.reps)
 
 
 if __name__ == "__main__":

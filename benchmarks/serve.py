@@ -151,6 +151,8 @@ def engine_run(core: EngineCore, work: Work, conc: int, arrivals: list[float] | 
     steps: list[tuple[float, int]] = []  # (seconds, index of the step launched)
     added: dict[str, float] = {}
     ttft: list[float] = []
+    last: dict[str, float] = {}  # request -> when its latest token came out
+    itl: list[float] = []
     tokens = live = chars = 0
     if core.device.type == "cuda":
         torch.cuda.synchronize()
@@ -172,6 +174,12 @@ def engine_run(core: EngineCore, work: Work, conc: int, arrivals: list[float] | 
                 chars += sum(len(a.text) for a in tok.alternatives or ())
             if o.tokens and o.request_id in added:
                 ttft.append(t - added.pop(o.request_id))
+            elif o.tokens and o.request_id in last:
+                itl += [t - last[o.request_id]] + [0.0] * (len(o.tokens) - 1)
+            if o.tokens:
+                last[o.request_id] = t
+            if o.finished:
+                last.pop(o.request_id, None)
             tokens += len(o.tokens)
             live -= o.finished
     wall = time.perf_counter() - t0
@@ -184,6 +192,7 @@ def engine_run(core: EngineCore, work: Work, conc: int, arrivals: list[float] | 
         wall=wall,
         tok_s=tokens / wall,
         ttft_ms=pct(ttft),
+        itl_ms=pct(itl),
         decode_step_ms=float(np.median(pure)) * 1e3 if pure else float("nan"),
     )
 
@@ -348,7 +357,9 @@ def measure(
                 runs[key].append(asyncio.run(drive(url, bodies, conc, arr, stream)))
         r = out[mix, k, label] = {key: median_run(v) for key, v in runs.items() if v}
         line = f"{mix} adapters, k={k}, {label}:"
-        line += f" engine {r['engine']['tok_s']:.1f} tok/s" if "engine" in r else ""
+        if "engine" in r:
+            line += f" engine {r['engine']['tok_s']:.1f} tok/s, ITL {fmt(r['engine'], 'itl_ms')} ms"
+
         if url:
             line += (
                 f" server {r['server']['tok_s']:.1f} tok/s, stream {r['stream']['tok_s']:.1f} "
