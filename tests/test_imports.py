@@ -9,16 +9,14 @@ component of more than one node is a loop.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "truffula"
 
-KNOWN_LOOPS = {
-    # ``truffula inspect`` lives in analysis and drives the engine through cli, which imports it
-    # back; issue 14 (item 5) moves it to the CLI side and removes this entry.
-    frozenset({"analysis", "cli"}),
-}
+KNOWN_LOOPS: set[frozenset[str]] = set()
 
 
 def _part(module: str) -> str | None:
@@ -123,6 +121,27 @@ def test_the_per_step_records_are_on_the_ground_floor() -> None:
     for part in ("forward", "kernels", "layers", "models", "sampling", "scheduler"):
         assert "runner" not in graph[part], part
     assert graph["forward"] <= {"device"}
+
+
+def test_analysis_is_a_leaf() -> None:
+    """``truffula.analysis`` reads responses: it imports no part of truffula, and importing all
+    of it (renderers included) loads no engine, runner, scheduler, server or CLI module."""
+    assert import_graph()["analysis"] == set()
+    modules = sorted(p.stem for p in (ROOT / "analysis").glob("*.py") if p.stem != "__init__")
+    assert {"report", "terminal", "html"} <= set(modules)
+    code = (
+        "import sys, truffula.analysis\n"
+        + "".join(f"import truffula.analysis.{m}\n" for m in modules)
+        + "print('\\n'.join(m for m in sys.modules if m.split('.')[0] in ('truffula', 'torch')))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    loaded = set(proc.stdout.split())
+    assert "truffula.analysis.report" in loaded
+    heavy = ("engine", "runner", "scheduler", "server", "cli", "models", "kernels")
+    assert not {m for m in loaded if _part(m) in heavy}, sorted(loaded)
+    assert "torch" not in loaded
 
 
 def test_loops_are_found() -> None:

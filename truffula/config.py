@@ -1,7 +1,8 @@
 """Engine configuration: frozen dataclasses composed into one ``EngineConfig``.
 
 Each part validates itself in ``__post_init__`` and raises ``ValueError`` naming the field.
-The CLI (``truffula/cli.py``) is the only place that turns command-line flags into these.
+The CLI (``truffula/cli/``) is the only place that turns command-line flags into these; its
+flags' defaults are these fields' defaults.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from truffula.speculative.config import SpeculativeConfig
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("int8",)
+ASYNC_SCHEDULING = ("auto", "on", "off")
 
 
 def parse_size(text: str | int) -> int:
@@ -55,13 +59,13 @@ class ModelConfig:
     None: the weights in ``dtype``."""
 
     def __post_init__(self) -> None:
-        if self.quantization not in (None, "int8"):
+        if self.quantization not in (None, *QUANTIZATIONS):
             raise ValueError(f"quantization must be int8 or unset, not {self.quantization!r}")
         if self.linear_kernel not in ("auto", "packed", "torch"):
             raise ValueError(
                 f"linear_kernel must be auto, packed or torch, not {self.linear_kernel!r}"
             )
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        if self.dtype not in DTYPES:
             raise ValueError(
                 f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}"
             )
@@ -164,7 +168,7 @@ class SchedulerConfig:
             raise ValueError("max_prefill_while_decoding must be 0 (no cap) or more")
         if self.max_queued_requests < 1:
             raise ValueError("max_queued_requests must be at least 1")
-        if self.async_scheduling not in ("auto", "on", "off"):
+        if self.async_scheduling not in ASYNC_SCHEDULING:
             raise ValueError(
                 f"async_scheduling must be auto, on or off, not {self.async_scheduling!r}"
             )

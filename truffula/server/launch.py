@@ -1,5 +1,6 @@
 """``truffula serve``: bind the port, start the engine process, serve HTTP from one or more API
-processes, drain on SIGINT/SIGTERM, and stop when the engine dies.
+processes, drain on SIGINT/SIGTERM, and stop when the engine dies. Everything it was told is
+one ``ServerSettings`` (built by the CLI) and one ``EngineConfig``.
 
 Processes: this one binds the listening socket first (a port in use fails before the model
 loads), spawns the engine process and waits for its model, then serves HTTP; with
@@ -12,7 +13,6 @@ connections are refused, running requests go on; what is still running then ends
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import multiprocessing as mp
@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from truffula import __version__, envs
+from truffula import envs
 from truffula.config import EngineConfig
 from truffula.engine.async_engine import AsyncEngine
 from truffula.engine.messages import ModelInfo
@@ -32,31 +32,10 @@ from truffula.server import tracing
 from truffula.server.metrics import Metrics
 from truffula.server.observe import configure_logging
 from truffula.server.protocol import set_strict_fields
-from truffula.server.state import DEFAULT_MAX_REQUEST_BYTES, ServerSettings, ServerState
+from truffula.server.settings import ServerSettings
+from truffula.server.state import ServerState
 
 log = logging.getLogger("truffula.server")
-
-
-def model_id_of(config: EngineConfig) -> str:
-    from truffula.model_store.default_model import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_NAME
-
-    name = config.model.model
-    return f"HuggingFaceTB/{DEFAULT_MODEL_NAME}" if name in DEFAULT_MODEL_ALIASES else name
-
-
-def settings_of(args: argparse.Namespace, config: EngineConfig) -> ServerSettings:
-    return ServerSettings(
-        model_id=model_id_of(config),
-        api_key=getattr(args, "api_key", None),
-        default_adapter_source=getattr(args, "adapter_source", None),
-        version=__version__,
-        api_server_count=getattr(args, "api_server_count", 1),
-        max_request_bytes=getattr(args, "max_request_bytes", None) or DEFAULT_MAX_REQUEST_BYTES,
-        strict_params=bool(getattr(args, "strict_params", False)),
-        log_format=getattr(args, "log_format", "text"),
-        otlp_endpoint=getattr(args, "otlp_endpoint", None),
-        otlp_service_name=getattr(args, "otlp_service_name", "truffula"),
-    )
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -83,7 +62,6 @@ class _Server:
         self,
         state: ServerState,
         sock: socket.socket,
-        args: argparse.Namespace,
         log_config: dict[str, Any] | None = None,
     ) -> None:
         import uvicorn
@@ -92,11 +70,11 @@ class _Server:
 
         self.state = state
         self.sock = sock
-        self.drain = float(args.drain_timeout)
+        self.drain = float(state.settings.drain_timeout)
         extra: dict[str, Any] = {} if log_config is None else {"log_config": log_config}
         config = uvicorn.Config(
             create_app(state),
-            log_level=args.log_level,
+            log_level=state.settings.log_level,
             timeout_graceful_shutdown=int(self.drain) + 3,
             lifespan="off",
             access_log=False,  # the ``request`` lines of truffula.access replace uvicorn's
@@ -160,37 +138,32 @@ def _quiet_signals() -> None:
         signal.signal(sig, lambda *_: None)
 
 
-def observe(settings: ServerSettings, log_level: str, prefix: str = "") -> dict[str, Any] | None:
+def observe(settings: ServerSettings, prefix: str = "") -> dict[str, Any] | None:
     """This process's logs (``--log-format``), traces (``--otlp-endpoint``) and
     ``--strict-params``; returns uvicorn's ``log_config``."""
     set_strict_fields(settings.strict_params)
     os.environ[envs.TRUFFULA_LOG_FORMAT] = settings.log_format  # the engine process's too
     tracing.setup(settings.otlp_endpoint, settings.otlp_service_name)
-    return configure_logging(settings.log_format, log_level, prefix)
+    return configure_logging(settings.log_format, settings.log_level, prefix)
 
 
-def serve(args: argparse.Namespace, config: EngineConfig) -> int:
+def serve(settings: ServerSettings, config: EngineConfig) -> int:
     # a missing tracing SDK fails before the model loads
-    log_config = observe(settings_of(args, config), args.log_level)
-    sock = bind_socket(args.host, args.port)
-    count = int(getattr(args, "api_server_count", 1))
-    if count < 1:
-        raise SystemExit("truffula: error: --api-server-count must be at least 1")
-    if getattr(args, "max_request_bytes", None) is not None and args.max_request_bytes < 1:
-        raise SystemExit("truffula: error: --max-request-bytes must be at least 1")
+    log_config = observe(settings)
+    sock = bind_socket(settings.host, settings.port)
+    count = settings.api_server_count
 
     async def main() -> int:
         engine = await AsyncEngine.spawn(config)
-        state = ServerState(engine, settings_of(args, config), Metrics())
-        for adapter_id in getattr(args, "preload_adapter", []) or []:
+        state = ServerState(engine, settings, Metrics())
+        for adapter_id in settings.preload_adapters:
             await state.preload_adapter(adapter_id)
         ctx = mp.get_context("spawn")
         others = [
             ctx.Process(
                 target=run_api_server,
                 args=(
-                    args,
-                    config,
+                    settings,
                     sock,
                     engine.address,
                     msgspec.json.encode(engine.info),
@@ -203,24 +176,24 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
         ]
         for p in others:
             p.start()
-        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
 
         def announce() -> None:
             print(
-                f"truffula {__version__} serving {state.settings.model_id} at "
-                f"http://{host}:{args.port} ({count} API process{'es' if count > 1 else ''})",
+                f"truffula {settings.version} serving {state.settings.model_id} at "
+                f"http://{host}:{settings.port} ({count} API process{'es' if count > 1 else ''})",
                 flush=True,
             )
 
         _quiet_signals()
         try:
-            return await _Server(state, sock, args, log_config).run(announce)
+            return await _Server(state, sock, log_config).run(announce)
         finally:
             for p in others:
                 if p.is_alive():
                     p.terminate()  # SIGTERM: each drains its own requests
             for p in others:
-                await asyncio.to_thread(p.join, args.drain_timeout + 5)
+                await asyncio.to_thread(p.join, settings.drain_timeout + 5)
                 if p.is_alive():
                     p.kill()
 
@@ -234,8 +207,7 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
 
 
 def run_api_server(
-    args: argparse.Namespace,
-    config: EngineConfig,
+    settings: ServerSettings,
     sock: socket.socket,
     address: str,
     info: bytes,
@@ -244,11 +216,11 @@ def run_api_server(
 ) -> None:
     """Entry point of API process ``index`` (> 0): a client of the running engine process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the first API process forwards SIGTERM
-    log_config = observe(settings_of(args, config), args.log_level, f"api-{index} ")
+    log_config = observe(settings, f"api-{index} ")
 
     async def main() -> int:
         engine = AsyncEngine.connect(address, msgspec.json.decode(info, type=ModelInfo), engine_pid)
-        state = ServerState(engine, settings_of(args, config), Metrics())
-        return await _Server(state, sock, args, log_config).run()
+        state = ServerState(engine, settings, Metrics())
+        return await _Server(state, sock, log_config).run()
 
     sys.exit(asyncio.run(main()))

@@ -1,13 +1,12 @@
-"""What every route shares: the engine client, the server settings and metrics, preparing and
-submitting requests, and adapters (``AdapterRef``)."""
+"""What every route shares: the engine client, the server settings (``settings.py``) and
+metrics, preparing and submitting requests, and adapters (``AdapterRef``)."""
 
 from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -21,30 +20,11 @@ from truffula.errors import AdapterError
 from truffula.sampling.params import SamplingParams
 from truffula.server.metrics import Metrics
 from truffula.server.observe import track
+from truffula.server.settings import ServerSettings
 
 LONG_PROMPT_CHARS = 4096
 """Texts longer than this are tokenized (and chat templates applied) in a worker thread."""
-DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
-"""``--max-request-bytes``: larger bodies are answered 413 before they are read or parsed."""
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """What ``truffula serve`` was told (flags), fixed for the life of the server."""
-
-    model_id: str
-    api_key: str | None = None
-    max_best_of: int = 2
-    default_adapter_source: str | None = None
-    version: str = ""
-    api_server_count: int = 1
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    strict_params: bool = False
-    log_format: str = "text"
-    otlp_endpoint: str | None = None
-    otlp_service_name: str = "truffula"
-    started: float = field(default_factory=time.time)
 
 
 @dataclass
