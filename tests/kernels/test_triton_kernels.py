@@ -314,9 +314,11 @@ def test_gemv(dtype, n_out: int, n_in: int, bias: bool) -> None:
         (8, 2, 64, 16, None, 30.0),
     ],
 )
-def test_varlen_attention(dtype, heads, kv_heads, dim, block, window, softcap) -> None:
+@pytest.mark.parametrize("pieces", [0, 64])
+def test_varlen_attention(dtype, heads, kv_heads, dim, block, window, softcap, pieces) -> None:
     """Decodes, a whole prompt and prefill chunks over cached tokens in one launch, with the
-    layout read from a tile map padded past the last tile, against the torch reference."""
+    layout read from a tile map padded past the last tile, against the torch reference; with
+    ``pieces``, tiles over long key ranges are split and their pieces merged."""
     from truffula.forward import AttentionMetadata
     from truffula.kernels.attention_torch import paged_attention
     from truffula.kernels.attention_varlen_triton import varlen_attention
@@ -324,12 +326,12 @@ def test_varlen_attention(dtype, heads, kv_heads, dim, block, window, softcap) -
     from truffula.runner.graphs import max_tiles, tile_map
 
     g = torch.Generator().manual_seed(heads * dim + block)
-    seqs = [(1, 1), (40, 1), (75, 1), (37, 37), (75, 20), (130, 64), (17, 3)]  # (kv len, queries)
+    seqs = [(1, 1), (40, 1), (75, 1), (37, 37), (75, 20), (130, 64), (17, 3), (300, 5)]
     lens, qlens = [s[0] for s in seqs], [s[1] for s in seqs]
     b, t = len(seqs), sum(qlens)
-    num_blocks = 64
+    num_blocks = 128
     perm = torch.randperm(num_blocks - 1, generator=g) + 1
-    tables = torch.zeros(b, 32, dtype=torch.int32)
+    tables = torch.zeros(b, 48, dtype=torch.int32)
     used = 0
     for i, n in enumerate(lens):
         nb = -(-n // block)
@@ -366,7 +368,9 @@ def test_varlen_attention(dtype, heads, kv_heads, dim, block, window, softcap) -
     k_cache.index_copy_(0, slots, k_new)
     v_cache.index_copy_(0, slots, v_new)
     bq = varlen_block_q(heads, kv_heads)
-    tiles = torch.tensor(tile_map(qlens, bq, max_tiles(t + 5, b + 2, bq)), dtype=torch.int32)
+    size = max_tiles(t + 5, b + 2, bq) + pieces
+    tiles = torch.tensor(tile_map(qlens, bq, size, lens, pieces, 32), dtype=torch.int32)
+    assert (tiles[3].max() > 1) == bool(pieces)
     pad = torch.zeros(5, heads, dim, dtype=dtype, device=DEV)  # rows of no sequence
     got = varlen_attention(
         torch.cat([q, pad]),

@@ -182,8 +182,30 @@ def test_the_gpu_code_imports_without_cuda() -> None:
     assert graphs.token_ladder(300)[-2:] == [256, 300] and graphs.token_ladder(0) == []
     # every tile of a layout fits the map sized for its token count and sequence bound
     lens = [1, 1, 1, 37, 16, 2]
-    seq, q0 = graphs.tile_map(lens, 16, graphs.max_tiles(sum(lens), 8, 16))
+    seq, q0, piece, pieces = graphs.tile_map(lens, 16, graphs.max_tiles(sum(lens), 8, 16))
     assert seq[:7] == [0, 1, 2, 3, 3, 3, 4] and q0[3:7] == [0, 16, 32, 0] and set(seq[8:]) == {-1}
+    assert set(piece) == {0} and set(pieces) == {1}  # no key lengths: no tile is split
+
+
+def test_long_key_ranges_are_split_into_pieces_while_the_map_has_room() -> None:
+    import truffula.runner.graphs as graphs
+
+    # a 100-token chunk after 3,900 cached tokens and one short decode: 7 + 1 tiles of 16
+    seq, q0, piece, pieces = graphs.tile_map([100, 1], 16, 40, [4000, 50], pieces=24)
+    entries = [e for e in zip(seq, q0, piece, pieces, strict=True) if e[0] >= 0]
+    assert len(entries) == 24 and set(seq[24:]) == {-1} and set(pieces[24:]) == {1}
+    assert (1, 0, 0, 1) in entries  # 50 keys: never split
+    tiles = {(s, q): n for s, q, _, n in entries}
+    assert sum(tiles.values()) == 24 and len(tiles) == 8
+    for (s, q), n in tiles.items():  # a tile's pieces are consecutive entries 0..n-1
+        at = entries.index((s, q, 0, n))
+        assert [e[2] for e in entries[at : at + n]] == list(range(n))
+        keys = min(4000, 4000 - 100 + q + 16) if s == 0 else 50
+        assert keys >= n * 256 or n == 1  # a piece walks at least min_keys keys
+    # the longest ranges got the most pieces
+    assert tiles[0, 96] >= tiles[0, 0] >= 2
+    # no room (the map is full of tiles), or no key lengths: nothing is split
+    assert set(graphs.tile_map([100, 1], 16, 8, [4000, 50], pieces=24)[3]) == {1}
 
 
 # ---------------------------------------------------------------- the engine on the CPU

@@ -42,7 +42,8 @@ class AttentionMetadata:
     seq_lens_cpu: list[int] = field(default_factory=list)
     query_start_loc_cpu: list[int] = field(default_factory=list)
     tiles: torch.Tensor | None = None
-    """[2, N] int32 (sequence, first query token) of each query tile, -1 past the last: set in
+    """[4, N] int32 (sequence, first query token, piece, pieces) of each query tile or piece of
+    one (``runner.graphs.tile_map``), sequence -1 past the last: set in
     a CUDA graph of a step with prefill chunks, where the CPU lists above are not the step's and
     the attention kernel reads the layout from device memory alone
     (``kernels.attention_varlen_triton``)."""

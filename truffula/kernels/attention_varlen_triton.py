@@ -9,6 +9,13 @@ of one ``tl.dot`` and walks the sequence's cached keys block by block up to the 
 position (online softmax), reading block ids from the block table. The grid is fixed by the
 map's size, so a graph captured for a token count serves any split of it into sequences
 (``runner.graphs.tile_map`` builds the map).
+
+Split keys: a tile over a long cached prefix (a few new tokens after a prefix-cache hit) would
+leave most of the GPU idle, so the map can give one tile several consecutive entries
+(``tile_split``: which piece, ``tile_nsplit``: of how many). Each piece walks its share of the
+key range and leaves its unnormalised sum, running max and denominator in a scratch buffer;
+``_merge_kernel`` combines the pieces of each tile (a tile of one piece writes its output
+directly).
 """
 
 from __future__ import annotations
@@ -30,7 +37,11 @@ def _varlen_kernel(
     qsl_ptr,
     tile_seq_ptr,
     tile_q0_ptr,
+    tile_split_ptr,
+    tile_nsplit_ptr,
     out_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
     stride_qt,
     stride_qh,
     stride_ks,
@@ -53,6 +64,7 @@ def _varlen_kernel(
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
+    num_kvh = tl.num_programs(1)
     s = tl.load(tile_seq_ptr + tile)
     if s < 0:
         return
@@ -79,6 +91,11 @@ def _varlen_kernel(
     if HAS_WINDOW:
         lo = tl.maximum(kv_len - q_len + q0 - window + 1, 0)
         lo = (lo // BLOCK_N) * BLOCK_N
+    piece = tl.load(tile_split_ptr + tile)
+    pieces = tl.load(tile_nsplit_ptr + tile)
+    chunk = tl.cdiv(tl.cdiv(hi - lo, pieces), BLOCK_N) * BLOCK_N
+    lo = lo + piece * chunk
+    hi = tl.minimum(hi, lo + chunk)  # a piece past the end walks nothing
     m = tl.full([BLOCK_Q * GROUP_PAD], -1e30, tl.float32)
     lsum = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], tl.float32)
@@ -111,7 +128,68 @@ def _varlen_kernel(
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m = m_new
-    lsum = tl.where(row_ok, lsum, 1.0)
+    if pieces == 1:
+        lsum = tl.where(row_ok, lsum, 1.0)
+        o_ptr = out_ptr + t[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :]
+        tl.store(o_ptr, (acc / lsum[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        ROWS: tl.constexpr = BLOCK_Q * GROUP_PAD
+        at = (tile * num_kvh + kvh).to(tl.int64) * ROWS + r
+        tl.store(part_acc_ptr + at[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
+        tl.store(part_ml_ptr + 2 * at, m, mask=row_ok)
+        tl.store(part_ml_ptr + 2 * at + 1, lsum, mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(
+    qsl_ptr,
+    tile_seq_ptr,
+    tile_q0_ptr,
+    tile_split_ptr,
+    tile_nsplit_ptr,
+    out_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """The output of each split tile from its pieces (run by the tile's first piece)."""
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    num_kvh = tl.num_programs(1)
+    s = tl.load(tile_seq_ptr + tile)
+    pieces = tl.load(tile_nsplit_ptr + tile)
+    if (s < 0) | (pieces == 1) | (tl.load(tile_split_ptr + tile) != 0):
+        return
+    s = s.to(tl.int64)
+    q0 = tl.load(tile_q0_ptr + tile)
+    qs = tl.load(qsl_ptr + s)
+    q_len = tl.load(qsl_ptr + s + 1) - qs
+    ROWS: tl.constexpr = BLOCK_Q * GROUP_PAD
+    r = tl.arange(0, ROWS)
+    tok = q0 + r // GROUP_PAD
+    g = r % GROUP_PAD
+    row_ok = (tok < q_len) & (g < GROUP)
+    d = tl.arange(0, HEAD_DIM)
+    m = tl.full([ROWS], -1e30, tl.float32)
+    for j in range(pieces):
+        at = ((tile + j) * num_kvh + kvh).to(tl.int64) * ROWS + r
+        m = tl.maximum(m, tl.load(part_ml_ptr + 2 * at, mask=row_ok, other=-1e30))
+    lsum = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    for j in range(pieces):
+        at = ((tile + j) * num_kvh + kvh).to(tl.int64) * ROWS + r
+        w = tl.exp(tl.load(part_ml_ptr + 2 * at, mask=row_ok, other=-1e30) - m)
+        lsum += w * tl.load(part_ml_ptr + 2 * at + 1, mask=row_ok, other=0.0)
+        part = tl.load(part_acc_ptr + at[:, None] * HEAD_DIM + d[None, :], mask=row_ok[:, None])
+        acc += w[:, None] * part
+    lsum = tl.where(row_ok & (lsum > 0), lsum, 1.0)
+    t = (qs + tok).to(tl.int64)
+    heads = kvh * GROUP + g
     o_ptr = out_ptr + t[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :]
     tl.store(o_ptr, (acc / lsum[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
@@ -129,13 +207,19 @@ def varlen_attention(
     window: int | None,
     softcap: float | None,
 ) -> torch.Tensor:
-    """q [T, H, D]; caches [slots, Hkv, D]; ``tiles`` [2, N] int32 -> [T, H, D].
-    Rows of no sequence (padding) are zero."""
+    """q [T, H, D]; caches [slots, Hkv, D]; ``tiles`` [4, N] int32 (sequence, first query
+    token, piece, pieces: ``runner.graphs.tile_map``) -> [T, H, D]. Rows of no sequence
+    (padding) are zero."""
     _, h, d = q.shape
     hkv = k_cache.shape[1]
     group = h // hkv
     out = torch.zeros_like(q)
-    _varlen_kernel[(tiles.shape[1], hkv)](
+    block_q = varlen_block_q(h, hkv)
+    rows = block_q * next_pow2(group)
+    n = tiles.shape[1]
+    part_acc = torch.empty(n * hkv * rows * d, dtype=torch.float32, device=q.device)
+    part_ml = torch.empty(n * hkv * rows * 2, dtype=torch.float32, device=q.device)
+    _varlen_kernel[(n, hkv)](
         q,
         k_cache,
         v_cache,
@@ -144,7 +228,11 @@ def varlen_attention(
         query_start_loc,
         tiles[0],
         tiles[1],
+        tiles[2],
+        tiles[3],
         out,
+        part_acc,
+        part_ml,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -157,12 +245,28 @@ def varlen_attention(
         window or 0,
         GROUP=group,
         GROUP_PAD=next_pow2(group),
-        BLOCK_Q=varlen_block_q(h, hkv),
+        BLOCK_Q=block_q,
         HEAD_DIM=d,
         BLOCK_SIZE=block_size,
         BLOCK_N=max(16, min(64, block_size * 4)),
         HAS_WINDOW=window is not None,
         HAS_SOFTCAP=softcap is not None,
         IEEE=q.dtype == torch.float32,
+    )
+    _merge_kernel[(n, hkv)](
+        query_start_loc,
+        tiles[0],
+        tiles[1],
+        tiles[2],
+        tiles[3],
+        out,
+        part_acc,
+        part_ml,
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        GROUP_PAD=next_pow2(group),
+        BLOCK_Q=block_q,
+        HEAD_DIM=d,
     )
     return out

@@ -15,6 +15,7 @@ batch. Other steps (a long prefill alone, more sequences than the largest graph)
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections.abc import Iterator
@@ -71,16 +72,49 @@ def max_tiles(num_tokens: int, num_seqs: int, block_q: int) -> int:
     return -(-num_tokens // block_q) + min(num_seqs, num_tokens)
 
 
-def tile_map(query_lens: list[int], block_q: int, size: int) -> list[list[int]]:
-    """[sequence, first query token] of each tile of ``block_q`` tokens, padded with (-1, 0)
-    to ``size`` tiles."""
-    seq, q0 = [], []
-    for s, n in enumerate(query_lens):
-        for start in range(0, n, block_q):
-            seq.append(s)
-            q0.append(start)
-    pad = size - len(seq)
-    return [seq + [-1] * pad, q0 + [0] * pad]
+def tile_map(
+    query_lens: list[int],
+    block_q: int,
+    size: int,
+    kv_lens: list[int] | None = None,
+    pieces: int = 0,
+    min_keys: int = 256,
+) -> list[list[int]]:
+    """[sequence, first query token, piece, pieces] of each tile of ``block_q`` tokens, padded
+    with (-1, 0, 0, 1) to ``size`` entries. With ``kv_lens`` (tokens in the cache after the
+    step) and ``pieces`` (how many entries would keep the GPU busy), tiles over long key ranges
+    are split into pieces of at least ``min_keys`` keys, the longest first, while the map has
+    fewer than ``min(pieces, size)`` entries: each piece is an entry of its own, after the
+    tile's earlier pieces."""
+    tiles = [(s, q0) for s, n in enumerate(query_lens) for q0 in range(0, n, block_q)]
+    split = [1] * len(tiles)
+    room = min(pieces, size) - len(tiles)
+    if kv_lens is not None and room > 0:
+        keys = [  # keys up to each tile's last token
+            min(kv_lens[s], kv_lens[s] - query_lens[s] + q0 + block_q) for s, q0 in tiles
+        ]
+        heap: list[tuple[float, int]] = [(-k, i) for i, k in enumerate(keys)]
+        heapq.heapify(heap)
+        while heap and room > 0:
+            _, i = heapq.heappop(heap)
+            if keys[i] < (split[i] + 1) * min_keys or split[i] >= MAX_PIECES:
+                continue
+            split[i] += 1
+            room -= 1
+            heapq.heappush(heap, (-keys[i] / split[i], i))
+    rows: list[list[int]] = [[], [], [], []]
+    for (s, q0), n in zip(tiles, split, strict=True):
+        for piece in range(n):
+            for row, v in zip(rows, (s, q0, piece, n), strict=True):
+                row.append(v)
+    pad = size - len(rows[0])
+    for row, v in zip(rows, (-1, 0, 0, 1), strict=True):
+        row += [v] * pad
+    return rows
+
+
+MAX_PIECES = 16
+"""Pieces one tile's key range is split into at most."""
 
 
 class StepGraphs:
@@ -115,9 +149,14 @@ class StepGraphs:
         self.lens = torch.ones(n, dtype=torch.int32, device=device)
         self.qsl = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.mixed_qsl = torch.zeros(n + 1, dtype=torch.int32, device=device)
-        self.tiles = torch.full(
-            (2, max_tiles(tokens, n, self.block_q)), -1, dtype=torch.int32, device=device
+        self.tiles = torch.tensor(
+            tile_map([], self.block_q, max_tiles(tokens, n, self.block_q)),
+            dtype=torch.int32,
+            device=device,
         )
+        self.pieces = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        self.pieces //= heads[1]
+        """Map entries that fill the GPU four times over (a program per entry and kv head)."""
         self.lora_slots = torch.full((tokens,), -1, dtype=torch.long, device=device)
         self.segs = torch.zeros(3 * tokens, dtype=torch.long, device=device)
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -302,7 +341,11 @@ class StepGraphs:
             for s in seqs:
                 starts.append(starts[-1] + s.num_tokens)
             layout = tile_map(
-                [s.num_tokens for s in seqs], self.block_q, max_tiles(size, full, self.block_q)
+                [s.num_tokens for s in seqs],
+                self.block_q,
+                max_tiles(size, full, self.block_q),
+                lens,
+                self.pieces,
             )
             small = host_tensor(
                 [
@@ -312,13 +355,15 @@ class StepGraphs:
                     *[starts[-1]] * (full - n),
                     *layout[0],
                     *layout[1],
+                    *layout[2],
+                    *layout[3],
                 ],
                 torch.int32,
                 self.device,
             )
             self.lens.copy_(small[:full])
             self.mixed_qsl.copy_(small[full : 2 * full + 1])
-            self.tiles[:, : len(layout[0])].copy_(small[2 * full + 1 :].view(2, -1))
+            self.tiles[:, : len(layout[0])].copy_(small[2 * full + 1 :].view(4, -1))
         else:
             self.lens[:size].copy_(host_tensor(lens + [1] * pad, torch.int32, self.device))
         if with_lora:
