@@ -120,10 +120,12 @@ def engine_for(folder: Path, hf: torch.nn.Module, **options: Any) -> EngineCore:
 
 
 def engine_8b(folder: Path, hf: torch.nn.Module) -> EngineCore:
-    """The engine of (a)-(d): 64 running requests, room for 64 rank-16 adapters."""
+    """The engine of (a)-(d): 64 running requests, room for 64 rank-16 adapters; no prefix
+    cache, since (b)-(d) send the same prompts again (every run prefills them)."""
     return engine_for(
         folder,
         hf,
+        enable_prefix_caching=False,
         max_num_seqs=64,
         kv_cache_memory=12 << 30,
         max_num_batched_tokens=4096,

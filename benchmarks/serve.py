@@ -113,19 +113,27 @@ def write_adapters(model_dir: Path, root: Path, n: int, rank: int, dtype: torch.
     return ids
 
 
-def make_prompts(model_dir: Path, n: int, lo: int, hi: int) -> list[str]:
-    """Random word sequences cut at a token boundary to ``lo``-``hi`` tokens of the model."""
-    from transformers import AutoTokenizer
+class Prompts:
+    """Random word sequences cut at a token boundary to ``lo``-``hi`` tokens of the model: new
+    words on every call (with prefix caching on, a repeated prompt would be answered from the
+    cache), the same lengths."""
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    rng = random.Random(0)
-    out = []
-    for _ in range(n):
-        want = rng.randint(lo, hi)
-        text = " ".join(rng.choice(WORDS) for _ in range(2 * want + 8))
-        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        out.append(text[: enc["offset_mapping"][want - 1][1]])
-    return out
+    def __init__(self, model_dir: Path, n: int, lo: int, hi: int) -> None:
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(str(model_dir))
+        self.n, self.lo, self.hi = n, lo, hi
+        self.words = random.Random(0)
+
+    def __call__(self) -> list[str]:
+        lengths = random.Random(0)
+        out = []
+        for _ in range(self.n):
+            want = lengths.randint(self.lo, self.hi)
+            text = " ".join(self.words.choice(WORDS) for _ in range(2 * want + 8))
+            enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            out.append(text[: enc["offset_mapping"][want - 1][1]])
+        return out
 
 
 def pct(values: list[float]) -> dict[str, float]:
@@ -307,19 +315,21 @@ def fmt(d: dict, key: str) -> str:
 Case = tuple[int, int, str, int, list[float] | None]  # adapters, k, load label, clients, arrivals
 
 
-def workload(prompts: list[str], ids: list[str], mix: int, k: int, new: int) -> tuple[Work, list]:
-    """The same requests for the engine (prompt, params) and for HTTP (``/generate`` bodies)."""
+def workload(prompts: Prompts, ids: list[str], mix: int, k: int, new: int) -> tuple[Work, list]:
+    """Requests of fresh prompts for the engine (prompt, params) and for HTTP (``/generate``
+    bodies): every call is a new set of prompts of the same lengths."""
+    texts = prompts()
     q = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True, details=True)
     par = {"max_new_tokens": new, "ignore_eos_token": True, "details": True}
     par |= {"return_k_alternatives": k} if k else {}
-    adapters = [ids[i % mix] if mix else None for i in range(len(prompts))]
+    adapters = [ids[i % mix] if mix else None for i in range(len(texts))]
     work = [
         (s, q.with_updates(return_k_alternatives=k, adapter_id=a))
-        for s, a in zip(prompts, adapters, strict=True)
+        for s, a in zip(texts, adapters, strict=True)
     ]
     bodies = [
         {"inputs": s, "parameters": par | ({"adapter_id": a} if a else {})}
-        for s, a in zip(prompts, adapters, strict=True)
+        for s, a in zip(texts, adapters, strict=True)
     ]
     return work, bodies
 
@@ -348,13 +358,12 @@ def measure(
             asyncio.run(drive(url, wl(mix, k, 8)[1], conc, None, stream))
     out = {}
     for mix, k, label, conc, arr in cases:
-        work, bodies = wl(mix, k, new)
         runs: dict[str, list[dict]] = {"engine": [], "server": [], "stream": []}
-        for _ in range(repeats):
+        for _ in range(repeats):  # fresh prompts for every run: none is a prefix-cache hit
             if core is not None:
-                runs["engine"].append(engine_run(core, work, conc, arr))
+                runs["engine"].append(engine_run(core, wl(mix, k, new)[0], conc, arr))
             for key, stream in (("server", False), ("stream", True)) if url else ():
-                runs[key].append(asyncio.run(drive(url, bodies, conc, arr, stream)))
+                runs[key].append(asyncio.run(drive(url, wl(mix, k, new)[1], conc, arr, stream)))
         r = out[mix, k, label] = {key: median_run(v) for key, v in runs.items() if v}
         line = f"{mix} adapters, k={k}, {label}:"
         if "engine" in r:
@@ -453,7 +462,7 @@ def main() -> None:
         model_dir = resolve_model(build_parser().parse_args(["serve", *server_flags]).model)
         dtype = torch.bfloat16 if args.gpu else torch.float32
         ids = write_adapters(model_dir, adapter_root, max(mixes), p["rank"], dtype)
-        wl = functools.partial(workload, make_prompts(model_dir, n_req, *p["prompt"]), ids)
+        wl = functools.partial(workload, Prompts(model_dir, n_req, *p["prompt"]), ids)
         lead = ["--adapter-root", str(adapter_root.resolve()), "--max-active-adapters", "16"]
         configs = {"default": [*lead, *server_flags]}
         if args.tuned_flags:
