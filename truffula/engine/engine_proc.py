@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from truffula import heap
 from truffula.config import EngineConfig
 from truffula.engine import messages as m
 from truffula.engine.core import EngineCore
@@ -250,6 +251,7 @@ def run_engine_process(config: EngineConfig, address: str, conn: Connection) -> 
     signal.signal(signal.SIGTERM, lambda *_: setattr(loop, "stop_requested", True))
     conn.send(("ready", m.encoder.encode(model_info(core))))
     conn.close()
+    heap.settle()
     loop.run()
     sock.close()
     ctx.term()

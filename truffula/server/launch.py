@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from truffula import envs
+from truffula import envs, heap
 from truffula.config import EngineConfig
 from truffula.engine.async_engine import AsyncEngine
 from truffula.engine.messages import ModelInfo
@@ -186,6 +186,7 @@ def serve(settings: ServerSettings, config: EngineConfig) -> int:
             )
 
         _quiet_signals()
+        heap.settle()
         try:
             return await _Server(state, sock, log_config).run(announce)
         finally:
@@ -221,6 +222,7 @@ def run_api_server(
     async def main() -> int:
         engine = AsyncEngine.connect(address, msgspec.json.decode(info, type=ModelInfo), engine_pid)
         state = ServerState(engine, settings, Metrics())
+        heap.settle()
         return await _Server(state, sock, log_config).run()
 
     sys.exit(asyncio.run(main()))
