@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-# No test reaches the real Hugging Face Hub (tests/test_hub_download.py serves its own on
-# 127.0.0.1 and lifts this); a hub id missing from the cache is an immediate, offline error.
+# No test reaches the real Hugging Face Hub (tests/model_store/test_hub_download.py serves its
+# own on 127.0.0.1 and lifts this); a hub id missing from the cache is an immediate, offline error.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

@@ -1,4 +1,4 @@
-"""Schemathesis hooks of the bounded (CI) run of tests/test_attack_load.py, loaded through
+"""Schemathesis hooks of the bounded (CI) run of tests/server/test_attack_load.py, loaded through
 ``SCHEMATHESIS_HOOKS``: generation is kept short (at most 4 new tokens, ``n`` at most 2), so the
 run spends its time on many requests rather than on a few long ones. Values of the wrong type
 are left alone: they are what the negative cases are made of."""

@@ -19,7 +19,7 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ADAPTER_DIR = ROOT / "examples" / "adapters"
 ADAPTERS = ("french", "caps", "pirate")
 MAX_NEW_TOKENS = 30

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from modelharness import Harness
-from test_architectures import SCHEDULE, A, built
+from models.test_architectures import SCHEDULE, A, built
 
 from truffula.adapters.store import AdapterStore
 from truffula.layers.lora import apply_lora

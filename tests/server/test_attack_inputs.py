@@ -437,7 +437,7 @@ def test_405_names_the_allowed_methods_and_head_is_get(server) -> None:  # type:
 
 def test_info_reports_the_full_context_and_the_limits(server) -> None:  # type: ignore[no-untyped-def]
     """Issue item 12: a cache too small for the context only said so in the log; now it stops
-    start-up (tests/test_sizing.py), so /info always reports the model's full length."""
+    start-up (tests/runner/test_sizing.py), so /info always reports the model's full length."""
     got = info(server)
     assert got["max_total_tokens"] == 8192 and got["max_input_length"] == 8191
     assert got["max_batch_total_tokens"] >= got["max_total_tokens"]

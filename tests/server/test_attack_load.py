@@ -8,7 +8,7 @@ per operation with generation kept short: tests/schemathesis_hooks.py). ``TRUFFU
 runs the issue's targets (1,000 concurrent requests, storms of 100, schemathesis with its
 coverage phase and generation as long as the schema allows):
 
-    TRUFFULA_ATTACK=full .venv/bin/pytest -q tests/test_attack_load.py
+    TRUFFULA_ATTACK=full .venv/bin/pytest -q tests/server/test_attack_load.py
 """
 
 from __future__ import annotations
@@ -445,7 +445,7 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_status(attack, t
     ]
     env = dict(os.environ)
     if not FULL:
-        env["SCHEMATHESIS_HOOKS"] = str(Path(__file__).with_name("schemathesis_hooks.py"))
+        env["SCHEMATHESIS_HOOKS"] = str(Path(__file__).parents[1] / "schemathesis_hooks.py")
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=3600 if FULL else 480, env=env
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CLIENT_VENV = ROOT / ".venvs" / "clients"
 CLIENT_PINS = ["lorax-client==0.6.3", "text-generation==0.7.0"]
 PROMPT = "The capital of France is"

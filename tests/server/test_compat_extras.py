@@ -268,7 +268,7 @@ def test_grafana_dashboard_queries_only_served_metrics(server) -> None:  # type:
     from pathlib import Path
 
     dashboard = json.loads(
-        (Path(__file__).parent.parent / "deploy/grafana-dashboard.json").read_text()
+        (Path(__file__).parents[2] / "deploy/grafana-dashboard.json").read_text()
     )
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     assert len(exprs) >= 10

@@ -27,7 +27,7 @@ LAUNCH_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
 FRENCH = ROOT / "examples" / "adapters" / "french"
 PROMPT = "Once upon a time, in a land far away, there lived a"

@@ -25,7 +25,7 @@ from truffula.structured.spec import StructuredOutput
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-4
 
 PERSON = {
