@@ -1,4 +1,5 @@
-# The two commands of the README: `make run` and `make test`. Both create .venv on first use.
+# The two commands of the README, `make run` and `make test`, and `make test-fast` for development.
+# All create .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: run test lint format clients browser clean
+.PHONY: run test test-fast lint format clients browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +41,11 @@ browser: $(STAMP)
 
 test: $(STAMP) lint browser
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+# Everything but the tests marked `slow` (those that load the default model or start a server):
+# under a minute on two CPU cores, no lint, no browser.
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV) .venvs .pytest_cache .ruff_cache test-artifacts

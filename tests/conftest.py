@@ -14,6 +14,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
+# Every fixture that loads the default model or starts a server on it (``llm``, ``hf_model``,
+# ``server``, ``peft_model``, the servers of the test files, …) asks for ``model_dir``.
+SLOW_FIXTURES = {"model_dir"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``slow`` on every test that loads the default model or starts a server: those that reach
+    ``model_dir`` through their fixtures here; the others carry the mark in their files."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:

@@ -163,3 +163,9 @@ def test_url_mode_posts_generate_requests_and_analyzes_the_reply(fake_server) ->
 def test_url_mode_reports_server_errors_cleanly() -> None:
     proc = inspect("hi", "--url", "http://127.0.0.1:9", "--json")
     assert proc.returncode == 2 and "cannot reach" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_bad_parameter_is_a_clear_error_before_the_model_loads() -> None:
+    proc = inspect("hi", "-k", "50", "--json")
+    assert proc.returncode == 2 and "return_k_alternatives" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""

@@ -28,10 +28,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def run(args: argparse.Namespace) -> int:
     from truffula.engine.core import EngineCore
 
-    core = EngineCore(engine_config(args))
-    prompt = args.prompt
-    if not args.raw and core.tokenizer.has_chat_template:
-        prompt = core.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    config = engine_config(args)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -40,6 +37,11 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=tuple(args.stop or ()),
     )
+    params.validate(config.limits)  # a bad flag is an error before the model loads
+    core = EngineCore(config)
+    prompt = args.prompt
+    if not args.raw and core.tokenizer.has_chat_template:
+        prompt = core.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     core.add_request(prompt, params)
     while core.has_work():
         for out in core.step():

@@ -64,14 +64,13 @@ def generate_local(
 ) -> tuple[str, list[dict[str, Any]], int]:
     """Run the prompt through ``LLM`` once per adapter, in one batch: the prompt as formatted,
     the responses in the server's native JSON, the vocabulary size."""
+    from truffula.config import EngineConfig
     from truffula.engine.llm import LLM
     from truffula.sampling.params import SamplingParams
     from truffula.server.formats import Accumulator, details_dict
 
-    llm = LLM(**engine_options(args))
-    prompt = args.prompt
-    if not args.raw and llm.tokenizer.has_chat_template:
-        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    options = engine_options(args)
+    limits = EngineConfig.from_kwargs(**options).limits
     sampling = args.temperature > 0
     # as the server does: a sampled run gets a seed, reported so that it can be replayed
     seeds = [random.randrange(2**63) if sampling else None for _ in adapters]
@@ -86,6 +85,12 @@ def generate_local(
         )
         for adapter, seed in zip(adapters, seeds, strict=True)
     ]
+    for p in params:
+        p.validate(limits)  # a bad flag is an error before the model loads
+    llm = LLM(**options)
+    prompt = args.prompt
+    if not args.raw and llm.tokenizer.has_chat_template:
+        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     responses = []
     for c, seed in zip(llm.generate([prompt] * len(adapters), params), seeds, strict=True):
         acc = Accumulator(
