@@ -25,8 +25,8 @@ def test_generate_streams_a_greedy_chat_completion(llm) -> None:  # type: ignore
     assert "Paris" in proc.stdout
 
 
-@pytest.mark.slow  # `truffula generate` loads the default model before it reads the flags
 def test_generate_bad_parameter_is_a_clear_error() -> None:
+    """The sampling flags are checked before the model loads."""
     proc = subprocess.run(
         [sys.executable, "-m", "truffula.cli", "generate", "hi", "--top-p", "2"],
         capture_output=True,
