@@ -3,7 +3,7 @@
 # OpenAI routes with token probabilities. Prints the replies; exits non-zero on failure.
 set -euo pipefail
 dir=$(mktemp -d)
-python3 -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from test_gpu_engine import make_model; make_model(Path('$dir'), 'llama')"
+python3 -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from engine.test_gpu_engine import make_model; make_model(Path('$dir'), 'llama')"
 python3 -m truffula.cli serve --device cuda --model "$dir" --port 8099 > "$dir/log" 2>&1 &
 pid=$!
 for _ in $(seq 120); do grep -q serving "$dir/log" && break; sleep 1; done
