@@ -12,6 +12,7 @@ keep = [[i] for i in range(200_000)]  # start-up objects that live for good
 from truffula import heap
 heap.settle()
 assert gc.get_freeze_count() >= len(keep), gc.get_freeze_count()
+assert gc.get_threshold()[0] == heap.YOUNG_THRESHOLD
 garbage = [[{"j": j}] for j in range(300_000)]
 del garbage
 gc.collect()
