@@ -353,3 +353,63 @@ def test_speculative_decoding_on_cuda_equals_plain_decoding(tiny: Path) -> None:
         for x, y in zip(a.tokens, b.tokens, strict=True):
             assert abs(x.logprob - y.logprob) < 1e-4
             assert [t.id for t in x.alternatives] == [t.id for t in y.alternatives]
+
+
+def test_prefix_cache_hits_on_cuda_match_hf_for_base_and_adapter(
+    tiny: Path, tmp_path: Path
+) -> None:
+    """Continuations of a long shared context, base and adapter, on CUDA (fp32, graphs): the
+    second of each shares the first's cached blocks (records included, alternatives too); every
+    prompt and output record matches HF / peft, and the adapter never reads the base's blocks."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from truffula.sampling.params import SamplingParams
+
+    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    cfg = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(tmp_path / "ad")
+    model = model.cuda().eval()
+    llm = lora_llm(tiny, tmp_path, True, max_num_seqs=4)
+    cache = llm.engine.prompts.cache
+    context = " ".join(TEXTS[:12])  # a few hundred tokens: many 16-token blocks
+    p = SamplingParams(
+        max_new_tokens=4,
+        temperature=0,
+        ignore_eos=True,
+        return_k_alternatives=4,
+        decoder_input_details=True,
+        prompt_k_alternatives=4,
+    )
+    for adapter in (None, "ad"):
+        hits = []
+        for question in (" the quick brown fox", " one two three"):
+            before = cache.hits
+            (out,) = llm.generate([context + question], p.with_updates(adapter_id=adapter))
+            hits.append(cache.hits - before)
+            ids = out.prompt_token_ids + out.token_ids
+            with torch.no_grad():
+                if adapter:
+                    ref = cuda_logsoftmax(model, ids)
+                else:
+                    with model.disable_adapter():
+                        ref = cuda_logsoftmax(model, ids)
+            n = len(out.prompt_token_ids)
+            assert out.token_ids == ref[n - 1 : -1].argmax(-1).tolist(), (adapter, question)
+            for i, t in enumerate(out.tokens):
+                assert abs(t.logprob - ref[n - 1 + i, t.id].item()) < 1e-4
+                assert [a.id for a in t.alternatives] == ref[n - 1 + i].topk(4).indices.tolist()
+            for pos in range(1, n):
+                rec = out.prompt_tokens[pos]
+                assert abs(rec.logprob - ref[pos - 1, ids[pos]].item()) < 1e-4, (adapter, pos)
+                assert [a.id for a in rec.alternatives] == ref[pos - 1].topk(4).indices.tolist()
+        # the first request of each model found nothing (the adapter not the base's blocks);
+        # the second found the context's full blocks
+        assert hits[0] == 0 and hits[1] >= 160, (adapter, hits)

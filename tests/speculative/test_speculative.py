@@ -124,6 +124,82 @@ def test_sampled_tokens_carry_their_own_positions_statistics(llm, spec_llm, hf_t
             assert abs(want.logprob - tok.logprob) < 1e-4, i
 
 
+def chi2_quantile(df: int, z: float = 3.09) -> float:
+    """The chi-square distribution's quantile at the normal quantile ``z`` (3.09: 0.999),
+    Wilson-Hilferty."""
+    a = 2 / (9 * df)
+    return df * (1 - a + z * a**0.5) ** 3
+
+
+def test_sampled_speculation_draws_from_the_target_distribution(
+    llm, spec_llm, hf_tokenizer
+) -> None:  # type: ignore[no-untyped-def]
+    """400 seeded samples (temperature 1.5) of a copy prompt, whose second token is verified
+    against a prompt-lookup draft: the joint frequencies of the first two tokens fit the model's
+    own probabilities p(x1) p(x2 | x1) (chi-square at 0.999 over cells of at least 5 expected
+    samples: likely pairs, the rest of each likely first token, everything else), and drafts
+    were both accepted and rejected along the way. A verifier that kept drafts too readily
+    would crowd the drafted pair's cell."""
+    import math
+
+    prompt = copy_prompts(hf_tokenizer)[0]
+    n = 400
+    temperature = 1.5  # drafts often rejected; processed logprobs report this distribution
+    first = SamplingParams(max_new_tokens=1, temperature=temperature, return_k_alternatives=20)
+    (head,) = llm.generate([prompt], first)
+    ids = hf_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    expect: dict[tuple[int, int | None] | None, float] = {None: 1.0}
+    for a in head.tokens[0].alternatives:
+        pa = math.exp(a.logprob)
+        if n * pa < 5:
+            continue
+        expect[None] -= pa
+        expect[a.id, None] = pa  # x1 = a, x2 not among the likely pairs
+        (nxt,) = llm.generate([[*ids, a.id]], first)
+        for b in nxt.tokens[0].alternatives:
+            pab = pa * math.exp(b.logprob)
+            if n * pab >= 5:
+                expect[a.id, b.id] = pab
+                expect[a.id, None] -= pab
+    for cell in [c for c, p in expect.items() if c is not None and n * p < 5]:
+        expect[None] += expect.pop(cell)  # too few expected: pooled
+    assert len(expect) >= 3 and n * expect[None] >= 5
+
+    drafter = spec_llm.engine.drafter
+    d0, a0 = drafter.drafted, drafter.accepted
+    outs = spec_llm.generate(
+        [prompt] * n,
+        [SamplingParams(max_new_tokens=4, temperature=temperature, seed=s) for s in range(n)],
+    )
+    drafted, kept = drafter.drafted - d0, drafter.accepted - a0
+    assert 0 < kept < drafted, (drafted, kept)  # both outcomes of verification happened
+    counts = dict.fromkeys(expect, 0)
+    for out in outs:
+        x1, x2 = out.token_ids[:2]
+        cell = (x1, x2) if (x1, x2) in expect else (x1, None)
+        counts[cell if cell in expect else None] += 1
+    stat = sum((counts[c] - n * p) ** 2 / (n * p) for c, p in expect.items())
+    assert stat < chi2_quantile(len(expect) - 1), (stat, counts, expect)
+
+    # after the likeliest first token a the drafts are (d1, d2): where the sample rejected d1,
+    # the third token must follow the second one actually emitted, x3 ~ p(. | a, x2), and
+    # equal d2 only as often as that says; a verifier that kept d1's continuation after
+    # rejecting d1 would emit d2 there as often as p(d2 | a, d1)
+    a = head.tokens[0].alternatives[0].id
+    d1, d2 = ngram.propose([*ids, a], 2, 1, 3)
+    rejected = [o.token_ids for o in outs if o.token_ids[0] == a and o.token_ids[1] != d1]
+    assert len(rejected) >= 20
+    seconds = sorted({t[1] for t in rejected})
+    p_d2 = {}
+    for b, out in zip(seconds, llm.generate([[*ids, a, b] for b in seconds], first), strict=True):
+        top = {c.id: math.exp(c.logprob) for c in out.tokens[0].alternatives}
+        p_d2[b] = top.get(d2, min(top.values()))  # outside the top 20: at most the 20th
+    mean = sum(p_d2[t[1]] for t in rejected)
+    var = sum(p_d2[t[1]] * (1 - p_d2[t[1]]) for t in rejected)
+    seen = sum(t[2] == d2 for t in rejected)
+    assert seen <= mean + 4 * var**0.5 + 2, (seen, mean, var, len(rejected))
+
+
 def test_metrics_count_drafted_and_accepted_tokens(spec_llm) -> None:  # type: ignore[no-untyped-def]
     from truffula.engine.stats import EngineMetrics
 
