@@ -112,6 +112,11 @@ def build(shape: dict[str, Any]) -> tuple[torch.nn.Module, Path]:
     return hf, folder
 
 
+def build_8b(quick: bool = False) -> tuple[torch.nn.Module, Path]:
+    """``build`` of the Llama-3-8B shape (``quick``: the Llama-3.2-1B shape, a smoke run)."""
+    return build(LLAMA32_1B if quick else LLAMA3_8B)
+
+
 def engine_for(folder: Path, hf: torch.nn.Module, **options: Any) -> EngineCore:
     cfg = EngineConfig.from_kwargs(
         model=str(folder), device="cuda", dtype="bfloat16", max_model_len=4096, **options

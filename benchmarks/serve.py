@@ -453,7 +453,7 @@ def main() -> None:
         if args.gpu:
             import gpu  # benchmarks/gpu.py
 
-            hf, gpu_dir = gpu.build(gpu.LLAMA32_1B if args.quick else gpu.LLAMA3_8B)
+            hf, gpu_dir = gpu.build_8b(args.quick)
             print(f"saving the random model to {gpu_dir} for the server", flush=True)
             hf.save_pretrained(gpu_dir)
             server_flags = ["--model", str(gpu_dir), "--device", "cuda", *server_flags]

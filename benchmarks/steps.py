@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", default="bench-out")
     args = ap.parse_args()
-    hf, folder = gpu.build(gpu.LLAMA32_1B if args.quick else gpu.LLAMA3_8B)
+    hf, folder = gpu.build_8b(args.quick)
     core = gpu.engine_for(
         folder,
         hf,

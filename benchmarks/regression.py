@@ -1,0 +1,80 @@
+"""The engine's core numbers of ``benchmarks/gpu.py``, short, for comparing two checkouts.
+
+    cd <checkout> && python <this checkout>/benchmarks/regression.py [--repeats 3] [--cpu]
+
+Runs against the truffula of the current directory (``benchmarks/`` and ``truffula/`` there),
+so one invocation per checkout, alternated by the caller, compares code versions on the same
+machine in the same session; prints one JSON line.
+
+CUDA (the Llama-3-8B shape of ``gpu.py``): (a) batch-1 ms per token, (b) 64 requests of 512
+prompt tokens and 128 new ones, output tok/s, (c) the same with k = 20 alternatives for all.
+``--cpu``: the default model, single stream and 32 concurrent requests of 64 new tokens,
+output tok/s. Medians of ``--repeats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def cuda(repeats: int) -> dict[str, float]:
+    import gpu  # the checkout's benchmarks/gpu.py
+    import torch
+
+    from truffula.sampling.params import SamplingParams
+
+    hf, folder = gpu.build(gpu.LLAMA3_8B)
+    core = gpu.engine_8b(folder, hf)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, 128000, (512,), generator=gen).tolist() for _ in range(64)]
+    base = SamplingParams(max_new_tokens=128, temperature=0, ignore_eos=True)
+    k20 = base.with_updates(return_k_alternatives=20)
+    gpu.run(core, prompts, [base] * 64, warm=False)  # burn-in at full size
+    res = {"a_ms_per_token": gpu.batch1_ms_per_token(core)}
+    b, c = [], []
+    for _ in range(repeats):  # interleaved
+        b.append(gpu.run(core, prompts, [base] * 64)["tok_s"])
+        c.append(gpu.run(core, prompts, [k20] * 64)["tok_s"])
+    res["b_tok_s"], res["c_k20_tok_s"] = statistics.median(b), statistics.median(c)
+    return res
+
+
+def cpu(repeats: int) -> dict[str, float]:
+    from truffula.engine.llm import LLM
+    from truffula.sampling.params import SamplingParams
+
+    llm = LLM(progress=False, max_num_seqs=32)
+    p = SamplingParams(max_new_tokens=64, temperature=0, ignore_eos=True)
+
+    def tok_s(n: int, seed: int) -> float:
+        prompts = [f"Request {seed}-{i}: write about the sea." for i in range(n)]
+        t = time.perf_counter()
+        outs = llm.generate(prompts, p)
+        return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
+
+    tok_s(2, -1)  # warm-up
+    one, many = [], []
+    for r in range(repeats):
+        one.append(tok_s(1, 2 * r))
+        many.append(tok_s(32, 2 * r + 1))
+    return {"single_tok_s": statistics.median(one), "c32_tok_s": statistics.median(many)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cpu", action="store_true")
+    args = ap.parse_args()
+    here = Path.cwd()
+    sys.path[:0] = [str(here / "benchmarks"), str(here)]
+    res = cpu(args.repeats) if args.cpu else cuda(args.repeats)
+    print(json.dumps({"checkout": str(here), **res}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
