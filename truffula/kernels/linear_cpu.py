@@ -4,11 +4,22 @@
 the skinny activations of decoding; oneDNN's reordered weight streams at close to memory
 bandwidth. Semantics are exactly ``F.linear(x, weight, bias)`` (same fp32 arithmetic, another
 summation order). The reference is ``F.linear`` itself.
+
+Which of the two is faster depends on the CPU (on some, F.linear is 1.7-2.3x faster for decode
+shapes; on others the packed weight is): ``choose`` times both on the model's own shapes when
+the engine starts and keeps the answer per CPU model in the cache folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -42,3 +53,94 @@ def available(dtype: torch.dtype) -> bool:
         return False
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     return bool(torch.allclose(got, want, atol=tol, rtol=tol))
+
+
+# ---------------------------------------------------------------- choice by measurement
+CANDIDATES = ("torch", "packed")
+BATCHES = (1, 8)
+"""Rows timed per shape: a single stream's decode step and a small batch's."""
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fastest_us(fns: dict[str, Callable[[], object]], budget_s: float = 0.006) -> dict[str, float]:
+    """The fastest call of each of ``fns`` in microseconds, calls interleaved (so every
+    candidate sees the same load) over about ``budget_s``, after two warm-up calls each: other
+    work on the machine only ever adds time, so the minimum is the op's own."""
+    for fn in fns.values():
+        fn()
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
+    end, rounds = time.perf_counter() + budget_s, 0
+    while rounds < 5 or (time.perf_counter() < end and rounds < 200):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+        rounds += 1
+    return {name: 1e6 * t for name, t in best.items()}
+
+
+def measure(shape: tuple[int, int], dtype: torch.dtype) -> dict[str, float]:
+    """Microseconds of each candidate on a random [out, in] weight, summed over ``BATCHES``."""
+    out_f, in_f = shape
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(out_f, in_f, generator=gen) * 0.02).to(dtype)
+    packed = pack(w)
+    res = dict.fromkeys(CANDIDATES, 0.0)
+    for rows in BATCHES:
+        x = torch.randn(rows, in_f, generator=gen).to(dtype)
+        fns: dict[str, Callable[[], object]] = {
+            "torch": functools.partial(F.linear, x, w),
+            "packed": functools.partial(linear, x, packed, None),
+        }
+        for name, us in fastest_us(fns).items():
+            res[name] += us
+    return res
+
+
+ROUNDS = 3
+"""Independent measurements of a shape; a choice is kept only when they all agree."""
+
+
+def choose(
+    shapes: Iterable[tuple[int, int]], dtype: torch.dtype, cache: Path | None = None
+) -> dict[tuple[int, int], str]:
+    """The faster candidate for each [out, in] weight shape on this CPU: measured once (tens of
+    milliseconds a shape) and kept in ``cache`` (JSON) per CPU model, thread count, torch
+    version, dtype and shape. A shape whose ``ROUNDS`` measurements disagree (a busy machine)
+    gets ``packed`` and is measured again next time."""
+    stored: dict[str, dict[str, float]] = {}
+    if cache is not None and cache.exists():
+        with contextlib.suppress(OSError, ValueError):
+            stored = json.loads(cache.read_text())
+    prefix = f"{cpu_model()}|{torch.get_num_threads()} threads|torch {torch.__version__}|{dtype}"
+    chosen, fresh = {}, False
+    with torch.inference_mode():
+        for shape in sorted(set(shapes)):
+            key = f"{prefix}|{shape[0]}x{shape[1]}"
+            if key not in stored:
+                runs = [measure(shape, dtype) for _ in range(ROUNDS)]
+                if len({min(r, key=r.__getitem__) for r in runs}) > 1:
+                    chosen[shape] = "packed"  # undecided: the long-standing default
+                    continue
+                stored[key] = {c: min(r[c] for r in runs) for c in CANDIDATES}
+                fresh = True
+            times = stored[key]
+            chosen[shape] = min(CANDIDATES, key=lambda c: times.get(c, float("inf")))
+    if fresh and cache is not None:
+        with contextlib.suppress(OSError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(stored, indent=1, sort_keys=True))
+            tmp.replace(cache)
+    return chosen
