@@ -1,4 +1,5 @@
-"""Command line: ``truffula generate``, ``truffula serve``, ``truffula inspect``.
+"""Command line: ``truffula generate``, ``truffula serve``, ``truffula cluster``,
+``truffula inspect``.
 
 Flags map onto ``EngineConfig`` (``args.py``) and ``ServerSettings`` (``serve.py``) here and
 nowhere else; their defaults are those dataclasses' defaults.
@@ -11,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from truffula.cli import generate, inspect, serve
+from truffula.cli import cluster, generate, inspect, serve
 from truffula.cli.args import add_engine_args, engine_config, engine_options
 from truffula.errors import TruffulaError
 
@@ -21,7 +22,7 @@ __all__ = ["add_engine_args", "build_parser", "engine_config", "engine_options",
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="truffula", description=(__doc__ or "").split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (generate, serve, inspect):
+    for command in (generate, serve, cluster, inspect):
         command.add_parser(sub)
     return parser
 
