@@ -159,7 +159,7 @@ def test_max_num_seqs_limits_running() -> None:
 
 def test_admission_hook_holds_requests_back() -> None:
     allowed = {"a"}
-    s = Scheduler(BlockPool(32), 4, 64, 8, admit=lambda q: q.request_id in allowed)
+    s = Scheduler(BlockPool(32), 4, 64, 8, admit=lambda q: -1 if q.request_id in allowed else None)
     s.add(seq("b", 3))
     s.add(seq("a", 3))
     out = s.schedule()  # b may not run yet: it keeps its place, a behind it runs

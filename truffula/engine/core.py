@@ -4,7 +4,8 @@ A request's life (see docs/structure.md for the numbered version): the ``Fronten
 and tokenizes it into an ``EngineRequest``; ``add`` registers it with the runner and queues it in
 the scheduler; each ``step_outputs`` schedules a batch, runs it, and turns the runner's plain
 results into ``EngineOutput``s (token ids, their statistics, EOS and length); a finished or
-aborted request leaves the scheduler (its blocks return to the pool) and the runner. In the
+aborted request leaves the scheduler (its blocks return to the pool) and the runner. The engine
+reads the scheduler's ``SeqState`` and reports to it through its methods, never writing it. In the
 server this runs in the engine process (``truffula.engine.engine_proc``) and the frontend in
 the API process; ``add_request`` and ``step`` run both here, for ``LLM`` and scripts.
 Not thread-safe: one thread drives it.
@@ -37,7 +38,7 @@ from truffula.runner.output import SeqOutput
 from truffula.runner.runner import Launched, ModelRunner
 from truffula.sampling.params import SamplingParams
 from truffula.scheduler.block_pool import BlockPool
-from truffula.scheduler.output import PLACEHOLDER, SchedulerOutput
+from truffula.scheduler.output import SchedulerOutput
 from truffula.scheduler.scheduler import Scheduler, SeqState
 from truffula.speculative.drafter import Drafter
 
@@ -152,22 +153,21 @@ class EngineCore:
             max_merged_adapters=lora.max_merged_adapters,
         )
 
-    def _admit(self, seq: SeqState) -> bool:
-        """Scheduler hook: a request runs only once its adapter holds a device slot."""
-        if seq.adapter is not None and seq.adapter_slot < 0:
-            slot = self.adapters.acquire(seq.adapter)
-            if slot is None:
-                return False
-            seq.adapter_slot = slot
+    def _admit(self, seq: SeqState) -> int | None:
+        """Scheduler hook: a request runs only once its adapter holds a device slot (returned;
+        -1: the base model)."""
+        slot: int | None = -1
+        if seq.adapter is not None and (slot := self.adapters.acquire(seq.adapter)) is None:
+            return None
         req = self.requests.get(seq.request_id)
         if req is not None and req.scheduled_at is None:
             req.scheduled_at = time.monotonic()  # the end of its queue span
-        return True
+        return slot
 
     def _release(self, seq: SeqState) -> None:
-        if seq.adapter is not None and seq.adapter_slot >= 0:
+        """Scheduler hook: the request gave its adapter's slot back."""
+        if seq.adapter is not None:
             self.adapters.release(seq.adapter)
-            seq.adapter_slot = -1
 
     # ---------------------------------------------------------------- requests
     def add(self, req: EngineRequest) -> None:
@@ -185,10 +185,7 @@ class EngineCore:
             key = self.adapters.add_user(params.adapter_id)
             if key != params.adapter_id:
                 params = req.params = params.with_updates(adapter_id=key)
-        seq = SeqState(
-            req.request_id, list(req.prompt_ids), len(req.prompt_ids), adapter=params.adapter_id
-        )
-        self.prompts.prepare(seq, params)
+        seq = self.prompts.new_seq(req.request_id, req.prompt_ids, params)
         self.requests[req.request_id] = Request(req, seq)
         self.runner.add_request(req.request_id, req.prompt_ids, params)
         self.scheduler.add(seq)
@@ -255,10 +252,10 @@ class EngineCore:
         prev, self.inflight = self.inflight, None
         source = prev.launched if prev is not None else None  # where placeholders are read
         if self.drafter is not None:
-            self.drafter.draft(self.requests.values())
+            self.scheduler.set_drafts(self.drafter.draft(self.requests.values()))
         sched = self.scheduler.schedule()
         self.isolation.scheduled(self, sched)  # while isolating a failure: the suspects only
-        self.prompts.take_records(sched, self.requests)
+        self.prompts.take_records(sched, self.requests, self.scheduler)
         outputs = self.isolation.start(prev).outputs
         if prev is not None and (sched.is_empty or self._needs_history(sched)):
             outputs += self._process(prev)  # penalties need every output token on the host
@@ -300,9 +297,7 @@ class EngineCore:
             if generated >= req.max_new_tokens or len(req.prompt_ids) + generated >= self.max_len:
                 placeholders[req.request_id] = None
                 continue
-            req.seq.token_ids.append(PLACEHOLDER)
-            req.seq.unresolved += 1
-            placeholders[req.request_id] = len(req.seq.token_ids) - 1
+            placeholders[req.request_id] = self.scheduler.add_placeholder(req.request_id)
         return placeholders
 
     def _process(self, inflight: InFlight) -> list[EngineOutput]:
@@ -315,7 +310,7 @@ class EngineCore:
             for i, rec in enumerate(seq_out.prompt_logprobs):
                 req.prompt_records[seq_out.prompt_logprobs_start + i] = rec
             if seq_out.prompt_logprobs:
-                self.prompts.keep_records(req.seq, req.prompt_records)
+                self.prompts.keep_records(self.scheduler, req)
             if seq_out.sampled is not None and seq_out.request_id in inflight.placeholders:
                 req.in_flight -= 1
                 ph = inflight.placeholders[seq_out.request_id]
@@ -345,11 +340,7 @@ class EngineCore:
         assert tok is not None
         params = req.params
         req.output_ids.append(tok)
-        if placeholder is None:
-            req.seq.token_ids.append(tok)
-        else:
-            req.seq.token_ids[placeholder] = tok
-            req.seq.unresolved -= 1
+        self.scheduler.append_token(req.request_id, tok, placeholder)
         out = EngineOutput(
             req.request_id, [tok], [seq_out.logprobs], num_prompt_tokens=len(req.prompt_ids)
         )
@@ -362,7 +353,7 @@ class EngineCore:
                     cut(req.prompt_records.get(pos), k) for pos in range(len(req.prompt_ids))
                 ]
             req.prompt_records = {}
-            req.seq.prompt_records_k = -1  # delivered: a recompute after preemption needs none
+            self.scheduler.records_delivered(req.request_id)  # a recompute needs none
             if self.metrics is not None:
                 self.metrics.first_token(req)
         reason = None

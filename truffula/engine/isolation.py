@@ -42,7 +42,7 @@ import torch
 
 from truffula.engine.messages import EngineOutput
 from truffula.errors import RequestValidationError
-from truffula.scheduler.output import PLACEHOLDER, SchedulerOutput
+from truffula.scheduler.output import SchedulerOutput
 
 if TYPE_CHECKING:
     from truffula.engine.core import EngineCore
@@ -231,12 +231,8 @@ class StepIsolation:
             if req is None:
                 continue
             ids.append(s.request_id)
-            seq = req.seq
-            while seq.token_ids and seq.token_ids[-1] == PLACEHOLDER:
-                seq.token_ids.pop()
-            seq.unresolved = 0
+            core.scheduler.rewind(s.request_id, s.start_pos)
             req.in_flight = 0
-            seq.num_computed = min(seq.num_computed, s.start_pos, len(seq.token_ids) - 1)
             state = core.runner.states.get(s.request_id)
             if state is not None:
                 state.output_ids = list(req.output_ids)

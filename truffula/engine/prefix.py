@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING
 from truffula.runner.output import TokenLogprobs
 from truffula.scheduler.block_pool import BlockPool
 from truffula.scheduler.prefix_cache import PrefixCache
+from truffula.scheduler.seq import SeqState
 
 if TYPE_CHECKING:
     from truffula.adapters.store import AdapterStore
     from truffula.engine.request import Request
     from truffula.sampling.params import SamplingParams
     from truffula.scheduler.output import SchedulerOutput
-    from truffula.scheduler.scheduler import SeqState
+    from truffula.scheduler.scheduler import Scheduler
 
 log = logging.getLogger("truffula.engine")
 
@@ -56,11 +57,22 @@ class PromptCache:
         else:
             log.info("prefix caching: off")
 
-    def prepare(self, seq: SeqState, params: SamplingParams) -> None:
-        """Set what the prefix cache needs of a new request: its salt, and the k of the prompt
-        records a hit must bring (-1: none asked)."""
-        seq.cache_salt = self.salt(params.adapter_id)
-        seq.prompt_records_k = params.prompt_k_alternatives if params.wants_prompt_logprobs else -1
+    def new_seq(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+    ) -> SeqState:
+        """The scheduler's record of a new request, with what the prefix cache needs of it: its
+        salt, and the k of the prompt records a hit must bring (-1: none asked)."""
+        return SeqState(
+            request_id,
+            list(prompt_ids),
+            len(prompt_ids),
+            adapter=params.adapter_id,
+            cache_salt=self.salt(params.adapter_id),
+            prompt_records_k=params.prompt_k_alternatives if params.wants_prompt_logprobs else -1,
+        )
 
     def salt(self, adapter_key: str | None) -> bytes:
         """The request's cache salt: its adapter's key (a merge's key is its specification) and
@@ -79,22 +91,23 @@ class PromptCache:
             load = known[1]
         return f"{adapter_key}#{load}".encode()
 
-    def take_records(self, sched: SchedulerOutput, requests: Mapping[str, Request]) -> None:
+    def take_records(
+        self, sched: SchedulerOutput, requests: Mapping[str, Request], scheduler: Scheduler
+    ) -> None:
         """Give the requests this step admitted with a prefix hit the prompt records it
         brought (the runner computes only the positions after it)."""
         for rid in sched.prefix_hits:
             req = requests.get(rid)
             if req is None:
                 continue
-            for pos, rec in req.seq.cached_records.items():
+            for pos, rec in scheduler.take_cached_records(rid).items():
                 assert isinstance(rec, TokenLogprobs)
                 req.prompt_records.setdefault(pos, rec)
-            req.seq.cached_records = {}
 
-    def keep_records(self, seq: SeqState, records: dict[int, TokenLogprobs]) -> None:
+    def keep_records(self, scheduler: Scheduler, req: Request) -> None:
         """Offer a request's prompt records to the cache entries of its blocks."""
         if self.cache is not None:
-            self.cache.attach_records(seq, records.get, self.records_k)
+            scheduler.offer_records(req.request_id, req.prompt_records.get, self.records_k)
 
 
 def cut(rec: TokenLogprobs | None, k: int) -> TokenLogprobs | None:

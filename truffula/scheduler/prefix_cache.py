@@ -34,7 +34,7 @@ from truffula.scheduler.block_pool import BlockPool
 from truffula.scheduler.output import PLACEHOLDER
 
 if TYPE_CHECKING:
-    from truffula.scheduler.scheduler import SeqState
+    from truffula.scheduler.seq import SeqState
 
 HashFn = Callable[[bytes, bytes, bytes, Sequence[int]], bytes]
 

@@ -25,63 +25,23 @@ counts) and starts from there; ``step_done`` registers every block that became f
 
 from __future__ import annotations
 
-import enum
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 
 from truffula.scheduler.block_pool import BlockPool
-from truffula.scheduler.output import ScheduledSeq, SchedulerOutput
+from truffula.scheduler.output import PLACEHOLDER, ScheduledSeq, SchedulerOutput
 from truffula.scheduler.prefix_cache import PrefixCache
+from truffula.scheduler.seq import SeqState, SeqStatus
+
+__all__ = ["AdmitHook", "ReleaseHook", "Scheduler", "SeqState", "SeqStatus"]
 
 
-class SeqStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-@dataclass(eq=False)
-class SeqState:
-    """What the scheduler knows of a request. The engine appends sampled tokens to ``token_ids``."""
-
-    request_id: str
-    token_ids: list[int]
-    prompt_len: int
-    arrival: int = 0
-    adapter: str | None = None
-    num_computed: int = 0
-    block_ids: list[int] = field(default_factory=list)
-    status: SeqStatus = SeqStatus.WAITING
-    num_preemptions: int = 0
-    adapter_slot: int = -1
-    unresolved: int = 0
-    """``PLACEHOLDER`` tokens at the end of ``token_ids`` (sampled by a step in flight)."""
-    cache_salt: bytes = b""
-    """What besides the tokens shapes its KV: the adapter (key and load) or merge; b"": base."""
-    prompt_records_k: int = -1
-    """Alternatives the prompt records it still needs must carry (-1: it needs none); a prefix
-    hit must bring the records of every prompt position it covers."""
-    block_keys: list[bytes] = field(default_factory=list)
-    """Prefix-cache keys of its first full, known blocks (they depend on tokens only)."""
-    block_serials: list[int] = field(default_factory=list)
-    """Prefix-cache serial of the content of each of its first blocks (hit or registered)."""
-    records_attached: int = 0
-    """Blocks whose prompt records were offered to the prefix cache."""
-    cached_records: dict[int, object] = field(default_factory=dict)
-    """Prompt records a prefix hit brought, for the engine to take (position -> record)."""
-    num_cached_tokens: int = 0
-    """Tokens its last admission took from the prefix cache."""
-    drafts: list[int] = field(default_factory=list)
-    """Speculated tokens after its last known one, verified with its next decode
-    (``truffula.speculative``); never part of ``token_ids`` until accepted."""
-
-    @property
-    def num_pending(self) -> int:
-        return len(self.token_ids) - self.num_computed
-
-
-AdmitHook = Callable[[SeqState], bool]
+AdmitHook = Callable[[SeqState], int | None]
+"""Asked before a waiting request runs: the device slot of its adapter (-1: the base model),
+or None while it cannot run yet."""
+ReleaseHook = Callable[[SeqState], None]
+"""Told when a request gives its adapter slot back (finished, preempted, or not admitted after
+all)."""
 
 
 class Scheduler:
@@ -92,7 +52,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_num_seqs: int,
         admit: AdmitHook | None = None,
-        release: Callable[[SeqState], None] | None = None,
+        release: ReleaseHook | None = None,
         max_prefill_while_decoding: int = 0,
         prefix_cache: PrefixCache | None = None,
     ) -> None:
@@ -130,8 +90,7 @@ class Scheduler:
             self.prefix_cache.register(seq)  # tokens resolved since its last step
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
-            if self.release is not None:
-                self.release(seq)
+            self._release(seq)
         else:
             self.waiting.remove(seq)
         self._free_blocks(seq)
@@ -189,20 +148,18 @@ class Scheduler:
         held: list[SeqState] = []  # waiting requests whose admission hook said "not yet"
         while self.waiting and min(budget, prefill_left) > 0 and len(self.running) < self.max_seqs:
             seq = self.waiting.popleft()
-            if seq.unresolved or (self.admit is not None and not self.admit(seq)):
+            if seq.unresolved or not self._admit(seq):
                 held.append(seq)
                 continue
             hit = self._take_prefix(seq)
             if self._computing_its_prefix(seq, chosen):
-                if self.release is not None:
-                    self.release(seq)
+                self._release(seq)
                 self._drop_prefix(seq)
                 held.append(seq)  # its next block is being computed: a hit next step
                 continue
             n = min(seq.num_pending, budget, prefill_left)
             if not self._grow(seq, n):
-                if self.release is not None:
-                    self.release(seq)
+                self._release(seq)
                 self._drop_prefix(seq)
                 self.waiting.appendleft(seq)
                 break
@@ -242,7 +199,78 @@ class Scheduler:
             seq.num_computed += n
             seq.drafts = []
 
+    # ---------------------------------------------------------------- what the engine reports
+    def add_placeholder(self, request_id: str) -> int:
+        """A launched step samples the request's next token: a ``PLACEHOLDER`` holds its place
+        until it is read; returns its index in ``token_ids``."""
+        seq = self._by_id[request_id]
+        seq.token_ids.append(PLACEHOLDER)
+        seq.unresolved += 1
+        return len(seq.token_ids) - 1
+
+    def append_token(self, request_id: str, token: int, placeholder: int | None = None) -> None:
+        """A sampled token is known: appended, or written over its ``PLACEHOLDER``."""
+        seq = self._by_id[request_id]
+        if placeholder is None:
+            seq.token_ids.append(token)
+        else:
+            seq.token_ids[placeholder] = token
+            seq.unresolved -= 1
+
+    def rewind(self, request_id: str, start_pos: int) -> None:
+        """A step whose results are lost: its ``PLACEHOLDER`` tokens go, and the request computes
+        again from ``start_pos`` (its blocks stay; the positions are written again)."""
+        seq = self._by_id.get(request_id)
+        if seq is None:
+            return
+        while seq.token_ids and seq.token_ids[-1] == PLACEHOLDER:
+            seq.token_ids.pop()
+        seq.unresolved = 0
+        seq.num_computed = min(seq.num_computed, start_pos, len(seq.token_ids) - 1)
+
+    def set_drafts(self, drafts: Mapping[str, list[int]]) -> None:
+        """The drafts of the coming step (``truffula.speculative``); a request not named has none."""
+        for seq in self._by_id.values():
+            seq.drafts = drafts.get(seq.request_id, [])
+
+    def take_cached_records(self, request_id: str) -> dict[int, object]:
+        """The prompt records its prefix hit brought (``SchedulerOutput.prefix_hits``), once."""
+        seq = self._by_id.get(request_id)
+        if seq is None:
+            return {}
+        records, seq.cached_records = seq.cached_records, {}
+        return records
+
+    def offer_records(self, request_id: str, get: Callable[[int], object | None], k: int) -> None:
+        """Keep a request's prompt records (``get(position)``, ``k`` alternatives) with the
+        prefix-cache entries of its blocks."""
+        seq = self._by_id.get(request_id)
+        if seq is not None and self.prefix_cache is not None:
+            self.prefix_cache.attach_records(seq, get, k)
+
+    def records_delivered(self, request_id: str) -> None:
+        """Its prompt records went out: a recompute after preemption needs none from a hit."""
+        seq = self._by_id.get(request_id)
+        if seq is not None:
+            seq.prompt_records_k = -1
+
     # ---------------------------------------------------------------- helpers
+    def _admit(self, seq: SeqState) -> bool:
+        """Whether a waiting request may run now: the admission hook gives its adapter slot."""
+        if self.admit is None or seq.adapter_slot >= 0:
+            return True
+        slot = self.admit(seq)
+        if slot is None:
+            return False
+        seq.adapter_slot = slot
+        return True
+
+    def _release(self, seq: SeqState) -> None:
+        if seq.adapter_slot >= 0:
+            if self.release is not None:
+                self.release(seq)
+            seq.adapter_slot = -1
+
     def _scheduled(self, seq: SeqState, n: int) -> ScheduledSeq:
         start = seq.num_computed
         known = min(n, len(seq.token_ids) - start)
@@ -309,8 +337,7 @@ class Scheduler:
 
     def _preempt(self, seq: SeqState) -> None:
         self.running.remove(seq)
-        if self.release is not None:
-            self.release(seq)
+        self._release(seq)
         self._free_blocks(seq)
         seq.num_computed = 0
         seq.block_serials = []

@@ -1,12 +1,12 @@
-"""The engine's side of speculation: drafts for the running requests before each step, and the
-count of what was drafted and accepted."""
+"""The engine's side of speculation: drafts for the running requests before each step (handed
+to the scheduler, ``Scheduler.set_drafts``), and the count of what was drafted and accepted."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Protocol
 
-from truffula.scheduler.scheduler import SeqState, SeqStatus
+from truffula.scheduler.seq import SeqState, SeqStatus
 from truffula.speculative import ngram
 from truffula.speculative.config import SpeculativeConfig
 
@@ -40,15 +40,15 @@ class Drafter:
         self._backoff: dict[str, tuple[int, int]] = {}
         """Request -> (steps to skip drafting, the next wait after another miss)."""
 
-    def draft(self, requests: Iterable[Drafted]) -> None:
-        """Set each running request's ``seq.drafts`` for the coming step: up to
+    def draft(self, requests: Iterable[Drafted]) -> dict[str, list[int]]:
+        """The drafts of the coming step, by request (those without drafts left out): up to
         ``num_speculative_tokens``, never past its length limits; none for a request that
         opted out, is prefilling, has tokens in flight or is pausing after a miss."""
         cfg = self.config
         live = set()
+        drafts: dict[str, list[int]] = {}
         for req in requests:
             seq = req.seq
-            seq.drafts = []
             live.add(seq.request_id)
             skip, wait = self._backoff.get(seq.request_id, (0, 1))
             if skip:
@@ -69,13 +69,14 @@ class Drafter:
             if room > 0:
                 history = self._history.setdefault(seq.request_id, ngram.History())
                 tokens = history.sync(seq.token_ids)  # no placeholders: none are unresolved
-                seq.drafts = ngram.propose(
-                    tokens, room, cfg.prompt_lookup_min, cfg.prompt_lookup_max
-                )
-                self.drafted += len(seq.drafts)
+                proposed = ngram.propose(tokens, room, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+                if proposed:
+                    drafts[seq.request_id] = proposed
+                    self.drafted += len(proposed)
         for table in (self._backoff, self._history):
             for rid in [r for r in table if r not in live]:
                 del table[rid]
+        return drafts
 
     def verified(self, request_id: str, drafted: int, accepted: int) -> None:
         """A step verified ``drafted`` tokens of the request and kept ``accepted``. A miss (none
