@@ -1,0 +1,133 @@
+"""Two replicas of the default model on a local Ray instance, behind one endpoint: the answers
+are one engine's, an adapter's requests stay on one replica, the API key and streams behave as
+on one server, and ``--stop`` ends it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import RAW_PROMPTS
+from serverproc import ROOT
+
+from .clusterproc import ClusterProcess
+
+pytest.importorskip("ray.serve")
+pytestmark = pytest.mark.slow
+
+ADAPTERS = ROOT / "examples" / "adapters"
+KEY = "cluster-key"
+NEW_TOKENS = 8
+REPLICA = "x-truffula-replica"
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir: Path):  # type: ignore[no-untyped-def]
+    proc = ClusterProcess(
+        "--replicas",
+        "2",
+        "--cpus-per-replica",
+        "0.5",
+        "--model",
+        str(model_dir),
+        "--adapter-root",
+        str(ADAPTERS),
+        "--max-model-len",
+        "512",
+        key=KEY,
+    )
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path):  # type: ignore[no-untyped-def]
+    """Greedy answers of one in-process engine: {(prompt, adapter): text}."""
+    from truffula.engine.llm import LLM
+    from truffula.sampling.params import SamplingParams
+
+    llm = LLM(str(model_dir), progress=False, adapter_root=str(ADAPTERS), max_model_len=512)
+    out = {}
+    for adapter in (None, "pirate", "caps"):
+        key = None if adapter is None else llm.engine.adapters.load(adapter)
+        params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0, adapter_id=key)
+        for prompt, completion in zip(RAW_PROMPTS, llm.generate(RAW_PROMPTS, params), strict=True):
+            out[prompt, adapter] = completion.text
+    return out
+
+
+def generate(cluster: ClusterProcess, prompt: str, adapter: str | None) -> httpx.Response:
+    params: dict = {"max_new_tokens": NEW_TOKENS}
+    if adapter is not None:
+        params["adapter_id"] = adapter
+    return cluster.post("/generate", {"inputs": prompt, "parameters": params})
+
+
+def test_an_adapters_requests_stay_on_one_replica(cluster) -> None:  # type: ignore[no-untyped-def]
+    # first in this file: no replica holds an adapter yet
+    for adapter in ("pirate", "caps", "french"):
+        generate(cluster, "Hello", adapter)  # the first one picks the replica
+        with ThreadPoolExecutor(2) as pool:
+            responses = list(
+                pool.map(lambda i, a=adapter: generate(cluster, RAW_PROMPTS[i % 5], a), range(10))
+            )
+        assert all(r.status_code == 200 for r in responses)
+        counts = Counter(r.headers[REPLICA] for r in responses)
+        share = counts.most_common(1)[0][1] / len(responses)
+        assert share >= 0.8, (adapter, counts)
+
+
+def test_answers_are_one_engines(cluster, reference) -> None:  # type: ignore[no-untyped-def]
+    jobs = [(p, a) for p in RAW_PROMPTS for a in (None, "pirate", "caps")]
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda j: generate(cluster, *j), jobs))
+    for (prompt, adapter), r in zip(jobs, responses, strict=True):
+        assert r.status_code == 200, r.text
+        assert r.json()["generated_text"] == reference[prompt, adapter], (prompt, adapter)
+        assert r.headers[REPLICA]
+    base = {r.headers[REPLICA] for (_, a), r in zip(jobs, responses, strict=True) if a is None}
+    assert len(base) == 2, "base-model requests in parallel should reach both replicas"
+    # OpenAI names the adapter in ``model``; the answer is the same one
+    r = cluster.post(
+        "/v1/completions",
+        {"model": "caps", "prompt": RAW_PROMPTS[0], "max_tokens": NEW_TOKENS, "temperature": 0},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == reference[RAW_PROMPTS[0], "caps"]
+
+
+def test_streams_keys_and_errors_as_one_server(cluster) -> None:  # type: ignore[no-untyped-def]
+    body = {"inputs": RAW_PROMPTS[0], "parameters": {"max_new_tokens": NEW_TOKENS}}
+    with httpx.stream(
+        "POST", cluster.url + "/generate_stream", json=body, headers=cluster.headers, timeout=120
+    ) as r:
+        assert r.status_code == 200 and r.headers[REPLICA]
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+    assert len(events) == NEW_TOKENS and events[-1]["generated_text"]
+    assert all(e["generated_text"] is None for e in events[:-1])
+    assert httpx.post(cluster.url + "/generate", json=body, timeout=60).status_code == 401
+    assert httpx.get(cluster.url + "/health", timeout=60).status_code == 200
+    r = cluster.post("/generate", {"inputs": "x", "parameters": {"adapter_id": "no-such"}})
+    assert r.status_code in (400, 404, 422) and "error" in r.json()
+    r = cluster.post("/v1/completions", {"model": "x", "prompt": "x", "max_tokens": -1})
+    assert r.status_code == 422 and "message" in r.json()["error"]
+
+
+def test_stop_ends_the_cluster(cluster) -> None:  # type: ignore[no-untyped-def]
+    r = subprocess.run(
+        [sys.executable, "-m", "truffula.cli", "cluster", "--stop"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert cluster.proc.wait(60) == 0
+    assert "stopped" in cluster.log.read_text()
