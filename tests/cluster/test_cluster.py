@@ -5,8 +5,11 @@ on one server, and ``--stop`` ends it."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -118,6 +121,76 @@ def test_streams_keys_and_errors_as_one_server(cluster) -> None:  # type: ignore
     assert r.status_code in (400, 404, 422) and "error" in r.json()
     r = cluster.post("/v1/completions", {"model": "x", "prompt": "x", "max_tokens": -1})
     assert r.status_code == 422 and "message" in r.json()["error"]
+
+
+def parent_of(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        pid = parent_of(pid)
+    return False
+
+
+def replica_pids(cluster: ClusterProcess) -> list[int]:
+    """The replicas' worker processes (Ray names them by deployment) of this cluster."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"ServeReplica:truffula:TruffulaReplica" in cmdline and descends_from(
+            int(entry.name), cluster.proc.pid
+        ):
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_a_killed_replica_loses_only_its_requests(cluster) -> None:  # type: ignore[no-untyped-def]
+    pids = replica_pids(cluster)
+    assert len(pids) == 2, pids
+    before = {generate(cluster, "Hi", None).headers[REPLICA] for _ in range(6)}
+    body = {"inputs": RAW_PROMPTS[2], "parameters": {"max_new_tokens": 128}}
+
+    def one(_: int) -> httpx.Response:
+        return cluster.post("/generate", body)
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(one, i) for i in range(8)]
+        time.sleep(2)
+        os.kill(pids[0], signal.SIGKILL)
+        responses = [f.result() for f in futures]
+    codes = Counter(r.status_code for r in responses)
+    assert set(codes) <= {200, 503}, codes
+    assert codes[200] >= 1, "the other replica's requests finish"
+    assert codes[503] >= 1, "the killed replica had requests in flight"
+    texts = {r.json()["generated_text"] for r in responses if r.status_code == 200}
+    assert len(texts) == 1
+    for r in responses:
+        if r.status_code == 503:
+            assert r.json()["error_type"] == "replica_failed"
+    # service goes on, and Serve starts a replica in place of the dead one
+    deadline = time.time() + 240
+    seen: set[str] = set()
+    while time.time() < deadline:
+        r = generate(cluster, "Hi", None)
+        assert r.status_code in (200, 503)
+        if r.status_code == 200:
+            seen.add(r.headers[REPLICA])
+        if len(seen - before) >= 1 and len(replica_pids(cluster)) == 2:
+            break
+        time.sleep(1)
+    assert seen - before, "no new replica answered"
 
 
 def test_stop_ends_the_cluster(cluster) -> None:  # type: ignore[no-untyped-def]
