@@ -11,10 +11,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
+from typing import TYPE_CHECKING, Any
 
 from truffula.cli import serve
 from truffula.cli.args import engine_config
+
+if TYPE_CHECKING:
+    from truffula.cluster.app import Scale
+    from truffula.config import EngineConfig
+    from truffula.server.settings import ServerSettings
 
 EXTRA_HINT = "truffula cluster needs Ray Serve: pip install 'truffula[cluster]'"
 
@@ -85,12 +92,30 @@ def run(args: argparse.Namespace) -> int:
         print(f"truffula: error: {EXTRA_HINT}", file=sys.stderr)
         return 2
     from truffula.cluster import launch
-    from truffula.cluster.app import Scale
 
     if args.stop:
         return launch.stop(args.address)
     if args.adapter_root is None:  # the replicas' working directory is Ray's, not this one
         args.adapter_root = os.getcwd()
+    settings, config, scale = _plan(args)
+    return launch.run(settings, config, scale, args.address)
+
+
+def application(args: dict[str, str]) -> Any:
+    """The application for Ray Serve's own tools (``serve run``, ``serve deploy``, a KubeRay
+    ``RayService``): ``import_path: truffula.cli.cluster:application`` with
+    ``args: {flags: "--replicas 2 --adapter-root /adapters ..."}``, the flags of this command
+    (``--host``/``--port``, ``--address`` and ``--stop`` are Serve's config's business there)."""
+    from truffula.cli import build_parser
+    from truffula.cluster.app import build
+
+    flags = shlex.split(str(args.get("flags", "")))
+    return build(*_plan(build_parser().parse_args(["cluster", *flags])))
+
+
+def _plan(args: argparse.Namespace) -> tuple[ServerSettings, EngineConfig, Scale]:
+    from truffula.cluster.app import Scale
+
     config = engine_config(args)
     gpus = args.gpus_per_replica
     if gpus is None:
@@ -104,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         num_cpus=args.cpus_per_replica,
         num_gpus=gpus,
     )
-    return launch.run(serve.server_settings(args), config, scale, args.address)
+    return serve.server_settings(args), config, scale
 
 
 def _on_cuda(device: str) -> bool:
