@@ -98,7 +98,7 @@ def test_abort_frees_everything(llm) -> None:  # type: ignore[no-untyped-def]
     assert core.pool.num_used == 0 and not core.has_work()
     assert core.abort(rid) is None
     core.step()
-    assert rid not in core.runner.states
+    assert rid not in core.requests and core.scheduler.get(rid) is None
 
 
 def test_missing_model_and_unknown_architecture(tmp_path: Path, model_dir: Path) -> None:

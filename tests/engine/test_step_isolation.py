@@ -67,7 +67,7 @@ def check_engine_clean(llm: LLM) -> None:
     engine = llm.engine
     assert not engine.requests and not engine.has_work() and engine.inflight is None
     assert engine.pool.num_used == 0 and not engine.isolation.active
-    assert not engine.runner.states
+    assert engine.scheduler.num_requests == 0
 
 
 @pytest.mark.parametrize("bad_at", [[2], [0, 4]], ids=["one-culprit", "two-culprits"])

@@ -1,13 +1,15 @@
 """The synchronous engine core: prepared requests in, one step at a time, numbers out.
 
 A request's life (see docs/structure.md for the numbered version): the ``Frontend`` validates
-and tokenizes it into an ``EngineRequest``; ``add`` registers it with the runner and queues it in
-the scheduler; each ``step_outputs`` schedules a batch, runs it, and turns the runner's plain
-results into ``EngineOutput``s (token ids, their statistics, EOS and length); a finished or
-aborted request leaves the scheduler (its blocks return to the pool) and the runner. The engine
-reads the scheduler's ``SeqState`` and reports to it through its methods, never writing it. In the
-server this runs in the engine process (``truffula.engine.engine_proc``) and the frontend in
-the API process; ``add_request`` and ``step`` run both here, for ``LLM`` and scripts.
+and tokenizes it into an ``EngineRequest``; ``add`` makes its one record (``Request``, with its
+``SamplingState``) and queues it in the scheduler; each ``step_outputs`` schedules a batch, runs
+it (each scheduled sequence carries its sampling state to the runner), and turns the runner's
+plain results into ``EngineOutput``s (token ids, their statistics, EOS and length); a finished or
+aborted request leaves through ``_finish`` alone (scheduler: blocks, prefix-cache references,
+adapter slot; the model's own caches; the adapter's user count; metrics). The engine reads the
+scheduler's ``SeqState`` and reports to it through its methods, never writing it. In the server
+this runs in the engine process (``truffula.engine.engine_proc``) and the frontend in the API
+process; ``add_request`` and ``step`` run both here, for ``LLM`` and scripts.
 Not thread-safe: one thread drives it.
 """
 
@@ -37,6 +39,7 @@ from truffula.models.registry import load_model
 from truffula.runner.output import SeqOutput
 from truffula.runner.runner import Launched, ModelRunner
 from truffula.sampling.params import SamplingParams
+from truffula.sampling.state import SamplingState
 from truffula.scheduler.block_pool import BlockPool
 from truffula.scheduler.output import SchedulerOutput
 from truffula.scheduler.scheduler import Scheduler, SeqState
@@ -111,7 +114,6 @@ class EngineCore:
             self.architecture,
             self.table,
         )
-        self.runner.grammars = self.frontend.grammars
         self.requests: dict[str, Request] = {}
         self.metrics: MetricsSink | None = None
         mode = config.scheduler.async_scheduling
@@ -171,7 +173,7 @@ class EngineCore:
 
     # ---------------------------------------------------------------- requests
     def add(self, req: EngineRequest) -> None:
-        """Queue a prepared request (``Frontend.prepare``) with the runner and the scheduler."""
+        """Make the record of a prepared request (``Frontend.prepare``) and queue it."""
         if self.scheduler.num_requests >= self.config.scheduler.max_queued_requests:
             raise EngineOverloadedError("Model is overloaded")
         if req.request_id in self.requests:
@@ -185,9 +187,16 @@ class EngineCore:
             key = self.adapters.add_user(params.adapter_id)
             if key != params.adapter_id:
                 params = req.params = params.with_updates(adapter_id=key)
-        seq = self.prompts.new_seq(req.request_id, req.prompt_ids, params)
-        self.requests[req.request_id] = Request(req, seq)
-        self.runner.add_request(req.request_id, req.prompt_ids, params)
+        try:
+            sampling = SamplingState.create(
+                params, req.prompt_ids, self.device, self.frontend.grammars
+            )
+        except Exception:
+            if params.adapter_id is not None:
+                self.adapters.remove_user(params.adapter_id)
+            raise
+        seq = self.prompts.new_seq(req.request_id, req.prompt_ids, params, sampling)
+        self.requests[req.request_id] = Request(req, seq, sampling)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str, reason: str = "abort") -> EngineOutput | None:
@@ -339,7 +348,7 @@ class EngineCore:
         tok = seq_out.sampled
         assert tok is not None
         params = req.params
-        req.output_ids.append(tok)
+        req.sampling.accept(tok)  # the token history penalties count; the matcher advances
         self.scheduler.append_token(req.request_id, tok, placeholder)
         out = EngineOutput(
             req.request_id, [tok], [seq_out.logprobs], num_prompt_tokens=len(req.prompt_ids)
@@ -374,10 +383,14 @@ class EngineCore:
         return out
 
     def _finish(self, req: Request, reason: str) -> None:
+        """The one way out of the engine (finished, aborted, failed): the scheduler frees its
+        blocks, prefix-cache references and adapter slot, the model drops its own caches of
+        it, the adapter loses a user. A step still in flight may hold its sampling state: the
+        token it computes is dropped."""
         req.finish_reason = reason
         req.finished_at = time.monotonic()
         self.scheduler.finish(req.request_id)
-        self.runner.remove_request(req.request_id)
+        self.runner.release(req.request_id)
         self.requests.pop(req.request_id, None)
         if req.params.adapter_id is not None:
             self.adapters.remove_user(req.params.adapter_id)

@@ -102,11 +102,10 @@ class FaultInjector:
     def poison(self, core: EngineCore, sched: SchedulerOutput) -> None:
         for s in sched.seqs:
             req = core.requests.get(s.request_id)
-            state = core.runner.states.get(s.request_id)
-            if req is None or state is None or req.params.seed != self.seed:
+            if req is None or req.params.seed != self.seed:
                 continue
-            if len(req.output_ids) >= self.after:
-                state.params = state.params.with_updates(top_k=2**63)
+            if len(req.output_ids) >= self.after:  # what the runner samples with, not the spec
+                req.sampling.params = req.sampling.params.with_updates(top_k=2**63)
 
 
 @dataclass(eq=False)
@@ -189,9 +188,8 @@ class StepIsolation:
         if trace.launching is not None:
             suspects = [s.request_id for s in trace.launching.seqs]
             for s in trace.launching.seqs:
-                state = core.runner.states.get(s.request_id)
-                if state is not None:  # the launch may have counted them reported
-                    state.prompt_lp_next = min(state.prompt_lp_next, s.start_pos + 1)
+                if s.sampling is not None:  # the launch may have counted them reported
+                    s.sampling.prompt_lp_next = min(s.sampling.prompt_lp_next, s.start_pos + 1)
             if trace.prev is not None:
                 try:
                     outputs += core._process(trace.prev)
@@ -233,10 +231,8 @@ class StepIsolation:
             ids.append(s.request_id)
             core.scheduler.rewind(s.request_id, s.start_pos)
             req.in_flight = 0
-            state = core.runner.states.get(s.request_id)
-            if state is not None:
-                state.output_ids = list(req.output_ids)
-                state.prompt_lp_next = min(state.prompt_lp_next, s.start_pos + 1)
+            st = req.sampling  # its token history holds only the tokens the engine read
+            st.prompt_lp_next = min(st.prompt_lp_next, s.start_pos + 1)
         return ids
 
     def fail(self, core: EngineCore, request_id: str, exc: Exception) -> EngineOutput:

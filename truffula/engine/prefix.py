@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from truffula.adapters.store import AdapterStore
     from truffula.engine.request import Request
     from truffula.sampling.params import SamplingParams
+    from truffula.sampling.state import SamplingState
     from truffula.scheduler.output import SchedulerOutput
     from truffula.scheduler.scheduler import Scheduler
 
@@ -62,6 +63,7 @@ class PromptCache:
         request_id: str,
         prompt_ids: list[int],
         params: SamplingParams,
+        sampling: SamplingState,
     ) -> SeqState:
         """The scheduler's record of a new request, with what the prefix cache needs of it: its
         salt, and the k of the prompt records a hit must bring (-1: none asked)."""
@@ -72,6 +74,7 @@ class PromptCache:
             adapter=params.adapter_id,
             cache_salt=self.salt(params.adapter_id),
             prompt_records_k=params.prompt_k_alternatives if params.wants_prompt_logprobs else -1,
+            sampling=sampling,
         )
 
     def salt(self, adapter_key: str | None) -> bytes:

@@ -9,7 +9,8 @@ from truffula.engine.messages import EngineRequest
 from truffula.runner.launched import Launched
 from truffula.runner.output import TokenLogprobs
 from truffula.sampling.params import SamplingParams
-from truffula.scheduler.scheduler import SeqState
+from truffula.sampling.state import SamplingState
+from truffula.scheduler.seq import SeqState
 
 
 class MetricsSink(Protocol):
@@ -19,11 +20,13 @@ class MetricsSink(Protocol):
 
 @dataclass(eq=False)
 class Request:
-    """The engine's state of one request (the scheduler owns its ``seq``)."""
+    """The engine's state of one request, its one owner: made by ``EngineCore.add``, dropped by
+    ``EngineCore._finish``. The scheduler owns ``seq`` (the engine reads it and reports through
+    the scheduler's methods); ``sampling`` rides to the runner with every step that runs it."""
 
     spec: EngineRequest
     seq: SeqState
-    output_ids: list[int] = field(default_factory=list)
+    sampling: SamplingState
     prompt_records: dict[int, TokenLogprobs] = field(default_factory=dict)
     scheduled_at: float | None = None
     first_token_at: float | None = None
@@ -31,6 +34,11 @@ class Request:
     finish_reason: str | None = None
     in_flight: int = 0
     """Tokens sampled by launched steps whose results are not read yet."""
+
+    @property
+    def output_ids(self) -> list[int]:
+        """The output tokens read so far (the same list penalties count)."""
+        return self.sampling.output_ids
 
     @property
     def request_id(self) -> str:

@@ -4,7 +4,7 @@ placeholder tokens read from the step before it, and which sampled rows it emits
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -41,6 +41,8 @@ class Launched:
     host: Callable[[], list[np.ndarray]]
     sampled: torch.Tensor | None = None
     """[len(sample_idx)] sampled ids on the device (the next step's placeholder tokens)."""
+    ks: list[int] = field(default_factory=list)
+    """Alternatives each sampled row reports, fixed when the step was launched."""
 
 
 def placeholder_fill(

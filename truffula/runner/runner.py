@@ -1,7 +1,8 @@
 """The model runner: SchedulerOutput (plain data) -> device tensors -> model -> sampler -> RunnerOutput.
 
 Steps of ``launch`` (which returns without waiting for the device):
-1. drop the state of requests that left;
+1. gather the sampling parameters of the rows that sample from each sequence's sampling state
+   (``ScheduledSeq.sampling``, owned by the engine's record of the request);
 2. ``prepare``: flatten the scheduled tokens, positions and cache slots into one ForwardBatch
    (``PLACEHOLDER`` tokens are read from the previous step's samples on the device);
 3. run the model under ``forward_context`` and compute logits only for rows that sample;
@@ -10,8 +11,10 @@ Steps of ``launch`` (which returns without waiting for the device):
 5. issue one device-to-host copy of everything the engine needs.
 ``collect`` waits for that copy and turns it into plain lists.
 
-The runner keeps per-request state (prompt, outputs so far, sampling params, RNG) keyed by
-request id; it never sees the tokenizer.
+The runner keeps no per-request state: each step's plain data carries what it needs (tokens,
+blocks, adapter slot, and a reference to the request's ``SamplingState``: parameters, RNG,
+grammar matcher, the token history penalties count); ``release`` drops what the model itself
+keeps of a finished request (the transformers fallback's caches). It never sees the tokenizer.
 
 At start-up it sizes and allocates the paged KV cache (``truffula.runner.sizing``; on CUDA with
 no size given, after profiling the heaviest step on a one-block cache) and exposes the outcome
@@ -21,7 +24,7 @@ as ``sizing`` (``EngineSizing``).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -45,22 +48,10 @@ from truffula.runner.sizing import profile_layout
 from truffula.sampling.metadata import build_sampling_batch
 from truffula.sampling.params import SamplingParams
 from truffula.sampling.sampler import Sampler
+from truffula.sampling.state import SamplingState
 from truffula.scheduler.output import ScheduledSeq, SchedulerOutput
-from truffula.structured.compiler import Constraint, GrammarCompiler
 
 log = logging.getLogger("truffula.runner")
-
-
-@dataclass
-class RequestState:
-    prompt_ids: list[int]
-    params: SamplingParams
-    output_ids: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
-    prompt_lp_next: int = 1
-    """Next prompt position whose logprob is still to be reported."""
-    constraint: Constraint | None = None
-    """Structured-output matcher, advanced by each sampled token once it is on the host."""
 
 
 class ModelRunner:
@@ -96,9 +87,6 @@ class ModelRunner:
                 lin.pack_for_cpu()
         self.sampler = Sampler(self.kernels.stats)
         self.steps = StepBuilder(self.model, self.kernels, self.block_size, dtype)
-        self.states: dict[str, RequestState] = {}
-        self.grammars: GrammarCompiler | None = None
-        """Makes the matchers of constrained requests (set by the engine: it has the tokenizer)."""
         self.graphs: StepGraphs | None = None
         graph_batch = config.model.cuda_graph_max_batch or 0
         if (
@@ -180,32 +168,17 @@ class ModelRunner:
         for i, (start, n) in enumerate(profile_layout(budget, seqs_cap, self.max_len)):
             rid = f"__profile_{i}"
             params = heavy if n == 1 else heavy.with_updates(prompt_k_alternatives=k)
-            self.states[rid] = RequestState([0] * (start + n), params)
-            seqs.append(ScheduledSeq(rid, [0] * n, start, table, True))
+            state = SamplingState(params, [0] * (start + n))
+            seqs.append(ScheduledSeq(rid, [0] * n, start, table, True, sampling=state))
         graphs, self.graphs = self.graphs, None  # eager, however the step looks
         try:
             self.collect(self.launch(SchedulerOutput(seqs)))
         finally:
             self.graphs = graphs
-            for s in seqs:
-                self.states.pop(s.request_id, None)
 
     # ---------------------------------------------------------------- requests
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        gen = None
-        if params.seed is not None and not params.greedy:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(params.seed)
-        constraint = None
-        if params.structured is not None:
-            assert self.grammars is not None, "structured output needs the engine's grammars"
-            constraint = self.grammars.constraint(params.structured)
-        self.states[request_id] = RequestState(
-            list(prompt_ids), params, generator=gen, constraint=constraint
-        )
-
-    def remove_request(self, request_id: str) -> None:
-        self.states.pop(request_id, None)
+    def release(self, request_id: str) -> None:
+        """A request finished: drop what the model keeps of it (the fallback's caches)."""
         release = getattr(self.model, "release", None)
         if release is not None:
             release(request_id)
@@ -216,8 +189,6 @@ class ModelRunner:
         """Issue the step's device work and the copy of its results to the host; returns
         without waiting for them. ``PLACEHOLDER`` tokens are read from ``prev``'s samples on
         the device."""
-        for rid in sched.finished_ids:
-            self.states.pop(rid, None)
         if sched.is_empty:
             return Launched(sched, [], [], False, list)
         starts = [0]
@@ -237,8 +208,8 @@ class ModelRunner:
                     last_rows.append(first + j)
                     drafted.append(drafts[:j])
         batch = None
-        if sample_idx:  # built before the forward, so its host-to-device copies overlap it
-            states = [self._state(sched.seqs[i].request_id) for i in sample_idx]
+        states = [_sampling(sched.seqs[i]) for i in sample_idx]
+        if states:  # built before the forward, so its host-to-device copies overlap it
             batch = build_sampling_batch(
                 [st.params for st in states],
                 [st.prompt_ids for st in states],
@@ -277,22 +248,14 @@ class ModelRunner:
                 device_parts += [lp.rows, lp.token_ids, lp.logprobs, lp.ranks, lp.entropy]
         for job in jobs:
             device_parts += self._prompt_logprobs(hidden, job)
-        return Launched(sched, sample_idx, jobs, has_lp, to_host_async(device_parts), sampled)
+        ks = [st.params.return_k_alternatives for st in states]  # as launched
+        return Launched(sched, sample_idx, jobs, has_lp, to_host_async(device_parts), sampled, ks)
 
     def collect(self, launched: Launched) -> RunnerOutput:
         """Wait for a launched step's results and turn them into plain data."""
         if launched.sched.is_empty:
             return RunnerOutput([])
-        host = launched.host()
-        return self._unpack(
-            launched.sched.seqs, launched.sample_idx, launched.has_lp, launched.jobs, host
-        )
-
-    def _state(self, request_id: str) -> RequestState:
-        """A request's state; one that left while its step was being scheduled (asynchronous
-        scheduling) computes a throw-away greedy token."""
-        st = self.states.get(request_id)
-        return st if st is not None else _GONE
+        return self._unpack(launched, launched.host())
 
     def prepare(
         self, seqs: list[ScheduledSeq]
@@ -314,8 +277,8 @@ class ModelRunner:
     def _prompt_jobs(self, seqs: list[ScheduledSeq], starts: list[int]) -> list[PromptJob]:
         jobs = []
         for i, s in enumerate(seqs):
-            st = self.states[s.request_id]
-            if not st.params.wants_prompt_logprobs:
+            st = s.sampling
+            if st is None or not st.params.wants_prompt_logprobs:
                 continue
             plen = len(st.prompt_ids)
             # logits at position p predict the token at p + 1; this chunk holds positions
@@ -346,14 +309,10 @@ class ModelRunner:
         return [torch.cat(p) for p in parts]
 
     # ---------------------------------------------------------------- results
-    def _unpack(
-        self,
-        seqs: list[ScheduledSeq],
-        sample_idx: list[int],
-        has_lp: bool,
-        jobs: list[PromptJob],
-        host: list[np.ndarray],
-    ) -> RunnerOutput:
+    def _unpack(self, launched: Launched, host: list[np.ndarray]) -> RunnerOutput:
+        """Plain records of a step's results; the engine reads each sampled token into the
+        request's sampling state (``SamplingState.accept``)."""
+        seqs, sample_idx = launched.sched.seqs, launched.sample_idx
         outs = [SeqOutput(s.request_id, None) for s in seqs]
         it = iter(host)
         if sample_idx:
@@ -366,17 +325,9 @@ class ModelRunner:
                     outs[i].sampled = tok
                 else:
                     outs[i].accepted.append(tok)
-                st = self.states.get(seqs[i].request_id)
-                if st is not None:
-                    st.output_ids.append(tok)
-                    if st.constraint is not None:
-                        st.constraint.accept(tok)
-            if has_lp:
+            if launched.has_lp:
                 rows, ids, lps, ranks, ents = (next(it) for _ in range(5))
-                ks = [
-                    self._state(seqs[sample_idx[int(r)]].request_id).params.return_k_alternatives
-                    for r in rows
-                ]
+                ks = [launched.ks[int(r)] for r in rows]  # each row's k when it was launched
                 for r, rec in zip(
                     rows.astype(np.int64).tolist(), records(ids, lps, ranks, ents, ks), strict=True
                 ):
@@ -387,7 +338,7 @@ class ModelRunner:
                         out.logprobs = rec
                     else:
                         out.accepted_logprobs.append(rec)
-        for job in jobs:
+        for job in launched.jobs:
             ids, lps, ranks, ents = (next(it) for _ in range(4))
             outs[job.seq_index].prompt_logprobs = records(
                 ids, lps, ranks, ents, [job.k] * len(ranks)
@@ -396,4 +347,6 @@ class ModelRunner:
         return RunnerOutput(outs)
 
 
-_GONE = RequestState([], SamplingParams(temperature=0.0))
+def _sampling(seq: ScheduledSeq) -> SamplingState:
+    assert seq.sampling is not None, f"{seq.request_id} samples without a sampling state"
+    return seq.sampling

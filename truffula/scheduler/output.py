@@ -1,8 +1,13 @@
-"""Plain data the scheduler hands to the runner each step (no tensors, no model objects)."""
+"""Plain data the scheduler hands to the runner each step (no tensors, no model objects; each
+sequence carries a reference to its request's sampling state)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from truffula.sampling.state import SamplingState
 
 PLACEHOLDER = -1
 """A token id not known on the host yet: sampled by a step still in flight, whose device result
@@ -26,6 +31,9 @@ class ScheduledSeq:
     num_drafts: int = 0
     """Speculated tokens at the end of ``token_ids``: every position from the last known token
     on is sampled, and the drafts the samples confirm are accepted."""
+    sampling: SamplingState | None = None
+    """What the runner samples the request's rows with (parameters, RNG, matcher, the token
+    history penalties count) and the prompt logprobs it still owes; the engine owns it."""
 
     @property
     def num_tokens(self) -> int:
@@ -42,7 +50,7 @@ class SchedulerOutput:
     """Decodes first, then prefill chunks."""
     preempted_ids: list[str] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)
-    """Requests that left since the last step; the runner drops their state."""
+    """Requests that left since the last step."""
     prefix_hits: list[str] = field(default_factory=list)
     """Requests admitted this step with prompt records from the prefix cache
     (``SeqState.cached_records``) for the engine to take."""

@@ -283,6 +283,7 @@ class Scheduler:
             sample=start + known == len(seq.token_ids),
             adapter_slot=seq.adapter_slot,
             num_drafts=len(drafts),
+            sampling=seq.sampling,
         )
 
     def _take_prefix(self, seq: SeqState) -> int:

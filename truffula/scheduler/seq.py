@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from truffula.sampling.state import SamplingState
 
 
 class SeqStatus(enum.Enum):
@@ -47,6 +51,9 @@ class SeqState:
     drafts: list[int] = field(default_factory=list)
     """Speculated tokens after its last known one, verified with its next decode
     (``truffula.speculative``); never part of ``token_ids`` until accepted."""
+    sampling: SamplingState | None = None
+    """The request's sampling state (owned by the engine's record of the request), handed to
+    the runner with each step that runs it; None for a request that never samples (tests)."""
 
     @property
     def num_pending(self) -> int:
