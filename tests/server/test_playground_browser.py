@@ -1,6 +1,7 @@
 """End to end: the web playground at ``/`` in headless Debian chromium (Playwright) over a real
 server. Tokens stream in, keyboard focus shows a token's alternatives, which match ``/generate``;
-compare mode; server errors on the page; a screenshot in test-artifacts/playground.png.
+compare mode; server errors on the page; under a constraint, the tokens it chose against the
+model are marked; screenshots in test-artifacts/.
 
 Needs Debian's chromium (``make browser`` installs it; Playwright cannot download browsers here).
 """
@@ -143,6 +144,7 @@ def test_tokens_stream_in_and_show_their_alternatives(page: Any, server: Any) ->
     assert "".join(t["text"] for t in tokens) == ref["generated_text"]
     stats = page.text_content("#pane-a .stats")
     assert f"{MAX_NEW_TOKENS} tokens" in stats and "finish: length" in stats
+    assert page.locator(".tok.constrained, .constrained-note").count() == 0  # no constraint
 
     # keyboard: Tab from the Generate button lands on the first token; arrows move along
     page.focus("#generate")
@@ -350,3 +352,145 @@ def test_api_key_is_asked_kept_for_the_tab_and_sent(browser: Any, extras_server:
         assert all(a == good for _, a in after), after
     finally:
         pg.close()
+
+
+def regex_escape(text: str) -> str:
+    """Escape every character llguidance's regex parser treats as special."""
+    return "".join("\\" + c if c in "\\.+*?()|[]{}^$#&-~" else c for c in text)
+
+
+def constrained_reference(server: Any, prompt: str, grammar: dict[str, str]) -> dict[str, Any]:
+    """The same greedy request under the constraint, straight from ``/generate``, with the
+    model's own (raw) distribution."""
+    body = {
+        "inputs": prompt,
+        "parameters": {
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "temperature": 0,
+            "details": True,
+            "return_k_alternatives": K,
+            "logprobs_mode": "raw",
+            "grammar": grammar,
+        },
+    }
+    r = httpx.post(server.url + "/generate", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def sent_bodies(pg: Any) -> list[dict[str, Any]]:
+    """The bodies of the page's ``/generate_stream`` calls, collected from now on."""
+    bodies: list[dict[str, Any]] = []
+    pg.on(
+        "request",
+        lambda r: r.url.endswith("/generate_stream") and bodies.append(json.loads(r.post_data)),
+    )
+    return bodies
+
+
+def page_pct(logprob: float) -> str:
+    """A probability as the page writes it."""
+    p = math.exp(logprob)
+    return f"{100 * p:.{2 if p >= 0.995 or p < 0.001 else 1}f}%"
+
+
+def check_constrained_marks(pg: Any, ref: dict[str, Any]) -> list[bool]:
+    """The page's tokens are the reference's, and exactly those of raw rank above 1 carry the
+    mark, whose tooltip and panel name the model's preferred token and its probability."""
+    ref_tokens = ref["details"]["tokens"]
+    tokens = dom_tokens(pg)
+    assert [t["id"] for t in tokens] == [t["id"] for t in ref_tokens]
+    assert [t["text"] for t in tokens] == [t["text"] for t in ref_tokens]
+    marks = pg.evaluate(
+        "[...document.querySelectorAll('#pane-a .tok')].map((el) => el.classList.contains('constrained'))"
+    )
+    overridden = [t["rank"] > 1 for t in ref_tokens]
+    assert marks == overridden, list(zip(marks, [t["rank"] for t in ref_tokens], strict=True))
+    for i, want in enumerate(ref_tokens):
+        tok = pg.locator("#pane-a .tok").nth(i)
+        tok.focus()
+        panel = pg.evaluate(PANEL_JS)
+        assert panel["rank"] == str(want["rank"])
+        assert [b["id"] for b in panel["bars"]] == [a["id"] for a in want["alternative_tokens"]]
+        note = pg.locator("#inspector [data-field=preferred]")
+        if not overridden[i]:
+            assert note.count() == 0
+            assert "constraint" not in (tok.get_attribute("title") or "")
+            continue
+        top = want["alternative_tokens"][0]
+        assert top["id"] != want["id"]
+        said = f"{json.dumps(top['text'], ensure_ascii=False)} ({page_pct(top['logprob'])})"
+        text = note.text_content()
+        assert "Chosen by the constraint" in text and said in text, (text, said)
+        assert f"rank {want['rank']}" in text
+        assert note.get_attribute("data-id") == str(top["id"])
+        assert said in tok.get_attribute("title")
+    forced = sum(overridden)
+    assert f"{forced} chosen by the constraint" in pg.text_content("#pane-a .stats")
+    return marks
+
+
+def test_constraint_marks_the_tokens_it_chose_against_the_model(page: Any, server: Any) -> None:
+    """A regex of digits after a prompt that invites prose: the model never wanted the first
+    digit (raw rank above 1), may agree with the next ones, and never wanted EOS."""
+    bodies = sent_bodies(page)
+    settings(page, PROMPT)
+    assert page.is_hidden("#constraint-row") and page.is_enabled("#logprobs-mode")
+    page.select_option("#constraint", "regex")
+    # under a constraint the page asks for the model's own distribution
+    assert page.is_visible("#constraint-row") and page.is_visible("#raw-note")
+    assert page.is_disabled("#logprobs-mode")
+    assert page.input_value("#logprobs-mode") == "raw"
+    page.fill("#constraint-value", "[0-9]{4}")
+    page.click("#generate")
+    wait_done(page)
+    assert page.text_content("#errors") == ""
+    grammar = {"type": "regex", "value": "[0-9]{4}"}
+    sent = bodies[-1]["parameters"]
+    assert sent["grammar"] == grammar and sent["logprobs_mode"] == "raw"
+    assert "response_format" not in sent
+
+    ref = constrained_reference(server, PROMPT, grammar)
+    assert ref["generated_text"].isdigit() and len(ref["generated_text"]) == 4
+    marks = check_constrained_marks(page, ref)
+    assert any(marks) and not all(marks), marks  # both kinds are there to tell apart
+    legend = page.locator(".legend .constrained-demo")
+    assert legend.is_visible() and "constraint" in legend.text_content()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator("#pane-a .tok.constrained").first.focus()
+    page.screenshot(path=str(ARTIFACTS / "playground-constrained.png"), full_page=True)
+
+    # back to no constraint: the mode picked before comes back, and nothing is marked
+    page.select_option("#constraint", "")
+    assert page.is_enabled("#logprobs-mode") and page.input_value("#logprobs-mode") == "processed"
+    page.fill("#max-new-tokens", "6")
+    page.click("#generate")
+    wait_done(page)
+    sent = bodies[-1]["parameters"]
+    assert "grammar" not in sent and sent["logprobs_mode"] == "processed"
+    assert page.locator("#pane-a .tok").count() == 6
+    assert page.locator(".tok.constrained").count() == 0
+
+
+def test_choice_constraint_is_sent_as_an_escaped_regex(page: Any, server: Any) -> None:
+    choices = ["purple (elephant)?", "banana split + 2"]
+    bodies = sent_bodies(page)
+    settings(page, PROMPT)
+    page.select_option("#constraint", "choice")
+    page.fill("#constraint-value", "\n".join(["", *choices, ""]))
+    page.click("#generate")
+    wait_done(page)
+    assert page.text_content("#errors") == ""
+    grammar = {"type": "regex", "value": "(?:" + "|".join(map(regex_escape, choices)) + ")"}
+    assert bodies[-1]["parameters"]["grammar"] == grammar
+    ref = constrained_reference(server, PROMPT, grammar)
+    assert ref["generated_text"] in choices
+    marks = check_constrained_marks(page, ref)
+    assert marks[0], marks  # nothing in the story asked for either choice
+
+    # an empty list is refused on the page, before anything is sent
+    sent = len(bodies)
+    page.fill("#constraint-value", "\n")
+    page.click("#generate")
+    assert "at least one choice" in page.text_content("#errors")
+    assert len(bodies) == sent and page.locator("#pane-a .tok").count() == len(marks)

@@ -6,6 +6,7 @@
   const $ = (sel, root = document) => root.querySelector(sel);
   const SIDES = ['a', 'b'];
   const SEED = '__seed__';
+  const constraint = window.TruffulaConstraint;
   const runs = { a: null, b: null };
   let controller = null;
   let comparing = false;
@@ -115,7 +116,7 @@
     if (models.length > 1) $('#adapter-b').selectedIndex = 1;
   }
 
-  function parameters(adapterId) {
+  function parameters(adapterId, constrained) {
     const num = (id) => (($(id).value.trim() === '') ? null : Number($(id).value));
     const p = {
       details: true,
@@ -136,6 +137,11 @@
     // seeds go up to 2^64: digits are spliced into the JSON as is (a JS number would round them)
     if (seed) p.seed = /^\d+$/.test(seed) ? SEED : Number(seed);
     if (adapterId) p.adapter_id = adapterId;
+    if (constrained) {
+      // the model's own distribution, and at least its top token, to show what it preferred
+      Object.assign(p, constrained, { logprobs_mode: 'raw' });
+      if (!p.return_k_alternatives) p.return_k_alternatives = 1;
+    }
     return p;
   }
 
@@ -155,8 +161,17 @@
       else if (part) el.append(part);
     }
     el.title = `${pct(p)} · rank ${tok.rank ?? '–'}`;
+    const over = runs[side].constrained && constraint.override(tok);
+    if (over) {
+      el.classList.add('constrained');
+      el.title += ` · chosen by the constraint; the model preferred ${preferred(over)}`;
+    }
     return el;
   }
+
+  const preferred = (over) => (over.preferred
+    ? `${quoted(over.preferred.text)} (${pct(prob(over.preferred.logprob))})`
+    : 'another token (ask for k ≥ 1 alternatives to see which)');
 
   function addToken(run, tok) {
     if (runs[run.side] !== run) return; // a stream from an earlier click, still closing
@@ -175,6 +190,10 @@
     const bits = [`${run.tokens.length} tokens`];
     if (details && details.finish_reason) bits.push(`finish: ${details.finish_reason}`);
     if (details && details.seed !== null && details.seed !== undefined) bits.push(`seed ${details.seed}`);
+    if (run.constrained) {
+      const forced = run.tokens.filter((t) => constraint.override(t)).length;
+      bits.push(`${forced} chosen by the constraint against the model`);
+    }
     if (mean !== null) bits.push(`mean logprob ${fixed(mean, 3)}`, `perplexity ${fixed(Math.exp(-mean), 3)}`);
     $(`#pane-${run.side} .stats`).textContent = bits.join(' · ');
   }
@@ -211,11 +230,20 @@
       h('p', { class: 'tok-head' }, h('code', {}, quoted(tok.text)),
         ` ${runs[side].label} · token ${i + 1}${tok.special ? ' · special' : ''}`),
       facts,
-      h('h3', {}, `Top ${alts.length} alternatives`),
     ];
+    const over = runs[side].constrained && constraint.override(tok);
+    if (over) {
+      const attrs = { class: 'constrained-note', 'data-field': 'preferred' };
+      if (over.preferred) attrs['data-id'] = over.preferred.id;
+      parts.push(h('p', attrs, `Chosen by the constraint: the model preferred ${preferred(over)}; ` +
+        `this token was its rank ${tok.rank}.`));
+    }
+    parts.push(h('h3', {}, runs[side].constrained
+      ? `The model's top ${alts.length} (unconstrained)` : `Top ${alts.length} alternatives`));
     parts.push(alts.length ? list : h('p', { class: 'muted' }, 'none reported'));
     if (alts.length && !alts.some((a) => a.id === tok.id)) {
-      parts.push(h('p', { class: 'muted' }, 'The chosen token is not among them (it was sampled).'));
+      const why = runs[side].constrained ? 'the constraint chose it' : 'it was sampled';
+      parts.push(h('p', { class: 'muted' }, `The chosen token is not among them (${why}).`));
     }
     const other = comparing && runs[side === 'a' ? 'b' : 'a'];
     if (other && other.tokens[i]) {
@@ -304,7 +332,7 @@
 
   // ------------------------------------------------------------------ streaming
   async function stream(run, adapterId, signal) {
-    const body = JSON.stringify({ inputs: $('#prompt').value, parameters: parameters(adapterId) })
+    const body = JSON.stringify({ inputs: $('#prompt').value, parameters: parameters(adapterId, run.constrained) })
       .replace(`"${SEED}"`, $('#seed').value.trim());
     const prefix = comparing ? `${run.label}: ` : '';
     let resp;
@@ -372,6 +400,15 @@
 
   async function generate(ev) {
     ev.preventDefault();
+    let constrained;
+    try {
+      constrained = constraint.fields();
+    } catch (err) { // nothing starts; a generation already running goes on
+      $('#errors').replaceChildren();
+      showError('', { error: `constraint: ${err.message}`, error_type: 'validation' });
+      return;
+    }
+    if (!Object.keys(constrained).length) constrained = null;
     if (controller) controller.abort();
     controller = new AbortController();
     comparing = $('#compare').checked;
@@ -382,7 +419,10 @@
     for (const side of sides) {
       const select = $(`#adapter-${side}`);
       const name = select.value || 'base model';
-      runs[side] = { side, tokens: [], done: false, finished: false, label: comparing ? side.toUpperCase() : name };
+      runs[side] = {
+        side, tokens: [], done: false, finished: false, constrained,
+        label: comparing ? side.toUpperCase() : name,
+      };
       const pane = $(`#pane-${side}`);
       pane.querySelector('.pane-title').textContent = comparing ? `${side.toUpperCase()} — ${name}` : name;
       pane.querySelector('.tokens').replaceChildren();
