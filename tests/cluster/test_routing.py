@@ -92,3 +92,22 @@ def test_without_ray_the_message_names_the_extra() -> None:
     assert r.returncode == 2
     assert "pip install 'truffula[cluster]'" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_port_in_use_fails_before_ray_starts() -> None:
+    pytest.importorskip("ray.serve")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        r = subprocess.run(
+            [sys.executable, "-m", "truffula.cli", "cluster", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert r.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port} (--port)" in r.stderr
+    assert "Started Serve" not in r.stderr

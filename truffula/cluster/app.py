@@ -27,6 +27,8 @@ from truffula.server import errors
 from truffula.server.settings import ServerSettings
 
 APP_NAME = "truffula"
+CONSTRUCTOR_RETRIES = 2
+"""Starts of a replica that fails to start before the deploy fails with its error."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Scale:
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             "health_check_period_s": 5.0,
             "graceful_shutdown_timeout_s": 15.0,
+            "max_constructor_retry_count": CONSTRUCTOR_RETRIES,
         }
         lo, hi = self.min_replicas, self.max_replicas
         if lo is None or hi is None:

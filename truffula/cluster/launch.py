@@ -58,7 +58,9 @@ def run(settings: ServerSettings, config: EngineConfig, scale: Scale, address: s
         try:
             serve.run(build(settings, config, scale), name=APP_NAME, route_prefix="/")
         except Exception as exc:
-            print(f"truffula: error: the replicas did not start:\n{exc}", file=sys.stderr)
+            print(f"truffula: error: the replicas did not start: {exc}", file=sys.stderr)
+            for message in _deploy_errors():
+                print(message, file=sys.stderr)
             return 1
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
         count = (
@@ -105,6 +107,18 @@ def stop(address: str | None) -> int:
         return 0
     finally:
         ray.shutdown()
+
+
+def _deploy_errors() -> list[str]:
+    """What Serve says of each deployment of the application that failed (a replica's
+    constructor error, its traceback)."""
+    try:
+        app = serve.status().applications.get(APP_NAME)
+    except Exception:
+        return []
+    if app is None:
+        return []
+    return [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message]
 
 
 def _deployed() -> bool:
