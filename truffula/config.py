@@ -18,6 +18,7 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("int8",)
 ASYNC_SCHEDULING = ("auto", "on", "off")
+LINEAR_KERNELS = ("auto", "packed", "torch")
 
 
 def parse_size(text: str | int) -> int:
@@ -52,8 +53,9 @@ class ModelConfig:
     """Largest decode batch captured in a CUDA graph; None: the running-request cap
     (``max_num_seqs``); 0: no graphs."""
     linear_kernel: str = "auto"
-    """CPU linears: ``packed`` (oneDNN pre-packed weights), ``torch`` (F.linear, the reference)
-    or ``auto`` (packed where oneDNN is available)."""
+    """CPU linears (``--cpu-linear``): ``packed`` (oneDNN pre-packed weights), ``torch``
+    (F.linear, the reference) or ``auto`` (for each weight shape the faster of the two on this
+    CPU, timed once and cached: ``kernels.linear_cpu.choose``)."""
     quantization: str | None = None
     """``int8``: weight-only int8 linears with per-output-channel scales (not the LM head);
     None: the weights in ``dtype``."""
@@ -61,7 +63,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.quantization not in (None, *QUANTIZATIONS):
             raise ValueError(f"quantization must be int8 or unset, not {self.quantization!r}")
-        if self.linear_kernel not in ("auto", "packed", "torch"):
+        if self.linear_kernel not in LINEAR_KERNELS:
             raise ValueError(
                 f"linear_kernel must be auto, packed or torch, not {self.linear_kernel!r}"
             )

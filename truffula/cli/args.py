@@ -15,6 +15,7 @@ from truffula.config import (
     ASYNC_SCHEDULING,
     DEVICE_DEFAULTS,
     DTYPES,
+    LINEAR_KERNELS,
     QUANTIZATIONS,
     CacheConfig,
     EngineConfig,
@@ -59,6 +60,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=default_of(M, "quantization"),
         choices=QUANTIZATIONS,
         help="int8: weight-only int8 linears, per-output-channel scales (LoRA factors stay 16/32-bit)",
+    )
+    g.add_argument(
+        "--cpu-linear",
+        default=default_of(M, "linear_kernel"),
+        choices=LINEAR_KERNELS,
+        help="CPU linears: auto (the faster of packed and torch for each weight shape, timed "
+        "once on this CPU and cached), packed (oneDNN pre-packed weights) or torch (F.linear)",
     )
     g.add_argument(
         "--max-model-len",
@@ -186,6 +194,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "dtype": args.dtype,
         "quantization": args.quantization,
+        "linear_kernel": args.cpu_linear,
         "max_model_len": args.max_model_len,
         "kv_cache_memory": None
         if args.kv_cache_memory is None

@@ -111,14 +111,22 @@ def measure(shape: tuple[int, int], dtype: torch.dtype) -> dict[str, float]:
 ROUNDS = 3
 """Independent measurements of a shape; a choice is kept only when they all agree."""
 
+MIN_BYTES_PER_S = 1e9
+"""A measurement whose faster candidate read its weight slower than this was taken on a busy
+CPU (threads waiting for cores): it decides nothing and is not kept."""
+
+_decided: dict[str, str] = {}
+"""This process's choices by cache key: every engine of a process computes alike."""
+
 
 def choose(
     shapes: Iterable[tuple[int, int]], dtype: torch.dtype, cache: Path | None = None
 ) -> dict[tuple[int, int], str]:
     """The faster candidate for each [out, in] weight shape on this CPU: measured once (tens of
     milliseconds a shape) and kept in ``cache`` (JSON) per CPU model, thread count, torch
-    version, dtype and shape. A shape whose ``ROUNDS`` measurements disagree (a busy machine)
-    gets ``packed`` and is measured again next time."""
+    version, dtype and shape. A shape whose ``ROUNDS`` measurements disagree or read the weight
+    implausibly slowly (a busy machine) gets ``packed`` and is measured again by the next
+    process."""
     stored: dict[str, dict[str, float]] = {}
     if cache is not None and cache.exists():
         with contextlib.suppress(OSError, ValueError):
@@ -128,15 +136,21 @@ def choose(
     with torch.inference_mode():
         for shape in sorted(set(shapes)):
             key = f"{prefix}|{shape[0]}x{shape[1]}"
+            if key in _decided:
+                chosen[shape] = _decided[key]
+                continue
             if key not in stored:
                 runs = [measure(shape, dtype) for _ in range(ROUNDS)]
-                if len({min(r, key=r.__getitem__) for r in runs}) > 1:
-                    chosen[shape] = "packed"  # undecided: the long-standing default
+                weight = shape[0] * shape[1] * torch.finfo(dtype).bits // 8 * len(BATCHES)
+                slow = any(weight / (1e-6 * min(r.values())) < MIN_BYTES_PER_S for r in runs)
+                if slow or len({min(r, key=r.__getitem__) for r in runs}) > 1:
+                    chosen[shape] = _decided[key] = "packed"  # undecided: the default
                     continue
                 stored[key] = {c: min(r[c] for r in runs) for c in CANDIDATES}
                 fresh = True
             times = stored[key]
-            chosen[shape] = min(CANDIDATES, key=lambda c: times.get(c, float("inf")))
+            best = min(CANDIDATES, key=lambda c: times.get(c, float("inf")))
+            chosen[shape] = _decided[key] = best
     if fresh and cache is not None:
         with contextlib.suppress(OSError):
             cache.parent.mkdir(parents=True, exist_ok=True)

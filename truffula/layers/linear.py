@@ -10,14 +10,18 @@ weights on CUDA, or, after ``pack_for_cpu()``, oneDNN's over a packed copy of th
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from truffula.envs import cache_dir
 from truffula.kernels import linear_cpu, quant_int8
 from truffula.kernels.select import Kernels, LinearFn
+
+log = logging.getLogger("truffula.layers")
 
 
 class Linear(nn.Module):
@@ -106,6 +110,34 @@ def quantize_linears(
             f"--quantization {method}: the model has no native linear layers to quantize "
             "(models served through transformers are not quantized)"
         )
+    return count
+
+
+def pack_cpu_linears(modules: list[Linear], kind: str, dtype: torch.dtype) -> int:
+    """On CPU, give dense linears the oneDNN-packed weight: all of them (``packed``), none
+    (``torch``), or those whose weight shape runs faster packed on this CPU (``auto``,
+    ``linear_cpu.choose``, cached in truffula's cache folder); returns how many were packed."""
+    if kind == "torch":
+        return 0
+    if not linear_cpu.available(dtype):
+        if kind == "packed":
+            log.warning("packed linears are not available here; using F.linear")
+        return 0
+    dense = [m for m in modules if m.qweight is None and m.packed is None and m.weight.numel()]
+    shapes = [(m.weight.shape[0], m.weight.shape[1]) for m in dense]
+    if kind == "auto":
+        choice = linear_cpu.choose(shapes, dtype, cache_dir() / "cpu-linear.json")
+        log.info(
+            "CPU linears by measurement: %s",
+            ", ".join(f"{o}x{i} {c}" for (o, i), c in sorted(choice.items())),
+        )
+    else:
+        choice = dict.fromkeys(shapes, "packed")
+    count = 0
+    for m, shape in zip(dense, shapes, strict=True):
+        if choice[shape] == "packed":
+            m.pack_for_cpu()
+            count += 1
     return count
 
 

@@ -32,10 +32,9 @@ import torch
 from truffula.config import EngineConfig
 from truffula.device import host_tensor
 from truffula.forward import ForwardContext, forward_context
-from truffula.kernels import linear_cpu
 from truffula.kernels.select import select_kernels
 from truffula.layers.attention import Attention
-from truffula.layers.linear import quantize_linears
+from truffula.layers.linear import pack_cpu_linears, quantize_linears
 from truffula.layers.rotary import RotaryEmbedding
 from truffula.models.registry import LoadedModel
 from truffula.runner.context import StepBuilder
@@ -76,15 +75,9 @@ class ModelRunner:
         self.kernels = select_kernels(device, dtype)  # the one the model was loaded with
         if config.model.quantization:  # before packing: quantized linears are not packed
             quantize_linears(self.model, config.model.quantization)
-        kind = config.model.linear_kernel
-        self.packed_linears = (
-            device.type == "cpu" and kind != "torch" and linear_cpu.available(dtype)
+        self.packed_linears = device.type == "cpu" and bool(
+            pack_cpu_linears(self.model.linear_modules(), config.model.linear_kernel, dtype)
         )
-        if kind == "packed" and not self.packed_linears:
-            log.warning("packed linears are not available here; using F.linear")
-        if self.packed_linears:
-            for lin in self.model.linear_modules():
-                lin.pack_for_cpu()
         self.sampler = Sampler(self.kernels.stats)
         self.steps = StepBuilder(self.model, self.kernels, self.block_size, dtype)
         self.graphs: StepGraphs | None = None
