@@ -133,7 +133,10 @@ def _unavailable(path: str, exc: Exception) -> JSONResponse:
 
 def build(settings: ServerSettings, config: EngineConfig, scale: Scale) -> Any:
     """The Serve application: the router bound to the replicas."""
-    replica = serve.deployment(name="TruffulaReplica", **scale.options())(Replica)
+    options = scale.options()
+    # --drain-timeout: a replica being stopped finishes its requests for that long
+    options["graceful_shutdown_timeout_s"] = settings.drain_timeout + 5.0
+    replica = serve.deployment(name="TruffulaReplica", **options)(Replica)
     router = serve.deployment(
         name="TruffulaRouter", max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0}
     )(Router)

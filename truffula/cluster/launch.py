@@ -64,7 +64,7 @@ def run(settings: ServerSettings, config: EngineConfig, scale: Scale, address: s
             return 1
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
         count = (
-            f"{scale.replicas} replicas"
+            f"{scale.replicas} replica{'s' if scale.replicas > 1 else ''}"
             if scale.min_replicas is None
             else f"{scale.min_replicas}-{scale.max_replicas} replicas (autoscaled)"
         )
