@@ -75,6 +75,17 @@ def test_scale_options() -> None:
     assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
     auto = Scale(replicas=1, min_replicas=1, max_replicas=4).options()["autoscaling_config"]
     assert auto["min_replicas"] == 1 and auto["max_replicas"] == 4 and auto["initial_replicas"] == 1
+    # Serve takes both as deployment options (an unknown or mistyped key fails here)
+    from ray import serve
+
+    class Probe:
+        pass
+
+    scaled = serve.deployment(name="probe", **Scale(1, 1, 4).options())(Probe)
+    config = scaled._deployment_config.autoscaling_config
+    assert config.min_replicas == 1 and config.max_replicas == 4
+    assert config.target_ongoing_requests == 16.0
+    assert serve.deployment(name="probe", **Scale(3).options())(Probe).num_replicas == 3
     for bad in (
         {"replicas": 0},
         {"min_replicas": 2},
