@@ -115,3 +115,51 @@ def test_abort_while_a_step_is_in_flight(async_llm, llm) -> None:  # type: ignor
     (want,) = llm.generate([RAW_PROMPTS[0]], p)
     assert tokens == want.token_ids
     assert engine.pool.num_used == 0 and not engine.requests
+
+
+def test_constrained_and_penalised_rows_keep_the_overlap(async_llm, llm) -> None:  # type: ignore[no-untyped-def]
+    """Steps with grammar-constrained or penalised rows issue their forward pass before the
+    step before them is read and sample once it is (masks and penalties follow its tokens): the
+    same outputs as the synchronous engine, JSON valid, and such steps never wait to launch."""
+    import json
+
+    from truffula.structured.spec import StructuredOutput
+
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    }
+    spec = StructuredOutput("json", json.dumps(schema))
+    params = [
+        SamplingParams(max_new_tokens=40, temperature=0, structured=spec, return_k_alternatives=3),
+        SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True),
+        SamplingParams(max_new_tokens=40, temperature=0.8, seed=5, structured=spec, details=True),
+        SamplingParams(max_new_tokens=20, temperature=0, presence_penalty=0.8, details=True),
+        SamplingParams(
+            max_new_tokens=12, temperature=0, structured=StructuredOutput("regex", "[a-z]{3,8}")
+        ),
+    ]
+    runner = async_llm.engine.runner
+    launches: list[bool] = []
+    launch = runner.launch
+
+    def watched(sched, prev=None, defer_sampling=False):  # type: ignore[no-untyped-def]
+        if not sched.is_empty:
+            launches.append(defer_sampling)
+        return launch(sched, prev, defer_sampling)
+
+    runner.launch = watched
+    try:
+        got = async_llm.generate(RAW_PROMPTS, params)
+    finally:
+        del runner.launch
+    want = llm.generate(RAW_PROMPTS, params)
+    for a, b in zip(got, want, strict=True):
+        same(a, b)
+    for out in (got[0], got[2]):
+        if out.finish_reason != "length":
+            json.loads(out.text)
+    assert sum(launches) >= 10, launches  # deferred samplers, the overlap kept
+    engine = async_llm.engine
+    assert not engine.has_work() and engine.inflight is None and not engine.requests

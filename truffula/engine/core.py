@@ -9,8 +9,7 @@ aborted request leaves through ``_finish`` alone (scheduler: blocks, prefix-cach
 adapter slot; the model's own caches; the adapter's user count; metrics). The engine reads the
 scheduler's ``SeqState`` and reports to it through its methods, never writing it. In the server
 this runs in the engine process (``truffula.engine.engine_proc``) and the frontend in the API
-process; ``add_request`` and ``step`` run both here, for ``LLM`` and scripts.
-Not thread-safe: one thread drives it.
+process; ``add_request`` and ``step`` run both here, for ``LLM`` and scripts (one thread only).
 """
 
 from __future__ import annotations
@@ -55,8 +54,7 @@ class EngineCore:
         progress: bool = True,
         weights: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
-        """``weights`` (a HF-named state dict) replaces the folder's safetensors (benchmarks)."""
-        self.config = config
+        self.config = config  # weights: a HF-named state dict for the folder's (benchmarks)
         folder = resolve_model(config.model.model, progress=progress, need_weights=weights is None)
         self.device = pick_device(config.model.device)
         self.dtype = pick_dtype(config.model.dtype, self.device)
@@ -266,17 +264,20 @@ class EngineCore:
         self.isolation.scheduled(self, sched)  # while isolating a failure: the suspects only
         self.prompts.take_records(sched, self.requests, self.scheduler)
         outputs = self.isolation.start(prev).outputs
-        if prev is not None and (sched.is_empty or self._needs_history(sched)):
-            outputs += self._process(prev)  # penalties need every output token on the host
+        history = prev is not None and self._needs_history(sched)  # sampled after prev is read
+        defer = history and self.overlap and not self.isolation.active
+        if prev is not None and (sched.is_empty or (history and not defer)):
+            outputs += self._process(prev)
             sched.seqs = [s for s in sched.seqs if s.request_id in self.requests]
             prev = None
-        launched = self.isolation.launch(self.runner, sched, source)
+        launched = self.isolation.launch(self.runner, sched, source, defer)
         current = None
         if not sched.is_empty:
             self.scheduler.step_done(sched)
             current = InFlight(launched, self._mark_in_flight(launched))
         if prev is not None:
             outputs += self._process(prev)
+        self.isolation.sample(self.runner, launched)  # deferred: now that prev's tokens are read
         if current is not None:
             if self.overlap and not self.isolation.active:
                 self.inflight = current
@@ -287,7 +288,8 @@ class EngineCore:
 
     def _needs_history(self, sched: SchedulerOutput) -> bool:
         """Penalties count every output token, and a constrained request's mask follows its
-        last token: such a step waits for the step before it (no overlap)."""
+        last token: overlapping, such a step's forward pass is issued first and its rows are
+        sampled once the step before it is read; else it waits for that step."""
         reqs = (self.requests.get(s.request_id) for s in sched.seqs if s.sample)
         return any(
             r is not None and (r.params.needs_penalties or r.params.constrained) for r in reqs

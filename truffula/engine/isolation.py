@@ -67,6 +67,8 @@ class StepTrace:
     """Launched by this call."""
     reading: InFlight | None = None
     """The step whose results are being read."""
+    sampling: Launched | None = None
+    """The step whose deferred sampler is running (its forward pass issued, ``prev`` read)."""
     outputs: list[EngineOutput] = field(default_factory=list)
     """What this call produced so far (delivered even if the step fails)."""
 
@@ -149,13 +151,22 @@ class StepIsolation:
         sched.seqs = [s for s in sched.seqs if s.request_id in keep]
 
     def launch(
-        self, runner: ModelRunner, sched: SchedulerOutput, source: Launched | None
+        self,
+        runner: ModelRunner,
+        sched: SchedulerOutput,
+        source: Launched | None,
+        defer_sampling: bool = False,
     ) -> Launched:
         self.trace.launching = sched
-        launched = runner.launch(sched, source)
+        launched = runner.launch(sched, source, defer_sampling)
         self.trace.launching = None
         self.trace.current = launched
         return launched
+
+    def sample(self, runner: ModelRunner, launched: Launched) -> None:
+        self.trace.sampling = launched
+        runner.sample(launched)
+        self.trace.sampling = None
 
     def collect(self, runner: ModelRunner, step: InFlight) -> RunnerOutput:
         self.trace.reading = step
@@ -196,6 +207,8 @@ class StepIsolation:
                 except Exception:
                     log.exception("reading the step before the failed one failed too")
                     suspects += self.rewind(core, trace.prev.launched)
+        elif trace.sampling is not None:  # the step before it is read and delivered
+            suspects = self.rewind(core, trace.sampling)
         elif trace.reading is not None:
             suspects = self.rewind(core, trace.reading.launched)
             if trace.current is not None and trace.current is not trace.reading.launched:

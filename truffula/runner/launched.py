@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +44,9 @@ class Launched:
     """[len(sample_idx)] sampled ids on the device (the next step's placeholder tokens)."""
     ks: list[int] = field(default_factory=list)
     """Alternatives each sampled row reports, fixed when the step was launched."""
+    pending: tuple[Any, ...] | None = None
+    """What the sampler still has to run on (a step launched with ``defer_sampling``):
+    (logits, sampling states, drafts, prompt-logprob parts); None once sampled."""
 
 
 def placeholder_fill(

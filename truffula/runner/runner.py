@@ -44,7 +44,7 @@ from truffula.runner.launched import Fill, Launched, PromptJob, kept_rows, place
 from truffula.runner.output import RunnerOutput, SeqOutput
 from truffula.runner.results import records, to_host_async
 from truffula.runner.sizing import profile_layout
-from truffula.sampling.metadata import build_sampling_batch
+from truffula.sampling.metadata import SamplingBatch, build_sampling_batch
 from truffula.sampling.params import SamplingParams
 from truffula.sampling.sampler import Sampler
 from truffula.sampling.state import SamplingState
@@ -178,10 +178,14 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- one step
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput, prev: Launched | None = None) -> Launched:
+    def launch(
+        self, sched: SchedulerOutput, prev: Launched | None = None, defer_sampling: bool = False
+    ) -> Launched:
         """Issue the step's device work and the copy of its results to the host; returns
         without waiting for them. ``PLACEHOLDER`` tokens are read from ``prev``'s samples on
-        the device."""
+        the device. ``defer_sampling``: issue the forward pass and the logits only; the sampler
+        runs at ``sample`` (after the caller has read ``prev``'s tokens into the requests'
+        sampling states: penalties and grammar masks follow them)."""
         if sched.is_empty:
             return Launched(sched, [], [], False, list)
         starts = [0]
@@ -200,21 +204,9 @@ class ModelRunner:
                     sample_idx.append(i)
                     last_rows.append(first + j)
                     drafted.append(drafts[:j])
-        batch = None
         states = [_sampling(sched.seqs[i]) for i in sample_idx]
-        if states:  # built before the forward, so its host-to-device copies overlap it
-            batch = build_sampling_batch(
-                [st.params for st in states],
-                [st.prompt_ids for st in states],
-                [
-                    st.output_ids + d if d else st.output_ids
-                    for st, d in zip(states, drafted, strict=True)
-                ],
-                [st.generator for st in states],
-                self.vocab_size,
-                self.device,
-                [st.constraint for st in states],
-            )
+        # built before the forward, so its host-to-device copies overlap it
+        batch = None if defer_sampling or not states else self._batch(states, drafted)
         jobs = self._prompt_jobs(sched.seqs, starts)
         for job in jobs:
             job.tensors = (
@@ -227,27 +219,55 @@ class ModelRunner:
         # every host-to-device copy of the step is issued above; after the forward pass the
         # only synchronisation is the one copy of results back to the host
         hidden = self._forward(sched.seqs, fill)
-        device_parts: list[torch.Tensor] = []
-        sampled = None
-        has_lp = False
-        if batch is not None:
+        logits = None
+        if states:
             rows = hidden[: len(last_rows)] if row_index is None else hidden[row_index]
-            out = self.sampler(self.model.compute_logits(rows), batch)
-            sampled = out.sampled
-            device_parts.append(sampled)
+            logits = self.model.compute_logits(rows)
+        job_parts = [part for job in jobs for part in self._prompt_logprobs(hidden, job)]
+        ks = [st.params.return_k_alternatives for st in states]  # as launched
+        launched = Launched(sched, sample_idx, jobs, False, list, None, ks)
+        launched.pending = (logits, states, drafted, job_parts)
+        if not defer_sampling:
+            self.sample(launched, batch)
+        return launched
+
+    @torch.inference_mode()
+    def sample(self, launched: Launched, batch: SamplingBatch | None = None) -> None:
+        """Sample a launched step's rows (unless done) and issue the copy of its results."""
+        if launched.pending is None:
+            return
+        logits, states, drafted, job_parts = launched.pending
+        launched.pending = None
+        device_parts: list[torch.Tensor] = []
+        if logits is not None:
+            out = self.sampler(logits, batch or self._batch(states, drafted))
+            launched.sampled = out.sampled
+            device_parts.append(out.sampled)
             if out.logprobs is not None:
-                has_lp = True
+                launched.has_lp = True
                 lp = out.logprobs
                 device_parts += [lp.rows, lp.token_ids, lp.logprobs, lp.ranks, lp.entropy]
-        for job in jobs:
-            device_parts += self._prompt_logprobs(hidden, job)
-        ks = [st.params.return_k_alternatives for st in states]  # as launched
-        return Launched(sched, sample_idx, jobs, has_lp, to_host_async(device_parts), sampled, ks)
+        launched.host = to_host_async(device_parts + job_parts)
+
+    def _batch(self, states: list[SamplingState], drafted: list[list[int]]) -> SamplingBatch:
+        return build_sampling_batch(
+            [st.params for st in states],
+            [st.prompt_ids for st in states],
+            [
+                st.output_ids + d if d else st.output_ids
+                for st, d in zip(states, drafted, strict=True)
+            ],
+            [st.generator for st in states],
+            self.vocab_size,
+            self.device,
+            [st.constraint for st in states],
+        )
 
     def collect(self, launched: Launched) -> RunnerOutput:
         """Wait for a launched step's results and turn them into plain data."""
         if launched.sched.is_empty:
             return RunnerOutput([])
+        self.sample(launched)
         return self._unpack(launched, launched.host())
 
     def prepare(
