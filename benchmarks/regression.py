@@ -9,24 +9,30 @@ machine in the same session; prints one JSON line.
 CUDA (the Llama-3-8B shape of ``gpu.py``): (a) batch-1 ms per token, (b) 64 requests of 512
 prompt tokens and 128 new ones, output tok/s, (c) the same with k = 20 alternatives for all.
 ``--cpu``: the default model, single stream and 32 concurrent requests of 64 new tokens,
-output tok/s. Medians of ``--repeats``.
+output tok/s. Medians of ``--repeats``. ``--option KEY=INT`` adds an engine option (CUDA; e.g.
+``max_prefill_while_decoding=0``, to compare with a checkout that had no such setting).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
-def cuda(repeats: int) -> dict[str, float]:
+def cuda(repeats: int, options: dict[str, Any]) -> dict[str, float]:
     import gpu  # the checkout's benchmarks/gpu.py
     import torch
 
     from truffula.sampling.params import SamplingParams
+
+    if options:  # engine options beside gpu.py's own (engine_8b reads the module's engine_for)
+        gpu.engine_for = functools.partial(gpu.engine_for, **options)
 
     hf, folder = gpu.build(gpu.LLAMA3_8B)
     core = gpu.engine_8b(folder, hf)
@@ -69,11 +75,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--option", action="append", default=[], help="KEY=INT engine option")
     args = ap.parse_args()
+    options = {k: int(v) for k, v in (o.split("=", 1) for o in args.option)}
     here = Path.cwd()
     sys.path[:0] = [str(here / "benchmarks"), str(here)]
-    res = cpu(args.repeats) if args.cpu else cuda(args.repeats)
-    print(json.dumps({"checkout": str(here), **res}), flush=True)
+    res = cpu(args.repeats) if args.cpu else cuda(args.repeats, options)
+    print(json.dumps({"checkout": str(here), "options": options, **res}), flush=True)
 
 
 if __name__ == "__main__":
