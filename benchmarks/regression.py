@@ -8,8 +8,8 @@ machine in the same session; prints one JSON line.
 
 CUDA (the Llama-3-8B shape of ``gpu.py``): (a) batch-1 ms per token, (b) 64 requests of 512
 prompt tokens and 128 new ones, output tok/s, (c) the same with k = 20 alternatives for all.
-``--cpu``: the default model, single stream and 32 concurrent requests of 64 new tokens,
-output tok/s. Medians of ``--repeats``. ``--option KEY=INT`` adds an engine option (CUDA; e.g.
+``--cpu``: the default model, single stream and 32 concurrent requests of 64 new tokens
+(``--k`` alternatives each), output tok/s. Medians of ``--repeats``. ``--option KEY=INT`` adds an engine option (CUDA; e.g.
 ``max_prefill_while_decoding=0``, to compare with a checkout that had no such setting).
 """
 
@@ -50,12 +50,12 @@ def cuda(repeats: int, options: dict[str, Any]) -> dict[str, float]:
     return res
 
 
-def cpu(repeats: int) -> dict[str, float]:
+def cpu(repeats: int, k: int) -> dict[str, float]:
     from truffula.engine.llm import LLM
     from truffula.sampling.params import SamplingParams
 
     llm = LLM(progress=False, max_num_seqs=32)
-    p = SamplingParams(max_new_tokens=64, temperature=0, ignore_eos=True)
+    p = SamplingParams(max_new_tokens=64, temperature=0, ignore_eos=True, return_k_alternatives=k)
 
     def tok_s(n: int, seed: int) -> float:
         prompts = [f"Request {seed}-{i}: write about the sea." for i in range(n)]
@@ -76,11 +76,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--option", action="append", default=[], help="KEY=INT engine option")
+    ap.add_argument("--k", type=int, default=0, help="--cpu: alternatives per token")
     args = ap.parse_args()
     options = {k: int(v) for k, v in (o.split("=", 1) for o in args.option)}
     here = Path.cwd()
     sys.path[:0] = [str(here / "benchmarks"), str(here)]
-    res = cpu(args.repeats) if args.cpu else cuda(args.repeats, options)
+    res = cpu(args.repeats, args.k) if args.cpu else cuda(args.repeats, options)
     print(json.dumps({"checkout": str(here), "options": options, **res}), flush=True)
 
 
