@@ -296,3 +296,38 @@ def test_a_missed_draft_pauses_drafting_with_growing_waits() -> None:
     d.verified("r", 2, 1)  # a hit: every step again
     assert drafts_over(2) == [True, True]
     assert d.accepted == 1
+
+
+def test_constrained_requests_on_a_speculating_engine(llm, spec_llm, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Structured output beside drafted rows: constrained requests are never drafted (a draft
+    would need the grammar's mask at every drafted position), run in the same batches as
+    drafted ones, and give the plain engine's tokens and logprobs with valid JSON; the free
+    requests beside them are still drafted."""
+    import json
+
+    from truffula.structured.spec import StructuredOutput
+
+    schema = {
+        "type": "object",
+        "properties": {"word": {"type": "string"}},
+        "required": ["word"],
+        "additionalProperties": False,
+    }
+    spec = StructuredOutput("json", json.dumps(schema))
+    prompts = copy_prompts(hf_tokenizer)
+    params = [
+        SamplingParams(max_new_tokens=24, temperature=0, structured=spec, details=True),
+        SamplingParams(max_new_tokens=32, temperature=0, details=True),
+        SamplingParams(max_new_tokens=24, temperature=0.8, seed=3, structured=spec, details=True),
+    ]
+    drafter = spec_llm.engine.drafter
+    d0 = drafter.drafted
+    got, want = spec_llm.generate(prompts, params), llm.generate(prompts, params)
+    assert drafter.drafted > d0  # the free request was drafted
+    for a, b in zip(got, want, strict=True):
+        assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+        for x, y in zip(a.tokens, b.tokens, strict=True):
+            assert abs(x.logprob - y.logprob) < 1e-4
+    for out in (got[0], got[2]):
+        if out.finish_reason != "length":
+            assert set(json.loads(out.text)) == {"word"}
