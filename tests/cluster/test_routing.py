@@ -122,3 +122,23 @@ def test_a_port_in_use_fails_before_ray_starts() -> None:
     assert r.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port} (--port)" in r.stderr
     assert "Started Serve" not in r.stderr
+
+
+def test_a_head_node_that_is_gone_is_named_at_once() -> None:
+    pytest.importorskip("ray.serve")
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-m", "truffula.cli", "cluster", "--address", f"127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1 and time.monotonic() - t < 60
+    assert f"cannot reach the Ray cluster at 127.0.0.1:{port}" in r.stderr
+    assert "Traceback" not in r.stderr

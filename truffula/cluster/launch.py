@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 import time
 from typing import Any
@@ -32,6 +33,8 @@ def connect(address: str | None, start: bool) -> None:
     """Join the Ray cluster at ``address`` ("auto": the one running on this machine), or start
     a local one when there is none and ``start`` says so. A head node that is gone is an error
     that names the address."""
+    if address is not None and (why := unreachable(address)):  # Ray itself waits minutes
+        raise SystemExit(f"truffula: error: cannot reach the Ray cluster at {address}: {why}")
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
     if address is None and start:
         kwargs["include_dashboard"] = False
@@ -42,6 +45,19 @@ def connect(address: str | None, start: bool) -> None:
         raise SystemExit(
             f"truffula: error: cannot reach the Ray cluster at {where}: {exc}"
         ) from exc
+
+
+def unreachable(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why a TCP connection to ``address``'s host and port (``host:port``, ``ray://host:port``)
+    does not open within ``timeout_s``; None when it does, or for ``auto``."""
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return None  # "auto", or a form Ray judges itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        return str(exc) or type(exc).__name__
+    return None
 
 
 def run(settings: ServerSettings, config: EngineConfig, scale: Scale, address: str | None) -> int:
