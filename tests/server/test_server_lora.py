@@ -53,7 +53,7 @@ def test_preloaded_adapter_is_listed(lora_server) -> None:  # type: ignore[no-un
 
 
 def test_adapter_requests_follow_peft(lora_server, peft_model) -> None:  # type: ignore[no-untyped-def]
-    from test_lora import peft_logsoftmax
+    from adapters.test_lora import peft_logsoftmax
 
     for adapter in ("qv4", "all8", "mlp6rs"):
         r = gen(
