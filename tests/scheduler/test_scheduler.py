@@ -197,8 +197,8 @@ def test_random_workload_never_leaks_or_drops() -> None:
 
 def test_prefill_while_decoding_is_capped_and_uncapped_without_decodes() -> None:
     s = Scheduler(BlockPool(256), 4, 64, 16, max_prefill_while_decoding=10)
-    s.add(seq("a", 30))
-    s.add(seq("b", 30))
+    for rid in "abe":
+        s.add(seq(rid, 20))
     first = run_step(s)  # nothing decodes yet: the whole budget goes to prefill
     assert sum(x.num_tokens for x in first.seqs) == 60
     s.add(seq("c", 25))
@@ -206,8 +206,8 @@ def test_prefill_while_decoding_is_capped_and_uncapped_without_decodes() -> None
     chunks: list[list[int]] = []
     while any(st.num_pending > 1 for st in [s.get("c"), s.get("d")] if st is not None):
         out = run_step(s)
-        decodes = [x for x in out.seqs if x.num_tokens == 1 and x.request_id in "ab"]
-        assert len(decodes) == 2  # the running requests decode in every step
+        decodes = [x for x in out.seqs if x.num_tokens == 1 and x.request_id in "abe"]
+        assert len(decodes) == 3  # the running requests decode in every step
         chunks.append([x.num_tokens for x in out.seqs if x.request_id in "cd" and x.start_pos < 25])
     assert all(sum(c) <= 10 for c in chunks)
     assert sum(map(sum, chunks)) == 50 and len(chunks) == 5
@@ -215,3 +215,18 @@ def test_prefill_while_decoding_is_capped_and_uncapped_without_decodes() -> None
     lone = Scheduler(BlockPool(256), 4, 64, 16, max_prefill_while_decoding=10)
     lone.add(seq("e", 40))
     assert run_step(lone).seqs[0].num_tokens == 40
+
+
+def test_a_burst_as_large_as_the_running_set_prefills_with_the_whole_budget() -> None:
+    """Two decode; two arrive: as many wait as run, so the step is not held to the cap. With one
+    running slot left only one of them could start: the two decodes outnumber it, cap again."""
+    for max_seqs, expect in ((16, 50), (3, 10)):
+        s = Scheduler(BlockPool(256), 4, 64, max_seqs, max_prefill_while_decoding=10)
+        s.add(seq("a", 20))
+        s.add(seq("b", 20))
+        run_step(s)
+        s.add(seq("c", 25))
+        s.add(seq("d", 25))
+        out = run_step(s)
+        assert [x.num_tokens for x in out.seqs if x.request_id in "ab"] == [1, 1]
+        assert sum(x.num_tokens for x in out.seqs if x.request_id in "cd") == expect

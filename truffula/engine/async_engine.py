@@ -4,9 +4,8 @@ The engine loop (``truffula.engine.engine_proc``) runs in its own process (``spa
 thread over an in-process socket (``AsyncEngine(core)``, for tests and notebooks). This side
 holds the ``Frontend``: ``prepare`` validates and tokenizes, ``submit`` sends the request, and a
 reader task turns each ``EngineOutput`` into a ``RequestOutput`` (text, token records) and puts it
-on the request's queue. Leaving a ``RequestStream`` early (client gone, task cancelled) aborts
-the request, which frees its KV blocks at the next step. If the engine dies, every waiting
-request ends with ``EngineDeadError`` and ``healthy`` turns false.
+on the request's queue. Leaving a ``RequestStream`` early aborts the request. If the engine
+dies, every waiting request ends with ``EngineDeadError`` and ``healthy`` turns false.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from truffula import stalls
 from truffula.config import EngineConfig
 from truffula.engine import messages as m
 from truffula.engine.frontend import Frontend
@@ -151,6 +151,7 @@ class AsyncEngine:
             self._tasks = [
                 loop.create_task(self._read(), name="truffula-outputs"),
                 loop.create_task(self._watch(), name="truffula-engine-watch"),
+                *stalls.event_loop_watch(loop),
             ]
 
     async def shutdown(self, drain_timeout: float = 0.0) -> None:
@@ -258,11 +259,14 @@ class AsyncEngine:
         self._sock.send_multipart([kind, m.encoder.encode(payload)])
 
     async def _read(self) -> None:
+        clock = stalls.clock("outputs")
         while True:
             kind, payload = await self._sock.recv_multipart()
             if kind == m.OUTPUTS:
                 self.steps += 1
+                clock.start()
                 self._deliver(m.outputs_decoder.decode(payload))
+                clock.end()
             elif kind == m.REPLY:
                 self._resolve(m.reply_decoder.decode(payload))
 

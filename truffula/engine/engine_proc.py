@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from truffula import heap
+from truffula import heap, stalls
 from truffula.config import EngineConfig
 from truffula.engine import messages as m
 from truffula.engine.core import EngineCore
@@ -95,17 +95,27 @@ class EngineLoop:
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        clock = stalls.clock("engine")
         try:
             while not (self.stopping and not self.core.has_work()):
                 if self.stop_requested and not self.stopping:
                     self._shutdown()
                 busy = self.core.has_work()
+                if busy:
+                    clock.start()
                 timeout = 0 if busy else (2 if self.calls else 250)
                 if poller.poll(timeout):
                     self._drain()
                 self._reply_done()
                 if self.core.has_work():
-                    self._send_outputs(self._step())
+                    clock.mark("inputs")
+                    outputs = self._step()
+                    clock.mark("step")
+                    self._send_outputs(outputs)
+                    clock.mark("outputs")
+                    clock.end(
+                        f"{len(outputs)} outputs, {self.core.scheduler.num_requests} requests"
+                    )
                 elif not busy and os.getppid() != self.parent:
                     log.error("the process that started the engine is gone; stopping")
                     return

@@ -5,7 +5,9 @@ The rule, in one sentence: every request has ``num_computed`` tokens in the KV c
 within a shared token budget, decodes (one token) first so they never starve; a long prompt is
 simply a request whose difference is larger than the budget left (chunked prefill). In a step
 that decodes, prefill tokens are further held to ``max_prefill_while_decoding`` (when set), so
-a burst of new prompts lengthens the running requests' steps by a bounded amount.
+new prompts lengthen the running requests' steps by a bounded amount, while the running decodes
+outnumber the requests waiting to start; a burst (as many waiting as running) gets the whole
+budget (``_prefill_cap``).
 
 Step by step (``schedule``):
 1. Running requests, oldest first. A decode gets 1 token. A prefill gets
@@ -114,8 +116,7 @@ class Scheduler:
         preempted: list[str] = []
         queue = sorted(self.running, key=lambda s: s.arrival)
         decodes_left = sum(1 for s in queue if s.num_pending == 1)
-        cap = self.max_prefill_while_decoding
-        prefill_left = cap if cap and decodes_left else budget
+        prefill_left = self._prefill_cap(decodes_left, len(queue) - decodes_left, budget)
         i = 0
         while i < len(queue) and budget > 0:
             seq = queue[i]
@@ -180,6 +181,20 @@ class Scheduler:
         self._finished_since_step = []
         self._hits_since_step = []
         return out
+
+    def _prefill_cap(self, decodes: int, prefilling: int, budget: int) -> int:
+        """Prefill tokens this step may carry: the whole budget, unless the step decodes and
+        the running decodes outnumber the requests waiting to start (queued ones that a running
+        slot would admit, and those part-way through their prompts); then
+        ``max_prefill_while_decoding``. When at least as many wait as run (a burst of
+        arrivals), starting them is worth more than one slower step of the few already
+        streaming, and a capped step would leave the batch small for as long as the queue
+        takes to drain at the cap."""
+        cap = self.max_prefill_while_decoding
+        admissible = min(len(self.waiting), max(0, self.max_seqs - len(self.running)))
+        if not cap or not decodes or admissible + prefilling >= decodes:
+            return budget
+        return cap
 
     def step_done(self, out: SchedulerOutput) -> None:
         """Mark the scheduled tokens as computed (their KV entries are now in the cache)."""

@@ -1,0 +1,60 @@
+"""``TRUFFULA_STALL_LOG``: slow turns and a held event loop are logged with their parts; off, the
+clock does nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+
+from truffula import stalls
+from truffula.envs import TRUFFULA_STALL_LOG
+
+
+def test_a_slow_turn_is_logged_with_its_parts(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv(TRUFFULA_STALL_LOG, "20")
+    clock = stalls.clock("engine")
+    with caplog.at_level(logging.WARNING, logger="truffula.stalls"):
+        clock.start()
+        clock.mark("inputs")
+        clock.end("fast")  # well under 20 ms: nothing
+        clock.start()
+        time.sleep(0.03)
+        clock.mark("step")
+        clock.end("3 outputs")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1
+    assert lines[0].startswith("engine turn took") and "step 3" in lines[0]
+    assert lines[0].endswith("(3 outputs)")
+
+
+def test_off_by_default(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.delenv(TRUFFULA_STALL_LOG, raising=False)
+    clock = stalls.clock("engine")
+    with caplog.at_level(logging.WARNING, logger="truffula.stalls"):
+        clock.start()
+        time.sleep(0.01)
+        clock.end()
+    assert not caplog.records
+    loop = asyncio.new_event_loop()
+    assert stalls.event_loop_watch(loop) == []
+    loop.close()
+
+
+def test_a_held_event_loop_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        task = asyncio.create_task(stalls.watch_event_loop(0.02))
+        await asyncio.sleep(0.01)
+        time.sleep(0.05)  # hold the loop
+        await asyncio.sleep(0.01)
+        task.cancel()
+
+    with caplog.at_level(logging.WARNING, logger="truffula.stalls"):
+        asyncio.run(main())
+    assert any(
+        "event loop of" in r.getMessage() and "held" in r.getMessage() for r in caplog.records
+    )

@@ -1,0 +1,97 @@
+"""Finding where a stream stalls: ``TRUFFULA_STALL_LOG=<ms>`` in a server's environment logs
+every engine turn (inputs, step, outputs), every delivery of a step's outputs in an API process
+and every event-loop delay of an API process that takes at least that long. Each line names its
+process and its parts, so a gap a client sees can be placed: the engine's step, the engine's
+sending, the API process's formatting, or its event loop busy elsewhere. Off (and free) unless
+set."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import time
+
+from truffula.envs import TRUFFULA_STALL_LOG
+
+log = logging.getLogger("truffula.stalls")
+
+
+def threshold_s() -> float | None:
+    raw = os.environ.get(TRUFFULA_STALL_LOG)
+    return float(raw) / 1e3 if raw else None
+
+
+class TurnClock:
+    """Times the parts of one turn of a loop; logs the turn when it took ``threshold_s`` or
+    more."""
+
+    def __init__(self, what: str, threshold: float) -> None:
+        self.what = what
+        self.threshold = threshold
+        self.parts: list[tuple[str, float]] = []
+        self.t0 = self.last = 0.0
+
+    def start(self) -> None:
+        self.parts.clear()
+        self.t0 = self.last = time.perf_counter()
+
+    def mark(self, part: str) -> None:
+        now = time.perf_counter()
+        self.parts.append((part, now - self.last))
+        self.last = now
+
+    def end(self, detail: str = "") -> None:
+        took = time.perf_counter() - self.t0
+        if self.t0 and took >= self.threshold:
+            parts = ", ".join(f"{p} {dt * 1e3:.1f} ms" for p, dt in self.parts)
+            log.warning(
+                "%s turn took %.1f ms in %s: %s%s",
+                self.what,
+                took * 1e3,
+                multiprocessing.current_process().name,
+                parts,
+                f" ({detail})" if detail else "",
+            )
+        self.t0 = 0.0
+
+
+class _Off(TurnClock):
+    """The clock while ``TRUFFULA_STALL_LOG`` is unset: does nothing."""
+
+    def start(self) -> None:
+        pass
+
+    def mark(self, part: str) -> None:
+        pass
+
+    def end(self, detail: str = "") -> None:
+        pass
+
+
+def clock(what: str) -> TurnClock:
+    """A ``TurnClock`` when ``TRUFFULA_STALL_LOG`` is set, else one that does nothing."""
+    t = threshold_s()
+    return TurnClock(what, t) if t is not None else _Off(what, 0.0)
+
+
+def event_loop_watch(loop: asyncio.AbstractEventLoop) -> list[asyncio.Task[None]]:
+    """The task of ``watch_event_loop`` when ``TRUFFULA_STALL_LOG`` is set (none otherwise)."""
+    held = threshold_s()
+    return [] if held is None else [loop.create_task(watch_event_loop(held))]
+
+
+async def watch_event_loop(threshold: float, tick: float = 0.002) -> None:
+    """Log every time this event loop came back to a ``tick``-second sleep ``threshold``
+    seconds or more late: something held the loop (a handler, a collection, the GIL)."""
+    while True:
+        t = time.perf_counter()
+        await asyncio.sleep(tick)
+        late = time.perf_counter() - t - tick
+        if late >= threshold:
+            log.warning(
+                "event loop of %s was held %.1f ms",
+                multiprocessing.current_process().name,
+                late * 1e3,
+            )
