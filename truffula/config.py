@@ -151,8 +151,9 @@ class SchedulerConfig:
     max_prefill_while_decoding: int | None = None
     """Most prefill tokens in a step that also runs decodes (chunked prefill keeps the rest for
     later steps); 0: the step budget alone. None: by device (256 on CUDA when such steps run
-    as CUDA graphs, else 0). Bounds
-    the inter-token latency new prompts add to running streams."""
+    as CUDA graphs, else 0). Bounds the inter-token latency new prompts add to running streams;
+    held only while the decodes outnumber the requests waiting to start (a burst of arrivals
+    gets the whole budget)."""
     speculative: SpeculativeConfig | None = None
     """Speculative decoding (``--speculative-config``); None: off."""
     max_queued_requests: int = 1024

@@ -11,7 +11,10 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import sys
+import threading
 import time
+import traceback
 
 from truffula.envs import TRUFFULA_STALL_LOG
 
@@ -84,14 +87,46 @@ def event_loop_watch(loop: asyncio.AbstractEventLoop) -> list[asyncio.Task[None]
 
 async def watch_event_loop(threshold: float, tick: float = 0.002) -> None:
     """Log every time this event loop came back to a ``tick``-second sleep ``threshold``
-    seconds or more late: something held the loop (a handler, a collection, the GIL)."""
-    while True:
-        t = time.perf_counter()
-        await asyncio.sleep(tick)
-        late = time.perf_counter() - t - tick
-        if late >= threshold:
-            log.warning(
-                "event loop of %s was held %.1f ms",
-                multiprocessing.current_process().name,
-                late * 1e3,
-            )
+    seconds or more late: something held the loop (a handler, a collection, the GIL). A
+    watchdog thread logs where the loop's thread was while it was held."""
+    beat = [time.perf_counter()]
+    stop = threading.Event()
+    threading.Thread(
+        target=_watchdog,
+        args=(threading.get_ident(), beat, threshold, stop),
+        name="truffula-stall-watchdog",
+        daemon=True,
+    ).start()
+    try:
+        while True:
+            t = beat[0] = time.perf_counter()
+            await asyncio.sleep(tick)
+            late = time.perf_counter() - t - tick
+            if late >= threshold:
+                log.warning(
+                    "event loop of %s was held %.1f ms",
+                    multiprocessing.current_process().name,
+                    late * 1e3,
+                )
+    finally:
+        stop.set()
+
+
+def _watchdog(loop_thread: int, beat: list[float], threshold: float, stop: threading.Event) -> None:
+    """Sample the loop thread's stack once per held stretch, until ``stop``."""
+    reported = 0.0
+    while not stop.wait(threshold / 2):
+        since = beat[0]
+        if time.perf_counter() - since < threshold or since == reported:
+            continue
+        frame = sys._current_frames().get(loop_thread)
+        if frame is None:
+            return
+        reported = since
+        stack = traceback.extract_stack(frame)[-10:]
+        where = " <- ".join(
+            f"{f.name} ({'/'.join(f.filename.split('/')[-2:])}:{f.lineno})" for f in reversed(stack)
+        )
+        log.warning(
+            "event loop held for %.1f ms so far, in %s", (time.perf_counter() - since) * 1e3, where
+        )

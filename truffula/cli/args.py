@@ -111,8 +111,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--max-prefill-while-decoding",
         type=int,
         default=default_of(S, "max_prefill_while_decoding"),
-        help="most prefill tokens in a step that also decodes, so new prompts add a bounded "
-        f"delay to running streams (default: {gpu} on CUDA, where such steps replay CUDA graphs; "
+        help="most prefill tokens in a step that also decodes, while the decodes outnumber the "
+        "requests waiting to start, so new prompts add a bounded delay to running streams "
+        f"(default: {gpu} on CUDA, where such steps replay CUDA graphs; "
         f"{cpu}, no cap beyond the step budget, on CPU)",
     )
     g.add_argument(
