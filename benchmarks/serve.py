@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import gc
 import itertools
 import json
+import multiprocessing
 import os
 import random
 import shlex
@@ -224,11 +226,12 @@ async def post(client: httpx.AsyncClient, body: dict, stream: bool) -> dict:
     return {"t0": t0, "tokens": len(times), "bytes": size, "times": times}
 
 
-async def drive(
+async def drive_part(
     url: str, bodies: list[dict], conc: int, arrivals: list[float] | None, stream: bool
-) -> dict:
+) -> tuple[list[dict], float, float, float]:
     """Closed loop (``conc`` clients, each sending its next request when the last is answered)
-    or open loop (each request at its arrival time)."""
+    or open loop (each request at its arrival time) in this process: the replies, start and
+    end (``perf_counter``, one clock for every process) and this process's CPU seconds."""
     pool = len(bodies) if arrivals else conc
     limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
     res: list[dict] = []
@@ -249,7 +252,33 @@ async def drive(
                 res.append(await post(client, b, stream))
 
             await asyncio.gather(*(at(b, w) for b, w in zip(bodies, arrivals, strict=True)))
-        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        return res, t0, time.perf_counter(), time.process_time() - cpu0
+
+
+def run_part(job: tuple) -> tuple[list[dict], float, float, float]:
+    return asyncio.run(drive_part(*job))
+
+
+def drive(
+    url: str,
+    bodies: list[dict],
+    conc: int,
+    arrivals: list[float] | None,
+    stream: bool,
+    pool: concurrent.futures.Executor | None = None,
+) -> dict:
+    """``drive_part`` in this process, or split over the processes of ``pool`` (each with
+    every n-th request and its share of the clients), so that one client process's event
+    loop does not add its own delays to what it measures."""
+    n = getattr(pool, "_max_workers", 1) if pool is not None else 1
+    jobs = [
+        (url, bodies[i::n], max(1, conc // n), arrivals[i::n] if arrivals else None, stream)
+        for i in range(n)
+    ]
+    parts = list(pool.map(run_part, jobs)) if pool is not None else [run_part(jobs[0])]
+    res = [r for p in parts for r in p[0]]
+    wall = max(p[2] for p in parts) - min(p[1] for p in parts)
+    cpu = sum(p[3] for p in parts)
     tokens = sum(r["tokens"] for r in res)
     want = bodies[0]["parameters"]["max_new_tokens"]
     size = sum(r["bytes"] for r in res)
@@ -349,13 +378,14 @@ def measure(
     new: int,
     cases: list[Case],
     repeats: int,
+    pool: concurrent.futures.Executor | None = None,
 ) -> dict[tuple[int, int, str], dict]:
     """Each case on the engine and/or the server (``/generate``, then ``/generate_stream``),
     ``repeats`` rounds; when both are given their runs alternate, so drift hits both alike."""
     if url:  # warm-up: adapters loaded, connections opened
         mix, k, _, conc, _ = max(cases, key=lambda c: (c[0], c[1], c[3]))
         for stream in (False, True):
-            asyncio.run(drive(url, wl(mix, k, 8)[1], conc, None, stream))
+            drive(url, wl(mix, k, 8)[1], conc, None, stream, pool)
     out = {}
     for mix, k, label, conc, arr in cases:
         runs: dict[str, list[dict]] = {"engine": [], "server": [], "stream": []}
@@ -363,7 +393,7 @@ def measure(
             if core is not None:
                 runs["engine"].append(engine_run(core, wl(mix, k, new)[0], conc, arr))
             for key, stream in (("server", False), ("stream", True)) if url else ():
-                runs[key].append(asyncio.run(drive(url, wl(mix, k, new)[1], conc, arr, stream)))
+                runs[key].append(drive(url, wl(mix, k, new)[1], conc, arr, stream, pool))
         r = out[mix, k, label] = {key: median_run(v) for key, v in runs.items() if v}
         line = f"{mix} adapters, k={k}, {label}:"
         if "engine" in r:
@@ -426,6 +456,9 @@ def main() -> None:
     ap.add_argument("--adapter-dir", help="where the adapters are written (default: temporary)")
     ap.add_argument("--no-engine", action="store_true", help="skip the in-process engine runs")
     ap.add_argument("--interleave", action="store_true", help="engine runs beside the server's")
+    ap.add_argument(
+        "--client-procs", type=int, default=1, help="processes the HTTP clients are spread over"
+    )
     ap.add_argument("--out", default="bench-out")
     args = ap.parse_args(argv)
     if args.gpu and args.url:
@@ -449,6 +482,11 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="truffula-serve-"))
     adapter_root = Path(args.adapter_dir) if args.adapter_dir else scratch / "adapters"
     hf, gpu_dir, rows = None, None, {}
+    clients = None
+    if args.client_procs > 1:  # started before any CUDA work; spawned, so nothing is inherited
+        spawn = multiprocessing.get_context("spawn")
+        clients = concurrent.futures.ProcessPoolExecutor(args.client_procs, mp_context=spawn)
+        list(clients.map(time.sleep, [0.0] * args.client_procs))  # the workers, up and importing
     try:
         if args.gpu:
             import gpu  # benchmarks/gpu.py
@@ -487,11 +525,13 @@ def main() -> None:
             with contextlib.ExitStack() as stack:
                 log, wait = out_dir / f"server-{name}.log", 1200 if args.gpu else 300
                 url = args.url or stack.enter_context(serving(flags, log, wait))
-                res = measure(cores.pop(name, None), url, wl, new, cases, args.repeats)
+                res = measure(cores.pop(name, None), url, wl, new, cases, args.repeats, clients)
             for key, r in res.items():
                 rows.setdefault((name, *key), {}).update(r)
             release_memory()
     finally:
+        if clients is not None:
+            clients.shutdown()
         shutil.rmtree(scratch, ignore_errors=True)
         if gpu_dir is not None:
             shutil.rmtree(gpu_dir, ignore_errors=True)

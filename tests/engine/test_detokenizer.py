@@ -164,3 +164,28 @@ def test_special_tokens_are_skipped_in_text_but_named_in_token_text(table, hf_to
     assert step.token_text == hf_tokenizer.eos_token and step.released == "" and detok.text == ""
     keep = Detokenizer(table, (), skip_special=False)
     assert keep.add(eos).released == hf_tokenizer.eos_token
+
+
+def test_alternative_dicts_equal_the_records_they_skip(table, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """A token event's alternatives built straight from ids and logprobs (``as_dicts``) equal
+    those of the records (``Alternative``), after a whole character and after a partial one,
+    and once the records were read."""
+    from truffula.engine.output import LazyAlternatives
+    from truffula.runner.output import TokenLogprobs
+    from truffula.server.formats import alternative_dict
+
+    emoji = hf_tokenizer.encode("😀", add_special_tokens=False)
+    plain = hf_tokenizer.encode(" the sea", add_special_tokens=False)
+    top = [*plain, *emoji, table.size + 3]  # one id past the table: empty text
+    lp = TokenLogprobs(plain[0], -0.5, 1, 2.0, top, [-0.5 - i for i in range(len(top))])
+    for prefix in ([], emoji[:-1]):  # nothing pending; all but the last piece of a character
+        detok = Detokenizer(table, (), skip_special=True)
+        for t in prefix:
+            detok.add(t)
+        lazy = LazyAlternatives(table, detok, lp, detok.pending)
+        fresh = lazy.as_dicts()
+        records = [alternative_dict(a) for a in lazy]  # reads the records
+        assert fresh == records == lazy.as_dicts()
+        assert [d["id"] for d in fresh] == top and fresh[-1]["text"] == ""
+    # the last piece, in place of the chosen token, completes the pending character
+    assert records[len(plain) + len(emoji) - 1]["text"] == "😀"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import overload
+from typing import Any, overload
 
 from truffula.engine.detokenizer import Detokenizer, TokenTable
 from truffula.runner.output import TokenLogprobs
@@ -99,6 +99,19 @@ class LazyAlternatives(Sequence[Alternative]):
 
     def __repr__(self) -> str:
         return repr(self._load())
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        """``{id, text, logprob}`` of each alternative: straight from the ids and logprobs,
+        without records, while none were read and each text is a table entry (the common case;
+        a streamed token event with 20 alternatives costs half as much)."""
+        if self._src is None or self._src[3]:  # read already, or after a partial character
+            return [{"id": a.id, "text": a.text, "logprob": a.logprob} for a in self._load()]
+        table, _, lp, _ = self._src
+        solo, size = table.solo_text, table.size
+        return [
+            {"id": t, "text": solo[t] if t < size else "", "logprob": v}
+            for t, v in zip(lp.top_ids, lp.top_logprobs, strict=True)
+        ]
 
 
 def token_info(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from truffula.engine.output import Alternative, RequestOutput, TokenInfo
+from truffula.engine.output import Alternative, LazyAlternatives, RequestOutput, TokenInfo
 
 
 def alternative_dict(alt: Alternative) -> dict[str, Any]:
@@ -28,8 +28,13 @@ def token_dict(t: TokenInfo, with_alternatives: bool = True) -> dict[str, Any]:
     if t.rank is not None:
         out["rank"] = t.rank
         out["entropy"] = t.entropy
-    if with_alternatives and t.alternatives is not None:
-        out["alternative_tokens"] = [alternative_dict(a) for a in t.alternatives]
+    alts = t.alternatives
+    if with_alternatives and alts is not None:
+        out["alternative_tokens"] = (
+            alts.as_dicts()
+            if isinstance(alts, LazyAlternatives)
+            else [alternative_dict(a) for a in alts]
+        )
     return out
 
 
