@@ -20,7 +20,10 @@ round-robin) and k (alternatives per token), with R requests (greedy, ignore_eos
 ``--rate`` adds open-loop rows: Poisson arrivals at that many requests/s, for server and engine.
 The engine's runs come first and it is freed before the server starts; ``--interleave`` (CPU)
 keeps it and alternates its runs with the server's, so a shared machine's drift hits both alike;
-``--repeats N`` keeps the run of median throughput of N.
+``--repeats N`` keeps the run of median throughput of N. ``--client-procs N`` spreads the HTTP
+clients over N processes (every N-th request and 1/N of the clients each), so that one client
+event loop's own delays do not count as the server's. The in-process engine's garbage
+collector is set as in the server's processes (``truffula/heap.py``).
 The benchmark writes its adapters (``--adapter-root``) and gives the server 16 adapter slots
 (``--max-active-adapters 16``) ahead of the user's flags, which may override them.
 
@@ -66,6 +69,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from truffula import heap  # noqa: E402
 from truffula.cli import build_parser, engine_config  # noqa: E402
 from truffula.engine.core import EngineCore  # noqa: E402
 from truffula.sampling.params import SamplingParams  # noqa: E402
@@ -368,6 +372,7 @@ def engine(flags: list[str], weights: Any, wl: Callable, cases: list[Case]) -> E
     core = EngineCore(engine_config(build_parser().parse_args(["serve", *flags])), False, weights)
     mix, k, _, conc, _ = max(cases, key=lambda c: (c[0], c[1], c[3]))
     engine_run(core, wl(mix, k, 8)[0], conc, None)
+    heap.settle()  # the garbage collector as in the server's processes (truffula/heap.py)
     return core
 
 
