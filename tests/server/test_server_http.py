@@ -509,6 +509,10 @@ def test_metrics_info_tokenize_openapi(server) -> None:  # type: ignore[no-untyp
         "/tokenize",
     ):
         assert path in schema["paths"], path
+    # "/" documents every method it answers (schemathesis checks `Allow` against the schema)
+    assert set(schema["paths"]["/"]) == {"get", "post"}
+    assert "text/html" in schema["paths"]["/"]["get"]["responses"]["200"]["content"]
+    assert not [p for p in schema["paths"] if p.startswith("/ui/")]
     props = schema["components"]["schemas"]["GenerateParameters"]["properties"]
     assert "description" in props["return_k_alternatives"]
     assert httpx.get(server.url + "/api-doc/openapi.json").status_code == 200

@@ -1,4 +1,6 @@
-"""The web playground, served at ``GET /`` from files in ``server/ui`` (no build step)."""
+"""The web playground, served at ``GET /`` from files in ``server/ui`` (no build step). ``GET /``
+is in the OpenAPI schema beside the compat ``POST /``, so the methods ``/`` answers are the
+documented ones; the page's assets are not."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
-router = APIRouter(include_in_schema=False)
+router = APIRouter()
 
 _DIR = Path(__file__).parent / "ui"
 _TYPES = {
@@ -18,7 +20,12 @@ _TYPES = {
 }
 
 
-@router.get("/")
+@router.get(
+    "/",
+    summary="The web playground (an HTML page)",
+    response_class=HTMLResponse,
+    responses={200: {"content": {"text/html": {}}, "description": "the playground page"}},
+)
 async def index() -> Response:
     page = _DIR / "index.html"
     if not page.exists():
@@ -28,7 +35,7 @@ async def index() -> Response:
     return FileResponse(page, media_type="text/html")
 
 
-@router.get("/ui/{name}")
+@router.get("/ui/{name}", include_in_schema=False)
 async def asset(name: str) -> Response:
     path = (_DIR / name).resolve()
     if path.parent != _DIR.resolve() or not path.is_file() or path.suffix not in _TYPES:
