@@ -291,7 +291,38 @@ def drive(
     if stream:
         out["ttft_ms"] = pct([r["times"][0] - r["t0"] for r in res if r["times"]])
         out["itl_ms"] = pct([b - a for r in res for a, b in itertools.pairwise(r["times"])])
+        out["stalls"] = stalls(res)
     return out
+
+
+def stalls(res: list[dict], gap_s: float = 0.025, top: int = 12) -> dict:
+    """The moments streams waited ``gap_s`` or more between events, merged when they end within
+    5 ms of each other: how many there were and the longest, each with its wall-clock time (to
+    place beside a server's ``TRUFFULA_STALL_LOG`` lines) and how many streams it held."""
+    ends = sorted(
+        (b, b - a) for r in res for a, b in itertools.pairwise(r["times"]) if b - a >= gap_s
+    )
+    groups: list[list[tuple[float, float]]] = []
+    for end, gap in ends:
+        if groups and end - groups[-1][-1][0] <= 0.005:
+            groups[-1].append((end, gap))
+        else:
+            groups.append([(end, gap)])
+    to_wall = time.time() - time.perf_counter()
+    worst = sorted(groups, key=lambda g: -max(x[1] for x in g))[:top]
+    return dict(
+        count=len(groups),
+        gaps=len(ends),
+        worst=[
+            dict(
+                at=time.strftime("%H:%M:%S", time.localtime(g[0][0] + to_wall))
+                + f".{int((g[0][0] + to_wall) % 1 * 1000):03d}",
+                gap_ms=round(max(x[1] for x in g) * 1e3, 1),
+                streams=len(g),
+            )
+            for g in worst
+        ],
+    )
 
 
 @contextlib.contextmanager
@@ -410,6 +441,10 @@ def measure(
                 f"tok/s, TTFT {fmt(r['stream'], 'ttft_ms')} ms, ITL {fmt(r['stream'], 'itl_ms')} ms"
             )
             line += "".join(f"; {r[x]['short']} {x} replies short" for x in r if r[x].get("short"))
+            st = r["stream"]["stalls"]
+            line += f"; {st['count']} stream stalls >= 25 ms: " + ", ".join(
+                f"{w['at']} {w['gap_ms']:.0f} ms x{w['streams']}" for w in st["worst"][:6]
+            )
         print(line, flush=True)
     return out
 
