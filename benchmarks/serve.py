@@ -450,6 +450,7 @@ def measure(
 
 
 def release_memory() -> None:
+    gc.unfreeze()  # heap.settle froze the engine's objects: its cycles would never be freed
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
