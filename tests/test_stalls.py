@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -58,3 +60,42 @@ def test_a_held_event_loop_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     assert any(
         "event loop of" in r.getMessage() and "held" in r.getMessage() for r in caplog.records
     )
+
+
+def test_a_late_turn_and_a_paused_stream_are_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv(TRUFFULA_STALL_LOG, "20")
+    clock = stalls.clock("outputs", gaps=True)
+
+    async def events() -> AsyncIterator[bytes]:
+        yield b"a"
+        yield b"b"  # at once
+        await asyncio.sleep(0.03)  # the engine is late
+        yield b"c"
+
+    async def consume() -> list[bytes]:
+        got = []
+        async for ev in stalls.timed_events(events(), "an SSE"):
+            got.append(ev)
+            if ev == b"c":
+                continue
+            if ev == b"a":
+                await asyncio.sleep(0.03)  # the send of "a" is slow
+        return got
+
+    with caplog.at_level(logging.WARNING, logger="truffula.stalls"):
+        for pause in (0.0, 0.03):
+            time.sleep(pause)
+            clock.start()
+            clock.end()
+        got = asyncio.run(consume())
+    assert got == [b"a", b"b", b"c"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("outputs came 3")
+    first, second = (
+        {k: float(v) for v, k in re.findall(r"([\d.]+) ms (\w+)", x)} for x in lines[1:]
+    )
+    assert first["waiting"] < 10 and first["sending"] >= 25  # "b" was ready; "a"'s send was slow
+    assert second["waiting"] >= 25 and second["sending"] < 10  # "c" came late

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import AsyncIterator
 
 from truffula.envs import TRUFFULA_STALL_LOG
 
@@ -30,15 +31,20 @@ class TurnClock:
     """Times the parts of one turn of a loop; logs the turn when it took ``threshold_s`` or
     more."""
 
-    def __init__(self, what: str, threshold: float) -> None:
+    def __init__(self, what: str, threshold: float, gaps: bool = False) -> None:
         self.what = what
         self.threshold = threshold
+        self.gaps = gaps
+        """Also log when a turn starts ``threshold`` or more after the last one started."""
         self.parts: list[tuple[str, float]] = []
-        self.t0 = self.last = 0.0
+        self.t0 = self.last = self.started = 0.0
 
     def start(self) -> None:
         self.parts.clear()
-        self.t0 = self.last = time.perf_counter()
+        self.t0 = self.last = now = time.perf_counter()
+        if self.gaps and self.started and now - self.started >= self.threshold:
+            log.warning("%s came %.1f ms after the last", self.what, (now - self.started) * 1e3)
+        self.started = now
 
     def mark(self, part: str) -> None:
         now = time.perf_counter()
@@ -73,10 +79,10 @@ class _Off(TurnClock):
         pass
 
 
-def clock(what: str) -> TurnClock:
+def clock(what: str, gaps: bool = False) -> TurnClock:
     """A ``TurnClock`` when ``TRUFFULA_STALL_LOG`` is set, else one that does nothing."""
     t = threshold_s()
-    return TurnClock(what, t) if t is not None else _Off(what, 0.0)
+    return TurnClock(what, t, gaps) if t is not None else _Off(what, 0.0)
 
 
 def event_loop_watch(loop: asyncio.AbstractEventLoop) -> list[asyncio.Task[None]]:
@@ -130,3 +136,31 @@ def _watchdog(loop_thread: int, beat: list[float], threshold: float, stop: threa
         log.warning(
             "event loop held for %.1f ms so far, in %s", (time.perf_counter() - since) * 1e3, where
         )
+
+
+def timed_events(events: AsyncIterator[bytes], what: str) -> AsyncIterator[bytes]:
+    """``events`` unchanged, or, when ``TRUFFULA_STALL_LOG`` is set, with every pause of one
+    stream logged: how long the stream waited for its next event (the engine's outputs and
+    their delivery) and how long the send of the last one took (the socket and the client)."""
+    held = threshold_s()
+    return events if held is None else _timed_events(events, what, held)
+
+
+async def _timed_events(
+    events: AsyncIterator[bytes], what: str, threshold: float
+) -> AsyncIterator[bytes]:
+    sent = time.perf_counter()
+    send_took = 0.0
+    async for ev in events:
+        ready = time.perf_counter()
+        if ready - sent + send_took >= threshold:
+            log.warning(
+                "%s stream paused %.1f ms: %.1f ms waiting for its event, %.1f ms sending the last",
+                what,
+                (ready - sent + send_took) * 1e3,
+                (ready - sent) * 1e3,
+                send_took * 1e3,
+            )
+        yield ev
+        sent = time.perf_counter()
+        send_took = sent - ready

@@ -259,7 +259,7 @@ class AsyncEngine:
         self._sock.send_multipart([kind, m.encoder.encode(payload)])
 
     async def _read(self) -> None:
-        clock = stalls.clock("outputs")
+        clock = stalls.clock("outputs", gaps=True)
         while True:
             kind, payload = await self._sock.recv_multipart()
             if kind == m.OUTPUTS:

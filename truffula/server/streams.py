@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 from fastapi import Request
 
+from truffula import stalls
 from truffula.engine.async_engine import RequestStream
 from truffula.server.errors import ClientDisconnected, error_body
 from truffula.server.formats import Accumulator
@@ -46,10 +47,17 @@ def sse_data(payload: dict[str, Any] | str) -> bytes:
     return b"data: " + body + b"\n\n"
 
 
-async def sse_events(
+def sse_events(
     events: AsyncIterator[dict[str, Any]], done_marker: bool = False
 ) -> AsyncIterator[bytes]:
-    """Serialize events as SSE; an error after the stream opened becomes an error event."""
+    """Serialize events as SSE; an error after the stream opened becomes an error event
+    (each stream's pauses logged under ``TRUFFULA_STALL_LOG``)."""
+    return stalls.timed_events(_sse_events(events, done_marker), "an SSE")
+
+
+async def _sse_events(
+    events: AsyncIterator[dict[str, Any]], done_marker: bool
+) -> AsyncIterator[bytes]:
     try:
         async for ev in events:
             yield sse_data(ev)
