@@ -34,8 +34,10 @@ class EngineRequest(msgspec.Struct, array_like=True):
     """``time.monotonic()`` on the API side (one clock for every process of the machine)."""
 
 
-class EngineOutput(msgspec.Struct, array_like=True, omit_defaults=True):
-    """One step's news about a request, as numbers: new tokens, their statistics, the end."""
+class EngineOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """One step's news about a request, as numbers: new tokens, their statistics, the end.
+    Untracked by the garbage collector (``gc=False``): it holds strings, numbers and lists of
+    ``TokenLogprobs``, never itself."""
 
     request_id: str
     token_ids: list[int] = msgspec.field(default_factory=list)

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 import msgspec
 
 
-class TokenLogprobs(msgspec.Struct, array_like=True):
+class TokenLogprobs(msgspec.Struct, array_like=True, gc=False):
     """Probabilities around one token position: the token, its logprob and rank, the entropy of
     the distribution and the top-k (ids and logprobs, most likely first). A msgspec struct: the
-    engine process sends it to the API process as it is."""
+    engine process sends it to the API process as it is. It holds numbers only, so it can take
+    no part in a reference cycle and the garbage collector does not track it (``gc=False``)."""
 
     token_id: int
     logprob: float

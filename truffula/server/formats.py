@@ -59,9 +59,13 @@ class Accumulator:
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
     seed: int | None = None
+    keep_tokens: bool = True
+    """False for a stream, whose events carry the records: the whole text and the counts are
+    kept, the records are not (a stream holds no growing list for the collector to walk)."""
 
     def add(self, out: RequestOutput) -> None:
-        self.tokens += out.tokens
+        if self.keep_tokens:
+            self.tokens += out.tokens
         self.text += out.text
         if out.prompt_tokens is not None:
             self.prompt_tokens = out.prompt_tokens

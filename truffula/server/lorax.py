@@ -119,7 +119,7 @@ async def open_stream(body: GenerateRequest, request: Request) -> StreamingRespo
     stream = await state.start(await prompt_of(body, state), params)
 
     async def events() -> AsyncIterator[dict[str, Any]]:
-        acc = Accumulator()
+        acc = Accumulator(keep_tokens=False)
         async with stream:
             async for out in stream:
                 acc.add(out)
