@@ -259,8 +259,29 @@ async def drive_part(
         return res, t0, time.perf_counter(), time.process_time() - cpu0
 
 
-def run_part(job: tuple) -> tuple[list[dict], float, float, float]:
-    return asyncio.run(drive_part(*job))
+def run_part(job: tuple) -> tuple[list[dict], float, float, float, list[float]]:
+    """``drive_part`` with this process's collector settled as the server's are (its own
+    pauses would count as the server's), and the collections that still took 5 ms or more."""
+    pauses: list[float] = []
+    started = [0.0]
+
+    def timed(phase: str, _: dict) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            started[0] = now
+        elif now - started[0] >= 0.005:
+            pauses.append(now - started[0])
+
+    worker = multiprocessing.current_process().name != "MainProcess"
+    if worker:  # the main process settled its heap already
+        heap.settle()
+    gc.callbacks.append(timed)
+    try:
+        return (*asyncio.run(drive_part(*job)), pauses)
+    finally:
+        gc.callbacks.remove(timed)
+        if worker:
+            gc.unfreeze()
 
 
 def drive(
@@ -283,10 +304,12 @@ def drive(
     res = [r for p in parts for r in p[0]]
     wall = max(p[2] for p in parts) - min(p[1] for p in parts)
     cpu = sum(p[3] for p in parts)
+    client_gc = [x for p in parts for x in p[4]]
     tokens = sum(r["tokens"] for r in res)
     want = bodies[0]["parameters"]["max_new_tokens"]
     size = sum(r["bytes"] for r in res)
     out = dict(requests=len(res), tokens=tokens, wall=wall, tok_s=tokens / wall, client_cpu_s=cpu)
+    out |= dict(client_gc_pauses=len(client_gc), client_gc_max_ms=max(client_gc, default=0) * 1e3)
     out |= dict(bytes_per_token=size / max(tokens, 1), short=sum(r["tokens"] != want for r in res))
     if stream:
         out["ttft_ms"] = pct([r["times"][0] - r["t0"] for r in res if r["times"]])
@@ -442,6 +465,7 @@ def measure(
             )
             line += "".join(f"; {r[x]['short']} {x} replies short" for x in r if r[x].get("short"))
             st = r["stream"]["stalls"]
+            line += f"; client collections >= 5 ms: {r['stream']['client_gc_pauses']}"
             line += f"; {st['count']} stream stalls >= 25 ms: " + ", ".join(
                 f"{w['at']} {w['gap_ms']:.0f} ms x{w['streams']}" for w in st["worst"][:6]
             )
