@@ -39,9 +39,12 @@ log = logging.getLogger("truffula.server")
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before anything slow happens."""
+    """The listening socket, bound before anything slow happens. Its protocol is named
+    (``IPPROTO_TCP``): asyncio turns Nagle's algorithm off (``TCP_NODELAY``) only on accepted
+    sockets that say they are TCP, and with it on, a token event written while the last one is
+    unacknowledged waits for the client's delayed ACK (40 ms)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
