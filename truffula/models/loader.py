@@ -8,6 +8,7 @@ parameters (Mixtral's stacked experts) is cut into pieces by the model's
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from truffula.errors import ModelLoadError
+from truffula.model_store.prequantized import DequantizingSource
 from truffula.models.common import CausalLM
 
 
@@ -32,7 +34,7 @@ def build_and_load(
         model = cls(config, max_len)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()
-    load_weights(model, folder, weights)
+    load_weights(model, folder, weights, quantization_config(config))
     model.eval()
     return model
 
@@ -50,10 +52,22 @@ class _StateSource:
         return self.state[name]
 
 
+def quantization_config(config: Any) -> dict[str, Any] | None:
+    """The checkpoint's ``quantization_config`` as a dict (transformers may keep an object)."""
+    q = getattr(config, "quantization_config", None)
+    if q is None or isinstance(q, dict):
+        return q
+    return q.to_dict() if hasattr(q, "to_dict") else dict(vars(q))
+
+
 def load_weights(
-    model: CausalLM, folder: Path, weights: Mapping[str, torch.Tensor] | None = None
+    model: CausalLM,
+    folder: Path,
+    weights: Mapping[str, torch.Tensor] | None = None,
+    qconfig: Mapping[str, Any] | None = None,
 ) -> None:
-    """Load from the folder's safetensors files, or from ``weights`` (a HF-named state dict)."""
+    """Load from the folder's safetensors files, or from ``weights`` (a HF-named state dict);
+    a pre-quantized checkpoint (``qconfig``) is read dequantized (``model_store.prequantized``)."""
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     if weights is not None:
@@ -65,6 +79,9 @@ def load_weights(
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"no *.safetensors weights in {folder}")
+    if qconfig:
+        _load_prequantized(model, params, files, qconfig, folder, loaded)
+        return
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -74,6 +91,29 @@ def load_weights(
             raise ModelLoadError(
                 f"{file.name} in {folder} is corrupt or unreadable: {exc}"
             ) from exc
+    _check_complete(params, loaded, folder)
+
+
+def _load_prequantized(
+    model: CausalLM,
+    params: dict[str, torch.nn.Parameter],
+    files: list[Path],
+    qconfig: Mapping[str, Any],
+    folder: Path,
+    loaded: set[str],
+) -> None:
+    with contextlib.ExitStack() as stack:
+        try:
+            handles = [
+                stack.enter_context(safe_open(str(f), framework="pt", device="cpu")) for f in files
+            ]
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(
+                f"{folder}: a weights file is corrupt or unreadable: {exc}"
+            ) from exc
+        source = DequantizingSource(handles, qconfig, str(folder))
+        for name in source.names:
+            _load_one(model, params, name, source, loaded)
     _check_complete(params, loaded, folder)
 
 
