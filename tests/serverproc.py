@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -64,12 +65,17 @@ class ServerProcess:
         raise RuntimeError(f"server not ready:\n{self.log.read_text()}")
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._out.close()
-        return self.proc.returncode
+        return stop_process(self.proc, self._out, sig, timeout)
+
+
+def stop_process(proc: subprocess.Popen, out: IO[str], sig: int, timeout: float) -> int:
+    """Signal ``proc`` (if it still runs), kill it after ``timeout`` seconds, close its log."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    out.close()
+    return proc.returncode

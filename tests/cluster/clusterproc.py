@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
-from serverproc import ROOT, free_port
+from serverproc import ROOT, free_port, stop_process
 
 
 class ClusterProcess:
@@ -48,12 +48,4 @@ class ClusterProcess:
         return httpx.post(self.url + path, json=body, headers=self.headers, timeout=timeout)
 
     def stop(self, timeout: float = 90) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._out.close()
-        return self.proc.returncode
+        return stop_process(self.proc, self._out, signal.SIGINT, timeout)
