@@ -17,16 +17,23 @@ from truffula.scheduler.output import ScheduledSeq
 class Harness:
     """Feeds token chunks of several sequences through the paged cache; returns logits rows."""
 
-    def __init__(self, folder: Path, block_size: int = 4, num_blocks: int = 64, pack: bool = False):
+    def __init__(
+        self,
+        folder: Path,
+        block_size: int = 4,
+        num_blocks: int = 64,
+        pack: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ):
         # the longest sequence the cache holds (a cache shorter than the model's context is an
         # error unless the maximum length is capped too)
-        loaded = load_model(folder, torch.float32, torch.device("cpu"), num_blocks * block_size)
+        loaded = load_model(folder, dtype, torch.device("cpu"), num_blocks * block_size)
         cfg = EngineConfig.from_kwargs(
             block_size=block_size,
             num_blocks=num_blocks,
             linear_kernel="packed" if pack else "torch",
         )
-        self.runner = ModelRunner(loaded, cfg, torch.device("cpu"), torch.float32)
+        self.runner = ModelRunner(loaded, cfg, torch.device("cpu"), dtype)
         self.pool = BlockPool(self.runner.num_blocks)
         self.block_size = block_size
         self.blocks: dict[str, list[int]] = {}
