@@ -120,20 +120,16 @@ class EngineCore:
         )
         self.drafter = None
         if config.scheduler.speculative is not None:  # verification waits for each step
-            self.drafter = Drafter(config.scheduler.speculative, self.max_len)
+            self.drafter = Drafter(config.scheduler.speculative, self.max_len, self.runner)
             self.overlap = False
         self.inflight: InFlight | None = None
         self.isolation = StepIsolation(FaultInjector.from_env())
         keep_host_memory()
+        dtype = str(self.dtype).removeprefix("torch.")
         log.info(
             "engine ready: %s (%s) on %s/%s, %d KV blocks of %d tokens, max length %d",
-            folder,
-            self.architecture,
-            self.device,
-            str(self.dtype).removeprefix("torch."),
-            self.pool.capacity,
-            config.cache.block_size,
-            self.max_len,
+            *(folder, self.architecture, self.device, dtype, self.pool.capacity),
+            *(config.cache.block_size, self.max_len),
         )
 
     # ---------------------------------------------------------------- adapters
@@ -393,6 +389,8 @@ class EngineCore:
         req.finished_at = time.monotonic()
         self.scheduler.finish(req.request_id)
         self.runner.release(req.request_id)
+        if self.drafter is not None:
+            self.drafter.release(req.request_id)
         self.requests.pop(req.request_id, None)
         if req.params.adapter_id is not None:
             self.adapters.remove_user(req.params.adapter_id)

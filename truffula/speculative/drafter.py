@@ -1,5 +1,6 @@
 """The engine's side of speculation: drafts for the running requests before each step (handed
-to the scheduler, ``Scheduler.set_drafts``), and the count of what was drafted and accepted."""
+to the scheduler, ``Scheduler.set_drafts``), and the count of what was drafted and accepted.
+Drafts come from prompt lookup (``ngram``) or a draft model (``draft_model``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Protocol
 from truffula.scheduler.seq import SeqState, SeqStatus
 from truffula.speculative import ngram
 from truffula.speculative.config import SpeculativeConfig
+from truffula.speculative.draft_model import DraftModel, Target
 
 
 class Drafted(Protocol):
@@ -25,11 +27,17 @@ class Drafted(Protocol):
 
 
 class Drafter:
-    def __init__(self, config: SpeculativeConfig, max_len: int) -> None:
-        if config.method != "ngram":
-            raise ValueError(
-                f'--speculative-config: method {config.method!r} is not served; use "ngram"'
-            )
+    def __init__(
+        self, config: SpeculativeConfig, max_len: int, target: Target | None = None
+    ) -> None:
+        """``target``: the target model's runner, which a draft model is loaded beside."""
+        self.model: DraftModel | None = None
+        if config.method == "draft_model":
+            if config.model is None or target is None:
+                raise ValueError("--speculative-config: draft_model needs a model and a target")
+            self.model = DraftModel.load(config.model, target)
+        elif config.method != "ngram":
+            raise ValueError(f"--speculative-config: method {config.method!r} is not served")
         self.config = config
         self.max_len = max_len
         self.drafted = 0
@@ -45,11 +53,14 @@ class Drafter:
         ``num_speculative_tokens``, never past its length limits; none for a request that
         opted out, is prefilling, has tokens in flight or is pausing after a miss."""
         cfg = self.config
-        live = set()
+        live, running = set(), set()
         drafts: dict[str, list[int]] = {}
+        wanted: list[tuple[str, list[int], int]] = []  # the draft model's, batched
         for req in requests:
             seq = req.seq
             live.add(seq.request_id)
+            if seq.status is SeqStatus.RUNNING:
+                running.add(seq.request_id)
             skip, wait = self._backoff.get(seq.request_id, (0, 1))
             if skip:
                 self._backoff[seq.request_id] = (skip - 1, wait)
@@ -66,7 +77,9 @@ class Drafter:
                 req.max_new_tokens - len(req.output_ids) - 1,
                 self.max_len - len(seq.token_ids) - 1,
             )
-            if room > 0:
+            if room > 0 and self.model is not None:
+                wanted.append((seq.request_id, seq.token_ids, room))
+            elif room > 0:
                 history = self._history.setdefault(seq.request_id, ngram.History())
                 tokens = history.sync(seq.token_ids)  # no placeholders: none are unresolved
                 proposed = ngram.propose(tokens, room, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
@@ -76,7 +89,26 @@ class Drafter:
         for table in (self._backoff, self._history):
             for rid in [r for r in table if r not in live]:
                 del table[rid]
+        if self.model is not None:
+            self.model.retain(running)  # preempted requests recompute: their drafts start over
+            drafts = self.model.propose(wanted)
+            self.drafted += sum(len(d) for d in drafts.values())
         return drafts
+
+    def release(self, request_id: str) -> None:
+        """A request left the engine (finished, aborted or failed): forget it."""
+        self._history.pop(request_id, None)
+        self._backoff.pop(request_id, None)
+        if self.model is not None:
+            self.model.release(request_id)
+
+    @property
+    def num_states(self) -> int:
+        """Requests the drafter holds state of (histories, waits, draft-model caches)."""
+        held = set(self._history) | set(self._backoff)
+        if self.model is not None:
+            held |= set(self.model.seqs)
+        return len(held)
 
     def verified(self, request_id: str, drafted: int, accepted: int) -> None:
         """A step verified ``drafted`` tokens of the request and kept ``accepted``. A miss (none

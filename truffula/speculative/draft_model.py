@@ -1,0 +1,217 @@
+"""Draft-model drafts: a smaller model with the target's vocabulary proposes each speculating
+request's next tokens greedily.
+
+The draft model is loaded with the target's loader (``models.registry.load_model``) on the
+target's device and dtype, serves the base model only (it knows nothing of adapters: an
+adapter request is drafted from the base and verified by the target with its adapter), and
+keeps its own paged KV cache (``draft_cache.DraftCache``) with one ``DraftSeq`` per request.
+
+Before each step, for every request that speculates: the tokens its cache holds are compared
+with the request's tokens from the last point known to agree; the cache is rolled back to the
+first difference (rejected drafts), the tokens it has not seen are fed (the prompt at first,
+then the accepted drafts and the target's own token after them), and the argmax of the last
+position is the first draft; each further draft is one more single-token step. All of this is
+batched over the speculating requests: one catch-up forward (more for long prompts, in chunks
+of ``CATCH_UP_TOKENS``) and N - 1 single-token forwards for N drafted tokens. The last draft
+is never fed: its keys and values are computed next time, if the target accepts it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from truffula.device import host_tensor
+from truffula.forward import AttentionMetadata, ForwardContext, forward_context
+from truffula.layers.attention import Attention
+from truffula.layers.linear import pack_cpu_linears
+from truffula.layers.rotary import RotaryEmbedding
+from truffula.model_store.resolve import resolve_model
+from truffula.models.common import CausalLM
+from truffula.models.registry import load_model
+from truffula.speculative.draft_cache import DraftCache, DraftSeq
+
+CATCH_UP_TOKENS = 1024
+"""Tokens one catch-up forward feeds at most (over all requests; each gets at least one)."""
+
+FLAG = "--speculative-config"
+
+
+class Target(Protocol):
+    """What the draft model follows of the target's runner (``runner.ModelRunner``)."""
+
+    vocab_size: int
+    device: torch.device
+    dtype: torch.dtype
+    block_size: int
+    num_blocks: int
+    """The target's KV blocks: the draft's cache never holds more."""
+    max_len: int
+    packed_linears: bool
+    """Whether the target runs (some) linears oneDNN-packed on CPU; the draft then picks its
+    own by measurement (``--cpu-linear auto``)."""
+
+
+class DraftModel:
+    def __init__(self, model: CausalLM, max_len: int, target: Target) -> None:
+        self.model = model
+        self.max_len = min(max_len, target.max_len)
+        self.device = target.device
+        self.dtype = target.dtype
+        attn = [m for m in model.modules() if isinstance(m, Attention)]
+        rotaries = [m for m in model.modules() if isinstance(m, RotaryEmbedding)]
+        self.rotary = rotaries[0] if rotaries and rotaries[0].uses_step_tables else None
+        self.cache = DraftCache(attn, target.block_size, target.num_blocks, self.device, self.dtype)
+        self.seqs: dict[str, DraftSeq] = {}
+
+    @classmethod
+    def load(cls, name: str, target: Target, progress: bool = False) -> DraftModel:
+        """The draft model ``name`` (folder or hub id) beside ``target``; ValueError naming the
+        flag when it cannot draft for it (another vocabulary size, no native implementation)."""
+        folder = resolve_model(name, progress=progress)
+        loaded = load_model(folder, target.dtype, target.device, target.max_len)
+        vocab = int(loaded.hf_config.vocab_size)
+        if vocab != target.vocab_size:
+            raise ValueError(
+                f"{FLAG}: the draft model {name!r} has a vocabulary of {vocab} tokens, the "
+                f"target {target.vocab_size}; a draft model must share the target's tokenizer"
+            )
+        if loaded.serving_path != "native":
+            raise ValueError(
+                f"{FLAG}: the draft model's architecture {loaded.architecture!r} has no native "
+                "implementation (a draft model needs the paged KV cache)"
+            )
+        model = loaded.model
+        if target.device.type == "cpu" and target.packed_linears:
+            pack_cpu_linears(model.linear_modules(), "auto", target.dtype)
+        return cls(model, loaded.max_len, target)
+
+    # ---------------------------------------------------------------- requests
+    def release(self, request_id: str) -> None:
+        """Free what the draft model holds of a request (finished, aborted, preempted)."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is not None:
+            self.cache.release(seq)
+
+    def retain(self, request_ids: set[str]) -> None:
+        """Free every request's state but those of ``request_ids``."""
+        for rid in [r for r in self.seqs if r not in request_ids]:
+            self.release(rid)
+
+    # ---------------------------------------------------------------- drafts
+    @torch.inference_mode()
+    def propose(self, wanted: Sequence[tuple[str, Sequence[int], int]]) -> dict[str, list[int]]:
+        """Greedy drafts by request, for each (request id, its tokens, drafts it can take);
+        a request the cache has no room for gets none (and its state is freed)."""
+        rows: list[tuple[str, DraftSeq, list[int], int]] = []
+        for rid, tokens, room in wanted:
+            room = min(room, self.max_len - len(tokens))
+            if room <= 0 or not tokens:
+                continue
+            seq = self._sync(rid, tokens)
+            if not self.cache.reserve(seq, len(tokens) + room - 1):
+                self.release(rid)
+                continue
+            rows.append((rid, seq, list(tokens[len(seq.tokens) :]), room))
+        if not rows:
+            return {}
+        drafts = {rid: [tok] for rid, tok in self._catch_up(rows).items()}
+        for i in range(1, max(room for *_, room in rows)):
+            live = [(rid, seq) for rid, seq, _, room in rows if room > i]
+            step = self._forward([(seq, [drafts[rid][-1]]) for rid, seq in live])
+            for (rid, _), tok in zip(live, step, strict=True):
+                drafts[rid].append(tok)
+        return drafts
+
+    def _sync(self, request_id: str, tokens: Sequence[int]) -> DraftSeq:
+        """The request's state, its cache cut back to the longest prefix it shares with
+        ``tokens`` (at most all but the last token: its logits give the first draft)."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            seq = self.seqs[request_id] = DraftSeq()
+        limit = min(len(seq.tokens), len(tokens) - 1)
+        n = min(seq.confirmed, limit)
+        while n < limit and seq.tokens[n] == tokens[n]:
+            n += 1
+        self.cache.truncate(seq, n)
+        seq.confirmed = len(tokens)  # every known token will be in the cache after this call
+        return seq
+
+    def _catch_up(self, rows: list[tuple[str, DraftSeq, list[int], int]]) -> dict[str, int]:
+        """Feed each row's unseen tokens (in forwards of at most ``CATCH_UP_TOKENS`` tokens);
+        the argmax after each row's last token."""
+        pending = {rid: (seq, new) for rid, seq, new, _ in rows}
+        first: dict[str, int] = {}
+        while pending:
+            budget = CATCH_UP_TOKENS
+            feed: list[tuple[str, DraftSeq, list[int]]] = []
+            for rid, (seq, new) in pending.items():
+                take = max(1, min(len(new), budget))
+                budget -= take
+                feed.append((rid, seq, new[:take]))
+            argmax = self._forward([(seq, part) for _, seq, part in feed])
+            for (rid, seq, part), tok in zip(feed, argmax, strict=True):
+                rest = pending[rid][1][len(part) :]
+                if rest:
+                    pending[rid] = (seq, rest)
+                else:
+                    del pending[rid]
+                    first[rid] = tok
+        return first
+
+    def _forward(self, feed: list[tuple[DraftSeq, list[int]]]) -> list[int]:
+        """Append each sequence's tokens to its cache in one forward; the argmax of the logits
+        after each one's last token, in ``feed``'s order."""
+        order = sorted(range(len(feed)), key=lambda i: len(feed[i][1]) > 1)  # decodes first
+        (input_ids, positions), ctx = self._context([feed[i] for i in order])
+        with forward_context(ctx):
+            hidden = self.model(input_ids, positions)
+        last = host_tensor(ctx.attn.query_start_loc_cpu[1:], torch.long, self.device) - 1
+        best = self.model.compute_logits(hidden[last]).argmax(dim=-1).tolist()
+        out = [0] * len(feed)
+        for j, i in enumerate(order):
+            out[i] = int(best[j])
+        return out
+
+    def _context(
+        self, feed: list[tuple[DraftSeq, list[int]]]
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], ForwardContext]:
+        """(input ids, positions) and the forward context of a step appending ``feed``'s
+        tokens (decodes first); each sequence's ``tokens`` grow by them."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        starts = [0]
+        lens = []
+        for seq, new in feed:
+            start = len(seq.tokens)
+            tokens += new
+            positions += range(start, start + len(new))
+            slots += self.cache.slots(seq, start, len(new))
+            seq.tokens += new
+            starts.append(starts[-1] + len(new))
+            lens.append(len(seq.tokens))
+        width = max(len(seq.blocks) for seq, _ in feed)
+        table = [seq.blocks + [0] * (width - len(seq.blocks)) for seq, _ in feed]
+        dev = self.device
+        pos = host_tensor(positions, torch.long, dev)
+        meta = AttentionMetadata(
+            slot_mapping=host_tensor(slots, torch.long, dev),
+            block_tables=host_tensor(table, torch.int32, dev),
+            seq_lens=host_tensor(lens, torch.int32, dev),
+            query_start_loc=host_tensor(starts, torch.int32, dev),
+            num_decodes=sum(1 for _, new in feed if len(new) == 1),
+            max_query_len=max(len(new) for _, new in feed),
+            max_seq_len=max(lens),
+            block_size=self.cache.block_size,
+            seq_lens_cpu=lens,
+            query_start_loc_cpu=starts,
+        )
+        if self.rotary is None:
+            ctx = ForwardContext(meta)
+        else:
+            cos, sin = self.rotary.step_tables(pos, meta, self.dtype)
+            ctx = ForwardContext(meta, None, cos, sin)
+        return (host_tensor(tokens, torch.long, dev), pos), ctx
