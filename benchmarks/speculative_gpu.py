@@ -1,11 +1,25 @@
 """Speculative decoding's mechanism on CUDA: what verifying drafts costs and gains, same run.
 
     python benchmarks/speculative_gpu.py [--repeats 3] [--new 128] [--quick]
+        [--draft-variants 1b-random,1b-agreeing,self]   # (c); "none" skips it
 
 The Llama-3-8B-shaped model of ``benchmarks/gpu.py`` (``--quick``: the Llama-3.2-1B shape),
 random bf16 weights: such a model repeats nothing, so prompt lookup would draft nothing of use
-and the drafts come from an oracle put in place of the n-gram proposer. A first, plain run
-records each prompt's greedy continuation; the oracle then proposes
+and the drafts come from an oracle put in place of the n-gram proposer.
+
+Random weights alone make greedy decoding unstable: the logits of the best tokens are within
+bf16 rounding of each other, so a verify step (5 query tokens, other GEMM shapes and kernels)
+often picks another argmax than the plain step that recorded the continuation, the stream then
+leaves the recording for good, and the oracle's drafts are all wrong after it (38 of 374
+accepted). Scaling the LM head or the final norm would not help: argmax is scale-invariant and
+the rounding noise scales with the logits. So ``make_peaked`` gives the model a wide, stable
+margin instead: the input embeddings are multiplied by ``EMBED_SCALE`` (the residual stream,
+whose layer outputs come from normalised inputs, is then dominated by the current token's
+embedding) and an untied LM head is set to the embedding matrix, so the next token is the
+current one by a margin ten times the spread of the other logits, whatever the kernels' shapes.
+The model computes exactly what it did (same shapes, same work per step), with a predictable
+greedy continuation. A first, plain run records each prompt's greedy continuation; the oracle
+then proposes
 
 - ``right``: the next tokens of that continuation (every draft the target would accept, as
   long as its greedy choice in the verify step equals the recorded one);
@@ -17,11 +31,21 @@ records each prompt's greedy continuation; the oracle then proposes
 (b) Single stream: tokens/s of plain decoding (``speculative: false``), ``right`` and ``wrong``
     drafts (with the engine's pause after a miss), interleaved over ``--repeats`` rounds of 4
     prompts; acceptance counted by the engine.
+(c) Draft model (``{"method": "draft_model", ...}``), single stream, tokens/s against plain
+    decoding on the same engine (interleaved) and acceptance, per variant:
+    ``1b-random``: a Llama-3.2-1B-shaped draft (same vocabulary) with random weights, which
+    never agrees with the target: the worst case (drafting pauses 1, 2, 4 ... 16 steps after
+    each miss, so this is the amortised cost of misses); ``1b-agreeing``: the same 1B shape
+    made peaked like the target (``make_peaked``: it proposes the target's own continuation),
+    the best case of a small draft; ``self``: the target drafting for itself (8B weights
+    twice), the mechanism's ceiling at 100% acceptance with a draft as costly as the target.
+    The draft model runs eagerly (no CUDA graphs of its own).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -37,6 +61,21 @@ from truffula.speculative import drafter as drafter_mod
 
 K = 4
 SPEC = {"method": "ngram", "num_speculative_tokens": K}
+EMBED_SCALE = 1000.0
+"""Input embeddings x this (std 0.02 -> 20 per element) outweigh the residual stream's 32
+layer outputs of random weights (each about 2 per element, from normalised inputs)."""
+DRAFT_VARIANTS = ("1b-random", "1b-agreeing", "self")
+
+
+@torch.no_grad()
+def make_peaked(hf: torch.nn.Module) -> None:
+    """Next token = current token by a wide margin (module docstring): embeddings scaled by
+    ``EMBED_SCALE``, an untied LM head set to them (a tied one already is)."""
+    emb = hf.get_input_embeddings().weight
+    emb.mul_(EMBED_SCALE)
+    head = hf.get_output_embeddings().weight
+    if head.data_ptr() != emb.data_ptr():
+        head.copy_(emb)
 
 
 class Oracle:
@@ -140,18 +179,107 @@ def single_stream(
     }
 
 
+def draft_folder(variant: str, target: Path, hf: torch.nn.Module) -> Path:
+    """The draft model's folder: a 1B-shaped model written as safetensors (random or peaked),
+    or the target's own weights written beside its config (``self``)."""
+    if variant == "self":
+        if not list(target.glob("*.safetensors")):
+            hf.save_pretrained(target, safe_serialization=True)
+        return target
+    draft, folder = gpu.build(gpu.LLAMA32_1B)
+    if variant == "1b-agreeing":
+        make_peaked(draft)
+    draft.save_pretrained(folder, safe_serialization=True)
+    del draft
+    gc.collect()
+    torch.cuda.empty_cache()
+    return folder
+
+
+def draft_stream(core: gpu.EngineCore, new: int, repeats: int, vocab: int) -> dict[str, object]:
+    """Single stream over 4 prompts, plain (``speculative: false``) and drafted, interleaved."""
+    plain = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
+    ps = prompts(4, 256, vocab, seed=7)
+    generate(core, ps[:1], plain)  # warm-up (the draft model's first steps)
+    drafter = core.drafter
+    runs: dict[str, list[float]] = {"plain": [], "draft": []}
+    outs: dict[str, list[list[int]]] = {}
+    d0, a0 = drafter.drafted, drafter.accepted
+    for _ in range(repeats):
+        for mode in runs:
+            t = time.perf_counter()
+            outs[mode] = [
+                generate(core, [p], plain.with_updates(speculative=mode == "draft"))[0] for p in ps
+            ]
+            runs[mode].append(sum(map(len, outs[mode])) / (time.perf_counter() - t))
+    med = {m: statistics.median(v) for m, v in runs.items()}
+    drafted, accepted = drafter.drafted - d0, drafter.accepted - a0
+    return {
+        "tok_s": med,
+        "runs": runs,
+        "ratio": med["draft"] / med["plain"],
+        "drafted": drafted,
+        "accepted": accepted,
+        "acceptance": accepted / drafted if drafted else 0.0,
+        "same_tokens": outs["draft"] == outs["plain"],
+    }
+
+
+def draft_models(
+    folder: Path, hf: torch.nn.Module, variants: list[str], new: int, repeats: int
+) -> dict[str, object]:
+    """(c): one engine per variant (the previous one freed first)."""
+    res: dict[str, object] = {}
+    for variant in variants:
+        draft = draft_folder(variant, folder, hf)
+        spec = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": K}
+        core = gpu.engine_for(
+            folder,
+            hf,
+            speculative=json.dumps(spec),
+            enable_prefix_caching=False,
+            max_num_seqs=64,
+            kv_cache_memory=16 << 30,
+        )
+        r = draft_stream(core, new, repeats, core.vocab_size)
+        res[variant] = r
+        tok = r["tok_s"]
+        assert isinstance(tok, dict)
+        print(
+            f"(c) draft model {variant}, {new} new tokens: plain {tok['plain']:.1f} tok/s, "
+            f"drafted {tok['draft']:.1f} ({r['ratio']:.2f}x); accepted {r['accepted']}/"
+            f"{r['drafted']} ({r['acceptance']:.0%}); same tokens: {r['same_tokens']}",
+            flush=True,
+        )
+        del core
+        gc.collect()
+        torch.cuda.empty_cache()
+    return res
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3, help="rounds of (b)")
     ap.add_argument("--new", type=int, default=128, help="tokens per stream in (b)")
     ap.add_argument("--quick", action="store_true", help="the 1B shape")
     ap.add_argument("--out", default="bench-out")
-    return ap.parse_args()
+    ap.add_argument(
+        "--draft-variants",
+        default=",".join(DRAFT_VARIANTS),
+        help=f"(c): comma-separated subset of {', '.join(DRAFT_VARIANTS)}, or none",
+    )
+    args = ap.parse_args()
+    args.variants = [v for v in args.draft_variants.split(",") if v and v != "none"]
+    unknown = set(args.variants) - set(DRAFT_VARIANTS)
+    if unknown:
+        ap.error(f"--draft-variants: unknown {', '.join(sorted(unknown))}")
+    return args
 
 
 def main() -> None:
     args = parse_args()
     hf, folder = gpu.build_8b(args.quick)
+    make_peaked(hf)
     core = gpu.engine_for(
         folder,
         hf,
@@ -192,6 +320,11 @@ def main() -> None:
         )
     finally:
         drafter_mod.ngram.propose = propose  # type: ignore[assignment]
+    del core
+    gc.collect()
+    torch.cuda.empty_cache()
+    if args.variants:
+        res["draft_model"] = draft_models(folder, hf, args.variants, args.new, args.repeats)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res["date"] = time.strftime("%Y-%m-%d")
