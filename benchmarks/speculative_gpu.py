@@ -263,6 +263,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--new", type=int, default=128, help="tokens per stream in (b)")
     ap.add_argument("--quick", action="store_true", help="the 1B shape")
     ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--no-step-cost", action="store_true", help="skip (a)")
     ap.add_argument(
         "--draft-variants",
         default=",".join(DRAFT_VARIANTS),
@@ -298,7 +299,7 @@ def main() -> None:
         verified, served = core.drafter.verified, core.overlap
         core.drafter.verified = lambda rid, d, a: None  # type: ignore[method-assign]
         core.overlap = False  # each step timed alone
-        for batch in (1, 64):
+        for batch in () if args.no_step_cost else (1, 64):
             r = step_cost(core, oracle, batch, vocab)
             res[f"batch{batch}"] = r
             print(
