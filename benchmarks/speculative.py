@@ -1,6 +1,8 @@
-"""Speculative decoding by prompt lookup against plain decoding, single stream, same run.
+"""Speculative decoding (prompt lookup or a draft model) against plain decoding, single
+stream, same run.
 
     python benchmarks/speculative.py [--repeats 3] [--new 96] [--k 4]
+    python benchmarks/speculative.py --method draft_model [--draft-model PATH_OR_HUB_ID]
 
 The default model on CPU, one engine started with ``--speculative-config {"method": "ngram",
 "num_speculative_tokens": K, "prompt_lookup_max": 3}``; plain decoding is the same engine with
@@ -10,11 +12,20 @@ copy-heavy (repeat or lightly edit a given text, continue code that repeats itse
 text (questions). Each run checks that both give the same tokens. Reports tokens/s of each
 kind (generated tokens over wall time, medians of ``--repeats``), their ratio, and the drafted
 and accepted token counts.
+
+``--method draft_model`` starts the engine with ``{"method": "draft_model", "model":
+DRAFT, "num_speculative_tokens": K}`` instead (``--draft-model``, default ``default``: the
+default model drafting for itself, since no smaller model with its tokenizer is at hand). A
+draft that is the target accepts nearly everything and costs as much per drafted token as the
+target per step, so that run measures the mechanism (acceptance, the draft model's catch-up,
+rollback and verification overhead), not a speed-up. Results go to ``speculative.json``
+(ngram) or ``speculative-draft-model.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -57,9 +68,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new", type=int, default=96)
     ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--method", choices=("ngram", "draft_model"), default="ngram")
+    ap.add_argument("--draft-model", default="default", help="folder or hub id (draft_model)")
     args = ap.parse_args()
-    spec = f'{{"method": "ngram", "num_speculative_tokens": {args.k}, "prompt_lookup_max": 3}}'
-    llm = LLM(progress=False, speculative=spec)
+    spec: dict[str, object] = {"method": args.method, "num_speculative_tokens": args.k}
+    if args.method == "ngram":
+        spec["prompt_lookup_max"] = 3
+    else:
+        spec["model"] = args.draft_model
+    llm = LLM(progress=False, speculative=json.dumps(spec))
     tok = llm.engine.tokenizer.hf
 
     def chat(q: str) -> str:
@@ -108,7 +125,11 @@ def main() -> None:
     command = (
         f"python benchmarks/speculative.py --repeats {args.repeats} --new {args.new} --k {args.k}"
     )
-    write_result("speculative", {"command": command, "rows": rows})
+    name = "speculative"
+    if args.method == "draft_model":
+        command += f" --method draft_model --draft-model {args.draft_model}"
+        name = "speculative-draft-model"
+    write_result(name, {"command": command, "speculative_config": spec, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -177,6 +177,25 @@ def test_a_disagreeing_draft_in_a_mixed_batch_changes_nothing(shallow, hf_tokeni
     assert drafter.num_states == 0 and engine.pool.num_used == 0
 
 
+def test_sampled_tokens_keep_their_positions_statistics(shallow, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Seeded sampling (temperature 1: processed = the model's distribution) with greedy drafts
+    from the draft model: every emitted token's logprob and rank are what a plain prefill of
+    the same text gives at its position."""
+    prompt = chat(hf_tokenizer, ASKS[1:2])[0]
+    drafter = shallow.engine.drafter
+    d0 = drafter.drafted
+    (out,) = shallow.generate([prompt], SamplingParams(max_new_tokens=24, seed=5, details=True))
+    assert drafter.drafted > d0
+    (ref,) = shallow.generate(
+        [out.prompt_token_ids + out.token_ids],
+        SamplingParams(max_new_tokens=1, decoder_input_details=True, temperature=0),
+    )
+    n = len(out.prompt_token_ids)
+    for i, tok in enumerate(out.tokens):
+        want = ref.prompt_tokens[n + i]
+        assert want.id == tok.id and abs(want.logprob - tok.logprob) < 1e-4, i
+
+
 def test_abort_and_preemption_free_the_draft_state(shallow, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
     """Stepping the engine by hand: the draft model holds state only of requests that
     speculate and were running when the step drafted (a preempted one's goes by the next
