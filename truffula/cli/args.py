@@ -120,8 +120,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--speculative-config",
         default=default_of(S, "speculative"),
         help='speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4, '
-        '"prompt_lookup_min": 1, "prompt_lookup_max": 4} (prompt lookup; outputs, logprobs and '
-        "alternatives are those of plain decoding)",
+        '"prompt_lookup_min": 1, "prompt_lookup_max": 4} (prompt lookup) or {"method": '
+        '"draft_model", "model": PATH, "num_speculative_tokens": 4} (a smaller model with the '
+        "same tokenizer); outputs, logprobs and alternatives are those of plain decoding",
     )
     gpu, cpu = _by_device("max_num_seqs")
     g.add_argument(
