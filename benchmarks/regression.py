@@ -83,12 +83,13 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--option", action="append", default=[], help="KEY=INT engine option")
     ap.add_argument("--k", type=int, default=0, help="--cpu: alternatives per token")
+    ap.add_argument("--label", help="the checkout's name in the output (default: its folder's)")
     args = ap.parse_args()
     options = {k: int(v) for k, v in (o.split("=", 1) for o in args.option)}
     here = Path.cwd()
     sys.path[:0] = [str(here / "benchmarks"), str(here)]
     res = cpu(args.repeats, args.k) if args.cpu else cuda(args.repeats, options)
-    print(json.dumps({"checkout": str(here), "options": options, **res}), flush=True)
+    print(json.dumps({"checkout": args.label or here.name, "options": options, **res}), flush=True)
 
 
 if __name__ == "__main__":

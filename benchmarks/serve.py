@@ -473,6 +473,19 @@ def measure(
     return out
 
 
+def without_out(argv: list[str]) -> list[str]:
+    """The arguments but ``--out DIR`` (where this run wrote is no part of what it measured)."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--out="):
+            skip = False
+            continue
+        skip = a == "--out"
+        if not skip:
+            out.append(a)
+    return out
+
+
 def release_memory() -> None:
     gc.unfreeze()  # heap.settle froze the engine's objects: its cycles would never be freed
     gc.collect()
@@ -613,7 +626,7 @@ def main() -> None:
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": torch.cuda.get_device_name() if args.gpu else machine(),
-        "command": shlex.join(["python", "benchmarks/serve.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "benchmarks/serve.py", *without_out(sys.argv[1:])]),
         "settings": dict(requests=n_req, prompt_tokens=p["prompt"], new_tokens=new, rank=p["rank"]),
         "configs": configs,
         "rows": table,

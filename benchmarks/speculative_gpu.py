@@ -225,6 +225,18 @@ def draft_stream(core: gpu.EngineCore, new: int, repeats: int, vocab: int) -> di
     }
 
 
+def speculating_engine(folder: Path, hf: torch.nn.Module, spec: dict) -> gpu.EngineCore:
+    """The benchmark's engine with ``spec`` as its ``--speculative-config``."""
+    return gpu.engine_for(
+        folder,
+        hf,
+        speculative=json.dumps(spec),
+        enable_prefix_caching=False,
+        max_num_seqs=64,
+        kv_cache_memory=16 << 30,
+    )
+
+
 def draft_models(
     folder: Path, hf: torch.nn.Module, variants: list[str], new: int, repeats: int
 ) -> dict[str, object]:
@@ -233,14 +245,7 @@ def draft_models(
     for variant in variants:
         draft = draft_folder(variant, folder, hf)
         spec = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": K}
-        core = gpu.engine_for(
-            folder,
-            hf,
-            speculative=json.dumps(spec),
-            enable_prefix_caching=False,
-            max_num_seqs=64,
-            kv_cache_memory=16 << 30,
-        )
+        core = speculating_engine(folder, hf, spec)
         r = draft_stream(core, new, repeats, core.vocab_size)
         res[variant] = r
         tok = r["tok_s"]
@@ -281,14 +286,7 @@ def main() -> None:
     args = parse_args()
     hf, folder = gpu.build_8b(args.quick)
     make_peaked(hf)
-    core = gpu.engine_for(
-        folder,
-        hf,
-        speculative=json.dumps(SPEC),
-        enable_prefix_caching=False,
-        max_num_seqs=64,
-        kv_cache_memory=16 << 30,
-    )
+    core = speculating_engine(folder, hf, SPEC)
     vocab = core.vocab_size
     oracle = Oracle(vocab)
     propose: Callable[..., list[int]] = drafter_mod.ngram.propose

