@@ -50,7 +50,7 @@ def quality(folder: Any, text: str) -> dict[str, float]:
     ids = AutoTokenizer.from_pretrained(folder)(text).input_ids[:512]
     ref = Harness(folder, block_size=16, num_blocks=40, pack=True).step({"a": ids})["a"]
     h = Harness(folder, block_size=16, num_blocks=40)
-    quantize_linears(h.runner.model, "int8")
+    quantize_linears(h.runner.model, "int8", h.runner.kernels)
     got = h.step({"a": ids})["a"]
     nxt = torch.tensor(ids[1:])[:, None]
     return {

@@ -16,7 +16,7 @@ from truffula.speculative.config import SpeculativeConfig
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "fp8")
 ASYNC_SCHEDULING = ("auto", "on", "off")
 LINEAR_KERNELS = ("auto", "packed", "torch")
 
@@ -58,11 +58,16 @@ class ModelConfig:
     CPU, timed once and cached: ``kernels.linear_cpu.choose``)."""
     quantization: str | None = None
     """``int8``: weight-only int8 linears with per-output-channel scales (not the LM head);
-    None: the weights in ``dtype``."""
+    ``fp8``: e4m3 weights with per-output-channel scales (W8A8 with per-token activation
+    scales on CUDA steps of several rows, weight-only otherwise); None: the weights in
+    ``dtype``."""
 
     def __post_init__(self) -> None:
         if self.quantization not in (None, *QUANTIZATIONS):
-            raise ValueError(f"quantization must be int8 or unset, not {self.quantization!r}")
+            raise ValueError(
+                f"quantization must be {' or '.join(QUANTIZATIONS)} or unset, "
+                f"not {self.quantization!r}"
+            )
         if self.linear_kernel not in LINEAR_KERNELS:
             raise ValueError(
                 f"linear_kernel must be auto, packed or torch, not {self.linear_kernel!r}"

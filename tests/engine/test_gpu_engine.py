@@ -7,6 +7,7 @@ Skipped without CUDA.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -348,6 +349,90 @@ def test_speculative_decoding_on_cuda_equals_plain_decoding(tiny: Path) -> None:
     with_spec = spec.generate(prompts, p)
     plain = spec.generate(prompts, p.with_updates(speculative=False))
     assert spec.engine.drafter.drafted > 0
+    for a, b in zip(plain, with_spec, strict=True):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.tokens, b.tokens, strict=True):
+            assert abs(x.logprob - y.logprob) < 1e-4
+            assert [t.id for t in x.alternatives] == [t.id for t in y.alternatives]
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="needs fp8 (compute capability 8.9+)",
+)
+def test_fp8_on_cuda_stays_near_bf16(tiny: Path) -> None:
+    """``--quantization fp8`` with decode graphs: prefill (W8A8 ``_scaled_mm``), one request
+    decoding (the fp8 GEMV) and five at once (``_scaled_mm``) give finite logprobs near the
+    bf16 engine's and the same argmax on nearly every position (prompt tokens, and generated
+    ones up to the first that differs)."""
+    from truffula.engine.llm import LLM
+    from truffula.sampling.params import SamplingParams
+
+    kw = dict(progress=False, device="cuda", dtype="bfloat16", kv_cache_memory="256MiB")
+    fp8 = LLM(str(tiny), quantization="fp8", **kw)
+    bf16 = LLM(str(tiny), **kw)
+    p = SamplingParams(
+        max_new_tokens=16,
+        temperature=0,
+        ignore_eos=True,
+        decoder_input_details=True,
+        prompt_k_alternatives=1,
+        return_k_alternatives=1,
+    )
+    text = " ".join(TEXTS[:3])
+    for prompts in ([text], [text, *PROMPTS]):
+        got, want = fp8.generate(prompts, p), bf16.generate(prompts, p)
+        for a, b in zip(got, want, strict=True):
+            assert all(math.isfinite(t.logprob) for t in a.tokens)
+            same = next(
+                (
+                    i
+                    for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True))
+                    if x != y
+                ),
+                16,
+            )
+            pairs = list(zip(a.prompt_tokens[1:], b.prompt_tokens[1:], strict=True))
+            pairs += list(
+                zip(a.tokens[: same + 1], b.tokens[: same + 1], strict=True)
+            )  # decode steps
+            dlp = [abs(x.logprob - y.logprob) for x, y in pairs]
+            assert max(dlp) < 0.5 and sum(dlp) / len(dlp) < 0.1
+            top = [x.alternatives[0].id == y.alternatives[0].id for x, y in pairs]
+            assert sum(top) >= 0.75 * len(top)
+
+
+def test_a_draft_model_in_cuda_graphs_drafts_what_the_target_decodes(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model drafting for itself on CUDA, its steps replayed from CUDA graphs (captured
+    again each time its cache grows from 2 blocks): the same greedy tokens and logprobs as
+    plain decoding, and nearly every draft accepted (a graph reading a stale cache would
+    draft garbage)."""
+    from truffula.engine.llm import LLM
+    from truffula.sampling.params import SamplingParams
+    from truffula.speculative import draft_cache
+
+    monkeypatch.setattr(draft_cache, "FIRST_BLOCKS", 2)
+    cfg = f'{{"method": "draft_model", "model": "{tiny}", "num_speculative_tokens": 4}}'
+    spec = LLM(
+        str(tiny),
+        progress=False,
+        device="cuda",
+        dtype="float32",
+        speculative=cfg,
+        kv_cache_memory="256MiB",
+    )
+    drafter = spec.engine.drafter
+    assert drafter is not None and drafter.model is not None
+    assert drafter.model.graphs is not None
+    p = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True, return_k_alternatives=3)
+    with_spec = spec.generate(PROMPTS, p)
+    plain = spec.generate(PROMPTS, p.with_updates(speculative=False))
+    graphs = drafter.model.graphs
+    assert graphs is not None and graphs.graphs and graphs.mixed  # decode and catch-up replays
+    assert drafter.model.cache.num_blocks > 2
+    assert drafter.drafted > 0 and drafter.accepted >= 0.9 * drafter.drafted
     for a, b in zip(plain, with_spec, strict=True):
         assert a.token_ids == b.token_ids
         for x, y in zip(a.tokens, b.tokens, strict=True):

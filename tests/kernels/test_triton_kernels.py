@@ -84,6 +84,56 @@ def test_act_and_mul(dtype, gelu: bool) -> None:
     assert rel(activation_triton.act_and_mul(x, gelu), want) < tol(dtype)
 
 
+FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.skipif(not FP8, reason="needs a GPU with fp8 (compute capability 8.9+)")
+@pytest.mark.parametrize(
+    ("rows", "n_out", "n_in", "bias"),
+    [
+        (1, 4096, 2048, False),
+        (1, 20000, 1024, True),
+        (1, 300, 1000, False),
+        (3, 4096, 2048, True),
+        (64, 6144, 4096, False),
+    ],
+)
+def test_fp8_linear(rows: int, n_out: int, n_in: int, bias: bool) -> None:
+    """fp8 linears against the float32 reference: weight-only for one row (the GEMV), W8A8 with
+    per-row activation scales for more (``_scaled_mm``)."""
+    from truffula.kernels import quant_fp8, quant_fp8_triton
+
+    g = torch.Generator().manual_seed(n_out + rows)
+    w = torch.randn(n_out, n_in, generator=g) * 0.05
+    w[7] *= 40  # per-channel scales
+    q, s = (t.to(DEV) for t in quant_fp8.quantize(w))
+    x = torch.randn(rows, n_in, generator=g).to(torch.bfloat16).to(DEV)
+    x[:, 5] *= 30  # an outlier channel, as activations have
+    b = torch.randn(n_out, generator=g).to(torch.bfloat16).to(DEV) if bias else None
+    want = quant_fp8.reference(x, q, s, b, activations=rows > 1)
+    got = quant_fp8_triton.linear(x, q, s, s[None].contiguous(), b)
+    assert got.shape == (rows, n_out) and got.dtype == torch.bfloat16
+    assert rel(got, want) < 1e-2
+    if rows > 1:  # the activations' quantization is visible against the weight-only result
+        assert rel(want, quant_fp8.reference(x, q, s, b, activations=False)) > 1e-3
+
+
+@pytest.mark.skipif(not FP8, reason="needs a GPU with fp8 (compute capability 8.9+)")
+@pytest.mark.parametrize("n", [64, 1000, 14336])
+def test_fp8_quantize_rows(n: int) -> None:
+    from truffula.kernels import quant_fp8, quant_fp8_triton
+
+    x = (torch.randn(9, n, generator=torch.Generator().manual_seed(n)) * 3).to(DEV)
+    x = x.to(torch.bfloat16)
+    q, s = quant_fp8_triton.quantize_rows(x)
+    rq, rs = quant_fp8.quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (9, 1)
+    assert torch.allclose(s, rs, rtol=1e-6, atol=0)
+    differ = (q.float() != rq.float()).float().mean().item()
+    assert differ < 1e-3  # a rounding tie at most, one step apart
+    assert ((q.float() - rq.float()).abs() <= rq.float().abs() / 8 + 2**-9).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "dim", "block", "window", "softcap"),

@@ -59,7 +59,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--quantization",
         default=default_of(M, "quantization"),
         choices=QUANTIZATIONS,
-        help="int8: weight-only int8 linears, per-output-channel scales (LoRA factors stay 16/32-bit)",
+        help="int8: weight-only int8 linears, per-output-channel scales; fp8: e4m3 weights with "
+        "per-output-channel scales (CUDA 8.9+: W8A8 with per-token activation scales; "
+        "weight-only elsewhere); LoRA factors stay 16/32-bit",
     )
     g.add_argument(
         "--cpu-linear",

@@ -1,6 +1,7 @@
 """One-row matrix-vector product in Triton: ``y = W x (+ b)`` for a single token (batch-1 decode);
 ``linear`` takes it for one-row inputs and ``F.linear`` for the others.
-Reference: ``torch.nn.functional.linear``.
+Reference: ``torch.nn.functional.linear``. The same kernel reads fp8 weights with per-row scales
+(``y = (W x) * s``, ``kernels.quant_fp8_triton``).
 
 Each program owns BLOCK_N output rows and streams them across K in BLOCK_K tiles (loads
 pipelined over ``num_stages``), accumulating in fp32; one launch, no split-K reduction kernel.
@@ -23,11 +24,13 @@ def _gemv_kernel(
     x_ptr,
     w_ptr,
     b_ptr,
+    s_ptr,
     y_ptr,
     n_out,
     n_in,
     stride_w,
     HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN: tl.constexpr,
@@ -47,14 +50,24 @@ def _gemv_kernel(
             w = tl.load(rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
+    if HAS_SCALE:
+        y *= tl.load(s_ptr + n, mask=nmask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
     tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
-def _config(n_out: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages), the fastest measured for each 8B shape class
-    on an H200: many rows -> short wide tiles; few rows -> 4 rows x 1024 columns per step."""
+Config = tuple[int, int, int, int]
+"""(BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+
+
+def _config(n_out: int, one_byte: bool = False) -> Config:
+    """The fastest measured for each 8B shape class on an H200: many rows -> short wide
+    tiles; few rows -> 4 rows x 1024 columns per step. ``one_byte``: fp8 weights."""
+    if one_byte:
+        return (
+            FP8_CONFIGS[0] if n_out >= 16384 else FP8_CONFIGS[1] if n_out > 4096 else FP8_CONFIGS[2]
+        )
     if n_out >= 16384:
         return 16, 256, 4, 3
     if n_out > 4096:
@@ -62,21 +75,35 @@ def _config(n_out: int) -> tuple[int, int, int, int]:
     return 4, 1024, 4, 4
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [1, K] -> [1, N] = x @ weight^T (+ bias); ``weight`` [N, K] with unit column stride."""
+FP8_CONFIGS: list[Config] = [(16, 512, 4, 3), (8, 1024, 8, 4), (4, 2048, 4, 4)]
+"""fp8 weights (one byte each): the 16-bit classes' tiles with twice the columns, so each
+step reads as many bytes."""
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None = None,
+    config: Config | None = None,
+) -> torch.Tensor:
+    """x [1, K] -> [1, N] = x @ weight^T (* scale) (+ bias); ``weight`` [N, K] with unit column
+    stride (16-bit, or fp8 with ``scale`` [N] per row)."""
     n_out, n_in = weight.shape
     x = x.contiguous()
     y = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
-    bn, bk, warps, stages = _config(n_out)
+    bn, bk, warps, stages = config or _config(n_out, weight.element_size() == 1)
     _gemv_kernel[(triton.cdiv(n_out, bn),)](
         x,
         weight,
         bias if bias is not None else y,
+        scale if scale is not None else y,
         y,
         n_out,
         n_in,
         weight.stride(0),
         HAS_BIAS=bias is not None,
+        HAS_SCALE=scale is not None,
         BLOCK_N=bn,
         BLOCK_K=bk,
         EVEN=n_out % bn == 0 and n_in % bk == 0,

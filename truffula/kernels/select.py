@@ -108,6 +108,16 @@ class Kernels:
         """The linear for this (dense) weight."""
         return F.linear
 
+    def fp8_linear(
+        self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """x -> y for an fp8 weight ``q`` [out, in] with float32 row ``scale`` [out]."""
+        from truffula.kernels import quant_fp8
+
+        return functools.partial(
+            quant_fp8.linear_dequant, q=q, scale=scale.to(self.dtype), bias=bias
+        )
+
     def attention(self, head_dim: int) -> AttentionFn:
         return self._attention
 
@@ -151,6 +161,18 @@ class TritonKernels(Kernels):
         from truffula.kernels import linear_triton
 
         return linear_triton.linear if linear_triton.weight_fits(weight) else F.linear
+
+    def fp8_linear(
+        self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        if q.shape[0] % 16 or q.shape[1] % 16:  # what ``_scaled_mm`` takes
+            return super().fp8_linear(q, scale, bias)
+        from truffula.kernels import quant_fp8_triton
+
+        row = scale.float()[None, :].contiguous()
+        return functools.partial(
+            quant_fp8_triton.linear, q=q, scale=scale.float(), scale_row=row, bias=bias
+        )
 
     def attention(self, head_dim: int) -> AttentionFn:
         if not _pow2(head_dim):  # the Triton kernel tiles the head dimension by powers of two

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from truffula.config import QUANTIZATIONS
 from truffula.envs import cache_dir
-from truffula.kernels import linear_cpu, quant_int8
+from truffula.kernels import linear_cpu, quant_fp8, quant_int8
 from truffula.kernels.select import Kernels, LinearFn
 
 log = logging.getLogger("truffula.layers")
@@ -38,7 +39,8 @@ class Linear(nn.Module):
             self.bias = None
         self.packed: torch.Tensor | None = None
         self.qweight: torch.Tensor | None = None
-        """int8 [out, in] after ``quantize_int8`` (with ``qscale`` [out]); the dense weight is freed."""
+        """int8 or fp8 [out, in] after ``quantize`` (with float32 ``qscale`` [out]); the dense
+        weight is freed."""
         self.qscale: torch.Tensor | None = None
         self.linear: LinearFn = F.linear
         """The kernel applied to the dense weight (``_dense``)."""
@@ -56,21 +58,26 @@ class Linear(nn.Module):
         if self.packed is None and self.qweight is None:
             self.linear = kernels.linear(self.weight)
 
-    def quantize_int8(self) -> None:
-        """Keep the weight as int8 with per-output-channel scales (frees the dense one); the
-        kernel is ``_weight_int8pack_mm`` on CPU where it works, else dequantize-then-matmul."""
-        q, scale = quant_int8.quantize(self.weight.data)
+    def quantize(self, method: str, kernels: Kernels) -> None:
+        """Keep the weight quantized (frees the dense one): ``int8`` with per-output-channel
+        scales (``_weight_int8pack_mm`` on CPU where it works, else dequantize-then-matmul);
+        ``fp8`` (e4m3) with per-output-channel scales (``kernels.fp8_linear``)."""
         dtype, device = self.weight.dtype, self.weight.device
+        if method == "fp8":
+            q, scale = quant_fp8.quantize(self.weight.data)
+            self.kernel = kernels.fp8_linear(q, scale, self.bias)
+        else:
+            q, scale = quant_int8.quantize(self.weight.data)
+            if device.type == "cpu" and quant_int8.cpu_int8pack_available():
+                self.kernel = functools.partial(
+                    quant_int8.linear_cpu, q=q, scale_bf16=scale.to(torch.bfloat16), bias=self.bias
+                )
+            else:
+                self.kernel = functools.partial(
+                    quant_int8.linear_dequant, q=q, scale=scale.to(dtype), bias=self.bias
+                )
         self.qweight, self.qscale = q, scale
         self.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False)
-        if device.type == "cpu" and quant_int8.cpu_int8pack_available():
-            self.kernel = functools.partial(
-                quant_int8.linear_cpu, q=q, scale_bf16=scale.to(torch.bfloat16), bias=self.bias
-            )
-        else:
-            self.kernel = functools.partial(
-                quant_int8.linear_dequant, q=q, scale=scale.to(dtype), bias=self.bias
-            )
 
     def pack_for_cpu(self) -> None:
         """Replace the dense weight by a oneDNN-packed copy (frees the dense one); a quantized
@@ -88,22 +95,24 @@ class Linear(nn.Module):
         return self.kernel(x)
 
 
-QUANTIZATIONS = ("int8",)
-
-
 def quantize_linears(
-    model: nn.Module, method: str, skip: tuple[str, ...] = ("lm_head", "embed_out")
+    model: nn.Module,
+    method: str,
+    kernels: Kernels,
+    skip: tuple[str, ...] = ("lm_head", "embed_out"),
 ) -> int:
     """Quantize every dense ``Linear`` of ``model`` but those named in ``skip`` (the LM head:
     its logits feed the logprobs); returns how many. LoRA factors are not touched."""
     if method not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {method!r}")
+    if method == "fp8":
+        quant_fp8.check_device(kernels.device)
     count = 0
     for name, module in model.named_modules():
         if not isinstance(module, Linear) or name.rsplit(".", 1)[-1] in skip:
             continue
         if module.qweight is None and module.packed is None and module.weight.numel():
-            module.quantize_int8()
+            module.quantize(method, kernels)
             count += 1
     if count == 0:
         raise ValueError(

@@ -74,7 +74,7 @@ class ModelRunner:
         self.max_len = loaded.max_len
         self.kernels = select_kernels(device, dtype)  # the one the model was loaded with
         if config.model.quantization:  # before packing: quantized linears are not packed
-            quantize_linears(self.model, config.model.quantization)
+            quantize_linears(self.model, config.model.quantization, self.kernels)
         self.packed_linears = device.type == "cpu" and bool(
             pack_cpu_linears(self.model.linear_modules(), config.model.linear_kernel, dtype)
         )
@@ -120,14 +120,36 @@ class ModelRunner:
         self.num_blocks = self.sizing.num_blocks + 1  # + the null block
         self.kv_cache.allocate(self.num_blocks)
 
-    def _mixed_graph_safe(self) -> bool:
-        """Whether steps with prefill chunks can be captured: every attention reads the query
-        layout from device memory, and no rotary embedding picks its factors per sequence on
-        the host (longrope)."""
-        rotaries = [m for m in self.model.modules() if isinstance(m, RotaryEmbedding)]
-        return bool(self.attn_layers) and (
-            all(self.kernels.mixed_graph_safe(a.head_dim) for a in self.attn_layers)
+    def _mixed_graph_safe(self, model: torch.nn.Module | None = None) -> bool:
+        """Whether steps with prefill chunks of ``model`` (this runner's by default) can be
+        captured: every attention reads the query layout from device memory, and no rotary
+        embedding picks its factors per sequence on the host (longrope)."""
+        model = self.model if model is None else model
+        attn = [m for m in model.modules() if isinstance(m, Attention)]
+        rotaries = [m for m in model.modules() if isinstance(m, RotaryEmbedding)]
+        return bool(attn) and (
+            all(self.kernels.mixed_graph_safe(a.head_dim) for a in attn)
             and all(getattr(r, "_long", None) is None for r in rotaries)
+        )
+
+    def graphs_for(
+        self, model: torch.nn.Module, max_len: int, mixed_tokens: int
+    ) -> StepGraphs | None:
+        """CUDA graphs of another model's steps on this runner's device and kernels (the draft
+        model's), when this runner replays its own: decodes up to the running-request cap and,
+        where the model allows it, steps of up to ``mixed_tokens`` tokens. Captured on first
+        use; they read the KV cache that model's layers hold at capture."""
+        if self.graphs is None:
+            return None
+        first = next(m for m in model.modules() if isinstance(m, Attention))
+        return StepGraphs(
+            model,
+            StepBuilder(model, self.kernels, self.block_size, self.dtype),
+            self.graphs.sizes[-1],
+            max_len,
+            self.block_size,
+            mixed_tokens=mixed_tokens if self._mixed_graph_safe(model) else 0,
+            heads=(first.num_heads, first.num_kv_heads),
         )
 
     def capture_graphs(self) -> None:

@@ -14,6 +14,12 @@ position is the first draft; each further draft is one more single-token step. A
 batched over the speculating requests: one catch-up forward (more for long prompts, in chunks
 of ``CATCH_UP_TOKENS``) and N - 1 single-token forwards for N drafted tokens. The last draft
 is never fed: its keys and values are computed next time, if the target accepts it.
+
+On CUDA, where the target replays CUDA graphs, the draft model's steps do too (graphs the
+target's runner builds for it, ``graphs_for``): its single-token steps and catch-ups of up to
+``GRAPH_TOKENS`` tokens, captured on first use and again after its cache grows (a graph reads
+the cache tensors it was captured with). Eager, a 1B draft model's step costs several times
+its weights' reading time in launches.
 """
 
 from __future__ import annotations
@@ -31,12 +37,23 @@ from truffula.layers.rotary import RotaryEmbedding
 from truffula.model_store.resolve import resolve_model
 from truffula.models.common import CausalLM
 from truffula.models.registry import load_model
+from truffula.scheduler.output import ScheduledSeq
 from truffula.speculative.draft_cache import DraftCache, DraftSeq
 
 CATCH_UP_TOKENS = 1024
 """Tokens one catch-up forward feeds at most (over all requests; each gets at least one)."""
 
+GRAPH_TOKENS = 256
+"""Tokens of the largest catch-up step replayed as a CUDA graph (larger ones run eagerly)."""
+
 FLAG = "--speculative-config"
+
+
+class StepGraphRunner(Protocol):
+    """CUDA graphs of a model's steps (``runner.graphs.StepGraphs``)."""
+
+    def fits(self, seqs: list[ScheduledSeq]) -> bool: ...
+    def run(self, seqs: list[ScheduledSeq]) -> torch.Tensor: ...
 
 
 class Target(Protocol):
@@ -53,6 +70,10 @@ class Target(Protocol):
     """Whether the target runs (some) linears oneDNN-packed on CPU; the draft then picks its
     own by measurement (``--cpu-linear auto``)."""
 
+    def graphs_for(
+        self, model: torch.nn.Module, max_len: int, mixed_tokens: int
+    ) -> StepGraphRunner | None: ...
+
 
 class DraftModel:
     def __init__(self, model: CausalLM, max_len: int, target: Target) -> None:
@@ -65,6 +86,10 @@ class DraftModel:
         self.rotary = rotaries[0] if rotaries and rotaries[0].uses_step_tables else None
         self.cache = DraftCache(attn, target.block_size, target.num_blocks, self.device, self.dtype)
         self.seqs: dict[str, DraftSeq] = {}
+        self.target = target
+        self.graphs = target.graphs_for(model, self.max_len, GRAPH_TOKENS)
+        self._graph_blocks = self.cache.num_blocks
+        """The cache size the graphs were made for."""
 
     @classmethod
     def load(cls, name: str, target: Target, progress: bool = False) -> DraftModel:
@@ -165,15 +190,34 @@ class DraftModel:
         """Append each sequence's tokens to its cache in one forward; the argmax of the logits
         after each one's last token, in ``feed``'s order."""
         order = sorted(range(len(feed)), key=lambda i: len(feed[i][1]) > 1)  # decodes first
-        (input_ids, positions), ctx = self._context([feed[i] for i in order])
-        with forward_context(ctx):
-            hidden = self.model(input_ids, positions)
-        last = host_tensor(ctx.attn.query_start_loc_cpu[1:], torch.long, self.device) - 1
+        ordered = [feed[i] for i in order]
+        graphs = self._graphs()
+        steps = [ScheduledSeq("", new, len(seq.tokens), seq.blocks, True) for seq, new in ordered]
+        if graphs is not None and graphs.fits(steps):
+            for seq, new in ordered:
+                seq.tokens += new
+            hidden = graphs.run(steps)
+            ends = [0]
+            for step in steps:
+                ends.append(ends[-1] + step.num_tokens)
+        else:
+            (input_ids, positions), ctx = self._context(ordered)
+            with forward_context(ctx):
+                hidden = self.model(input_ids, positions)
+            ends = ctx.attn.query_start_loc_cpu
+        last = host_tensor(ends[1:], torch.long, self.device) - 1
         best = self.model.compute_logits(hidden[last]).argmax(dim=-1).tolist()
         out = [0] * len(feed)
         for j, i in enumerate(order):
             out[i] = int(best[j])
         return out
+
+    def _graphs(self) -> StepGraphRunner | None:
+        """The draft's CUDA graphs, made again once its cache has grown since their capture."""
+        if self.graphs is not None and self._graph_blocks != self.cache.num_blocks:
+            self.graphs = self.target.graphs_for(self.model, self.max_len, GRAPH_TOKENS)
+            self._graph_blocks = self.cache.num_blocks
+        return self.graphs
 
     def _context(
         self, feed: list[tuple[DraftSeq, list[int]]]

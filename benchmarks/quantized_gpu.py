@@ -1,0 +1,186 @@
+"""Quantized weights on one NVIDIA GPU against bf16, every number from the same run.
+
+    python benchmarks/quantized_gpu.py [--methods fp8] [--quick] [--out DIR]
+
+The Llama-3-8B shape of ``benchmarks/gpu.py`` (random bf16 weights; ``--quick``: the 1B shape):
+
+(g) the linear kernels alone, one row, per 8B projection shape: microseconds and the share of
+    the weight-read roofline (weight bytes over the measured copy bandwidth), bf16 against each
+    quantized format, and the fp8 GEMV's tile configurations side by side;
+(a) batch-1 decode ms/token for bf16 and each ``--quantization`` method, each against its own
+    weight roofline (fp8: one byte per projection weight; the LM head and norms stay bf16);
+(b) 64 concurrent requests, 512 in / 128 out: output tok/s and the ratio to bf16.
+
+Targets (issue: bring your own model): fp8 batch-1 >= 1.7x bf16 and >= 80% of its roofline,
+64 concurrent >= 1.2x bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gpu import (  # noqa: E402
+    LLAMA3_8B,
+    LLAMA32_1B,
+    batch1_ms_per_token,
+    build,
+    engine_for,
+    measure_bandwidth,
+    run,
+)
+
+from truffula.kernels import linear_triton, quant_fp8  # noqa: E402
+from truffula.layers.linear import Linear  # noqa: E402
+from truffula.sampling.params import SamplingParams  # noqa: E402
+
+
+def kernel_time_us(fn: Any, iters: int = 200) -> float:
+    """Median of 5 timings of ``iters`` back-to-back calls (launch gaps hidden by the queue)."""
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / iters)
+    return statistics.median(times)
+
+
+def one_shape(n: int, k: int, bw: float) -> dict[str, Any]:
+    """One-row bf16 and fp8 GEMV times for an [n, k] weight, each fp8 tile configuration."""
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    q, s = (t.cuda() for t in quant_fp8.quantize(w))
+    row: dict[str, Any] = {"bf16_us": kernel_time_us(lambda: linear_triton.gemv(x, w, None))}
+    row["bf16_roof_pct"] = 100 * (n * k * 2 / bw * 1e6) / row["bf16_us"]
+    for cfg in [*linear_triton.FP8_CONFIGS, linear_triton._config(n)]:
+        us = kernel_time_us(lambda c=cfg: linear_triton.gemv(x, q, None, s, c))
+        row[f"fp8_{'x'.join(map(str, cfg))}_us"] = us
+    row["fp8_chosen_us"] = kernel_time_us(lambda: linear_triton.gemv(x, q, None, s))
+    row["fp8_roof_pct"] = 100 * (n * k / bw * 1e6) / row["fp8_chosen_us"]
+    return row
+
+
+def linear_sweep(shape: dict[str, Any], bw: float) -> dict[str, Any]:
+    """(g): one-row kernels per projection shape of ``shape``."""
+    h, inter = shape["hidden_size"], shape["intermediate_size"]
+    heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
+    d = h // heads
+    shapes = {
+        "qkv": ((heads + 2 * kv) * d, h),
+        "o": (h, h),
+        "gate_up": (2 * inter, h),
+        "down": (h, inter),
+    }
+    out: dict[str, Any] = {}
+    for name, (n, k) in shapes.items():
+        row = one_shape(n, k, bw)
+        out[f"{name} {n}x{k}"] = row
+        configs = ", ".join(f"{c[4:-3]} {v:.1f}" for c, v in row.items() if c.count("x") == 3)
+        print(
+            f"(g) {name:8s} {n}x{k}: bf16 {row['bf16_us']:.1f} us ({row['bf16_roof_pct']:.0f}% "
+            f"of roofline); fp8 {row['fp8_chosen_us']:.1f} us ({row['fp8_roof_pct']:.0f}%); "
+            f"fp8 configs (us): {configs}",
+            flush=True,
+        )
+    return out
+
+
+def model_bytes(core: Any) -> int:
+    """Bytes a decode step reads: every parameter and quantized weight but the input embedding
+    (only gathered), unless the LM head is tied to it."""
+    total = 0
+    emb = None
+    for name, p in core.runner.model.named_parameters():
+        if "embed_tokens" in name:
+            emb = p
+        else:
+            total += p.numel() * p.element_size()
+    heads = [m for n, m in core.runner.model.named_modules() if n.endswith("lm_head")]
+    if emb is not None and heads and heads[0].weight.data_ptr() == emb.data_ptr():
+        total += emb.numel() * emb.element_size()
+    for m in core.runner.model.modules():
+        if isinstance(m, Linear) and m.qweight is not None:
+            total += m.qweight.numel() * m.qweight.element_size()
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--methods", default="fp8", help="comma-separated --quantization methods")
+    ap.add_argument("--quick", action="store_true", help="the 1B shape, 16 requests")
+    ap.add_argument("--skip-kernels", action="store_true", help="skip (g)")
+    ap.add_argument("--out", default="bench-out")
+    args = ap.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shape = LLAMA32_1B if args.quick else LLAMA3_8B
+    res: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "python benchmarks/quantized_gpu.py " + " ".join(sys.argv[1:]),
+    }
+    bw = measure_bandwidth()
+    res["copy_bw_GBs"] = bw / 1e9
+    print(f"device {res['device']}: copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    if not args.skip_kernels:
+        res["g_kernels"] = linear_sweep(shape, bw)
+
+    n_req, new = (16, 32) if args.quick else (64, 128)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, 128000, (512,), generator=gen).tolist() for _ in range(n_req)]
+    base = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
+    hf, folder = build(shape)
+    results: dict[str, dict[str, float]] = {}
+    for method in ["bf16", *args.methods.split(",")]:
+        quant = None if method == "bf16" else method
+        core = engine_for(
+            folder,
+            hf,
+            quantization=quant,
+            enable_prefix_caching=False,
+            max_num_seqs=n_req,
+            kv_cache_memory=12 << 30,
+        )
+        r: dict[str, float] = {"bytes": model_bytes(core)}
+        r["roofline_ms"] = 1e3 * r["bytes"] / bw
+        r["ms_per_token"] = batch1_ms_per_token(core)
+        r["pct_roofline"] = 100 * r["roofline_ms"] / r["ms_per_token"]
+        run(core, prompts, [base] * n_req, warm=False)  # burn-in at full size
+        b = run(core, prompts, [base] * n_req)
+        r["b_tok_s"], r["b_step_ms"] = b["tok_s"], b["step_ms"]
+        results[method] = r
+        ref = results["bf16"]
+        print(
+            f"{method}: (a) batch-1 {r['ms_per_token']:.2f} ms/token = {r['pct_roofline']:.0f}% of "
+            f"its roofline {r['roofline_ms']:.2f} ms, {ref['ms_per_token'] / r['ms_per_token']:.2f}x "
+            f"bf16; (b) {n_req} concurrent {r['b_tok_s']:.0f} tok/s = "
+            f"{r['b_tok_s'] / ref['b_tok_s']:.2f}x bf16 (decode step {r['b_step_ms']:.2f} ms)",
+            flush=True,
+        )
+        del core
+        gc.collect()
+        torch.cuda.empty_cache()
+    res["methods"] = results
+    (out_dir / "quantized_gpu.json").write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
