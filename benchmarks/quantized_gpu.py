@@ -46,16 +46,27 @@ from truffula.layers.linear import Linear  # noqa: E402
 from truffula.sampling.params import SamplingParams  # noqa: E402
 
 
-def kernel_time_us(fn: Any, iters: int = 200) -> float:
-    """Median of 5 timings of ``iters`` back-to-back calls (launch gaps hidden by the queue)."""
-    for _ in range(10):
-        fn()
+def kernel_time_us(fn: Any, copies: int, iters: int = 48) -> float:
+    """Microseconds per call of ``fn(i)`` (i picks one of ``copies`` weights, so that repeated
+    calls do not read the same bytes from L2): ``iters`` calls captured in a CUDA graph, so
+    no launch gap counts; median of 7 replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(3):
+            fn(i % copies)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(iters):
+            fn(i % copies)
+    graph.replay()
+    torch.cuda.synchronize()
     times = []
-    for _ in range(5):
+    for _ in range(7):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(iters):
-            fn()
+        graph.replay()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / iters)
@@ -64,15 +75,22 @@ def kernel_time_us(fn: Any, iters: int = 200) -> float:
 
 def one_shape(n: int, k: int, bw: float) -> dict[str, Any]:
     """One-row bf16 and fp8 GEMV times for an [n, k] weight, each fp8 tile configuration."""
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    copies = max(2, -(-(400 << 20) // (n * k * 2)))  # 400 MB of bf16 weights: L2 holds 50
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    qs = [quant_fp8.quantize(w) for w in ws]
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    q, s = (t.cuda() for t in quant_fp8.quantize(w))
-    row: dict[str, Any] = {"bf16_us": kernel_time_us(lambda: linear_triton.gemv(x, w, None))}
+    row: dict[str, Any] = {
+        "bf16_us": kernel_time_us(lambda i: linear_triton.gemv(x, ws[i], None), copies)
+    }
     row["bf16_roof_pct"] = 100 * (n * k * 2 / bw * 1e6) / row["bf16_us"]
     for cfg in [*linear_triton.FP8_CONFIGS, linear_triton._config(n)]:
-        us = kernel_time_us(lambda c=cfg: linear_triton.gemv(x, q, None, s, c))
+        us = kernel_time_us(
+            lambda i, c=cfg: linear_triton.gemv(x, qs[i][0], None, qs[i][1], c), copies
+        )
         row[f"fp8_{'x'.join(map(str, cfg))}_us"] = us
-    row["fp8_chosen_us"] = kernel_time_us(lambda: linear_triton.gemv(x, q, None, s))
+    row["fp8_chosen_us"] = kernel_time_us(
+        lambda i: linear_triton.gemv(x, qs[i][0], None, qs[i][1]), copies
+    )
     row["fp8_roof_pct"] = 100 * (n * k / bw * 1e6) / row["fp8_chosen_us"]
     return row
 
@@ -121,11 +139,37 @@ def model_bytes(core: Any) -> int:
     return total
 
 
+def profile_steps(core: Any, prompts: list[list[int]]) -> str:
+    """The profiler's kernel table over 8 decode steps of ``prompts`` decoding together."""
+    from torch.profiler import ProfilerActivity, profile
+
+    p = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+    for ids in prompts:
+        core.add_request(ids, p)
+    while any(r.num_pending > 1 for r in core.scheduler.running) or core.scheduler.waiting:
+        core.step()
+    for _ in range(4):
+        core.step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(8):
+            core.step()
+        torch.cuda.synchronize()
+    for rid in list(core.requests):
+        core.abort(rid)
+    core.step()
+    return str(
+        prof.key_averages().table(
+            sort_by="device_time_total", row_limit=12, max_name_column_width=70
+        )
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--methods", default="fp8", help="comma-separated --quantization methods")
     ap.add_argument("--quick", action="store_true", help="the 1B shape, 16 requests")
     ap.add_argument("--skip-kernels", action="store_true", help="skip (g)")
+    ap.add_argument("--profile", action="store_true", help="kernel tables of decode steps")
     ap.add_argument("--out", default="bench-out")
     args = ap.parse_args()
     out_dir = Path(args.out)
@@ -167,6 +211,9 @@ def main() -> None:
         b = run(core, prompts, [base] * n_req)
         r["b_tok_s"], r["b_step_ms"] = b["tok_s"], b["step_ms"]
         results[method] = r
+        if args.profile:
+            for conc in (1, n_req):
+                print(f"== {method}, {conc} decoding:\n" + profile_steps(core, prompts[:conc]))
         ref = results["bf16"]
         print(
             f"{method}: (a) batch-1 {r['ms_per_token']:.2f} ms/token = {r['pct_roofline']:.0f}% of "

@@ -294,7 +294,13 @@ class StepGraphs:
         size = next(s for s in sizes if s >= num_tokens)
         with_lora = any(s.adapter_slot >= 0 for s in seqs)
         family = self.mixed if mixed else self.graphs
+        self._fill(seqs, size, mixed, with_lora)
+        if fill is not None:
+            self.ids.index_copy_(0, fill[0], fill[1])
         if (size, with_lora) not in family:
+            # after the fill: the capture's warm-up runs this very step (writing the keys and
+            # values the replay writes again), never the stale inputs of an earlier one, whose
+            # cache slots may hold other tokens by now
             log.info(
                 "capturing a %s graph for %d%s",
                 "mixed-step" if mixed else "decode",
@@ -303,9 +309,6 @@ class StepGraphs:
             )
             self._capture(size, with_lora, mixed)
         graph, out = family[(size, with_lora)]
-        self._fill(seqs, size, mixed, with_lora)
-        if fill is not None:
-            self.ids.index_copy_(0, fill[0], fill[1])
         graph.replay()
         return out[:num_tokens]
 
