@@ -61,6 +61,9 @@ class ModelConfig:
     ``fp8``: e4m3 weights with per-output-channel scales (W8A8 with per-token activation
     scales on CUDA steps of several rows, weight-only otherwise); None: the weights in
     ``dtype``."""
+    tensor_parallel_size: int = 1
+    """Processes the model is sharded over (``truffula.distributed``; docs/tensor-parallel.md):
+    one per GPU on CUDA (NCCL), gloo on CPU; 1: one process, no collectives."""
 
     def __post_init__(self) -> None:
         if self.quantization not in (None, *QUANTIZATIONS):
@@ -80,6 +83,11 @@ class ModelConfig:
             raise ValueError("max_model_len must be at least 2")
         if self.cuda_graph_max_batch is not None and self.cuda_graph_max_batch < 0:
             raise ValueError("cuda_graph_max_batch must be >= 0")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"tensor_parallel_size (--tensor-parallel-size) must be at least 1, not "
+                f"{self.tensor_parallel_size}"
+            )
 
 
 @dataclass(frozen=True)

@@ -37,3 +37,10 @@ class GenerationError(TruffulaError):
 
 class EngineDeadError(TruffulaError):
     """The engine process stopped (or the server is shutting down): requests cannot be served."""
+
+
+class TensorParallelError(TruffulaError):
+    """A tensor-parallel rank died, timed out or fell out of step with the others: the engine
+    cannot go on (``fatal``: the step isolation raises it, and the engine process exits)."""
+
+    fatal = True

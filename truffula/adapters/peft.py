@@ -244,15 +244,19 @@ def load_peft(
             )
         lin = targets[target]
         # a shard names a projection of a fused layer (``_target``): a MergedLinear
-        out_features = (
+        out_features, in_features = (
             cast(MergedLinear, lin).shard_offsets[shard][1]
             if shard is not None
-            else lin.out_features
+            else lin.out_features,
+            lin.in_features,
         )
-        if a.shape[1] != lin.in_features or b.shape[0] != out_features:
+        logical = getattr(lin, "logical_shape", None)  # a tensor-parallel layer's whole shape
+        if logical is not None:
+            out_features, in_features = logical(shard)
+        if a.shape[1] != in_features or b.shape[0] != out_features:
             raise AdapterError(
                 f"adapter {adapter_id!r} does not fit the base model: {module} expects "
-                f"[{out_features} x {lin.in_features}], adapter gives [{b.shape[0]} x {a.shape[1]}]",
+                f"[{out_features} x {in_features}], adapter gives [{b.shape[0]} x {a.shape[1]}]",
                 422,
             )
         a_alpha = float(_pattern(module, alpha_pattern, alpha))

@@ -140,6 +140,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="largest decode batch replayed as a CUDA graph (default: --max-num-seqs; 0: none)",
     )
     g.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=default_of(M, "tensor_parallel_size"),
+        help="shard the model over N processes (one per GPU on CUDA, gloo on CPU): Llama, "
+        "Mistral, Qwen2/3 only (docs/tensor-parallel.md)",
+    )
+    g.add_argument(
         "--max-concurrent-requests",
         type=int,
         default=default_of(S, "max_queued_requests"),
@@ -212,6 +219,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "max_prefill_while_decoding": args.max_prefill_while_decoding,
         "speculative": args.speculative_config,
         "cuda_graph_max_batch": args.cuda_graph_max_batch,
+        "tensor_parallel_size": args.tensor_parallel_size,
         "max_queued_requests": args.max_concurrent_requests,
         "async_scheduling": args.async_scheduling,
         "max_k_alternatives": args.max_k_alternatives,

@@ -23,6 +23,7 @@ import torch
 from truffula.adapters.store import AdapterStore
 from truffula.config import EngineConfig
 from truffula.device import keep_host_memory, pick_device, pick_dtype
+from truffula.distributed.launch import Ranks
 from truffula.engine.detokenizer import TokenTable
 from truffula.engine.frontend import Frontend
 from truffula.engine.isolation import FaultInjector, StepIsolation
@@ -34,9 +35,8 @@ from truffula.engine.tokenizer import Tokenizer
 from truffula.errors import EngineOverloadedError, RequestValidationError
 from truffula.layers.lora import apply_lora
 from truffula.model_store.resolve import resolve_model
-from truffula.models.registry import load_model
 from truffula.runner.output import SeqOutput
-from truffula.runner.runner import Launched, ModelRunner
+from truffula.runner.runner import Launched
 from truffula.sampling.params import SamplingParams
 from truffula.sampling.state import SamplingState
 from truffula.scheduler.block_pool import BlockPool
@@ -58,7 +58,8 @@ class EngineCore:
         folder = resolve_model(config.model.model, progress=progress, need_weights=weights is None)
         self.device = pick_device(config.model.device)
         self.dtype = pick_dtype(config.model.dtype, self.device)
-        loaded = load_model(folder, self.dtype, self.device, config.model.max_model_len, weights)
+        self.ranks = Ranks.start(config, folder, self.device, weights)  # tensor parallelism
+        loaded = self.ranks.load(folder, self.dtype, self.device, config, weights)
         self.model_folder = folder
         self.architecture = loaded.architecture
         self.serving_path = loaded.serving_path
@@ -73,7 +74,7 @@ class EngineCore:
         self.tokenizer = Tokenizer(folder)
         self.table = TokenTable(self.tokenizer.hf)
         self.adapters = self._adapter_store(loaded.model)  # first: the KV cache takes what is left
-        self.runner = ModelRunner(loaded, config, self.device, self.dtype)
+        self.runner = self.ranks.runner(loaded, config, self.device, self.dtype, self.adapters)
         self.config = config = self.runner.config  # unset batching limits filled in by device
         self.sizing = self.runner.sizing
         self.max_len = self.runner.max_len

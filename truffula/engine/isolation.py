@@ -75,6 +75,8 @@ class StepTrace:
 
 def device_lost(exc: BaseException) -> bool:
     """An error after which the device cannot be used: a CUDA fault poisons the context."""
+    if getattr(exc, "fatal", False):  # a tensor-parallel group out of step
+        return True
     if isinstance(exc, torch.OutOfMemoryError):
         return False
     if isinstance(exc, getattr(torch, "AcceleratorError", ())):

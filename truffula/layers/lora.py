@@ -9,12 +9,17 @@ reference and the CPU path).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from truffula.forward import get_forward_context
 from truffula.kernels.select import LoRABackend, select_kernels
 from truffula.layers.linear import Linear
+
+Factors = dict[str | None, tuple[torch.Tensor, torch.Tensor]]
+"""shard -> (A [r, in], B [out, r]) of one projection (``truffula.adapters.peft``)."""
 
 
 class LoRALinear(nn.Module):
@@ -37,6 +42,10 @@ class LoRALinear(nn.Module):
             for off, size in zip(self.offsets, self.sizes, strict=True)
         ]
         self.loaded = [False] * num_slots
+        self.shard_factors: Callable[[Factors], Factors] | None = getattr(base, "shard_lora", None)
+        """A tensor-parallel base's cut of an adapter's factors (``layers.parallel_linear``)."""
+        self.on_set_slot: Callable[[int, Factors | None], None] | None = None
+        """Called with every slot write (tensor parallelism: rank 0 forwards it to the others)."""
         self.kernel: LoRABackend = select_kernels(device, dtype).lora
         # the gathered strategy (CPU) reads the factors laid out as rows too (kept in step with
         # ``a`` and ``bt`` by ``set_slot``)
@@ -55,11 +64,13 @@ class LoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
-    def set_slot(
-        self, slot: int, weights: dict[str | None, tuple[torch.Tensor, torch.Tensor]] | None
-    ) -> None:
+    def set_slot(self, slot: int, weights: Factors | None) -> None:
         """Write one adapter's factors into ``slot`` (None clears it). A factor pair given for the
         whole output of a fused projection is split into its shards (same A, B's row ranges)."""
+        if self.on_set_slot is not None:
+            self.on_set_slot(slot, weights)
+        if weights and self.shard_factors is not None:
+            weights = self.shard_factors(weights)
         self.a[slot].zero_()
         self.bt[slot].zero_()
         self.loaded[slot] = bool(weights)

@@ -17,8 +17,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from truffula.errors import ModelLoadError
+from truffula.layers.parallel_linear import Group
 from truffula.model_store.prequantized import DequantizingSource
 from truffula.models.common import CausalLM
+from truffula.models.sharding import shard_model
 
 
 def build_and_load(
@@ -29,9 +31,14 @@ def build_and_load(
     device: torch.device,
     max_len: int,
     weights: Mapping[str, torch.Tensor] | None = None,
+    shard: Group | None = None,
 ) -> CausalLM:
+    """``shard``: this rank's tensor-parallel group; the model is sharded on the meta device
+    (``truffula.models.sharding``) and each parallel layer loads its slice of every tensor."""
     with torch.device("meta"):
         model = cls(config, max_len)
+        if shard is not None:
+            shard_model(model, shard)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()
     load_weights(model, folder, weights, quantization_config(config))

@@ -13,7 +13,9 @@ import torch
 from truffula.errors import ModelLoadError
 from truffula.kernels.select import select_kernels
 from truffula.layers.bind import bind_kernels
+from truffula.layers.parallel_linear import Group
 from truffula.models.common import CausalLM
+from truffula.models.sharding import check_shardable
 
 _NATIVE: dict[str, str] = {
     "LlamaForCausalLM": "truffula.models.llama:LlamaForCausalLM",
@@ -58,9 +60,11 @@ def load_model(
     device: torch.device,
     max_len: int | None,
     weights: Mapping[str, torch.Tensor] | None = None,
+    shard: Group | None = None,
 ) -> LoadedModel:
     """Build the model of ``folder`` (config.json); weights from its safetensors or ``weights``;
-    a native model computes through the kernels of ``device`` and ``dtype``."""
+    a native model computes through the kernels of ``device`` and ``dtype``. ``shard``: this
+    rank's part of a tensor-parallel model (``truffula.models.sharding``)."""
     from transformers import AutoConfig
 
     from truffula.model_store.resolve import read_config
@@ -78,6 +82,8 @@ def load_model(
         ) from exc
     context = int(getattr(config, "max_position_embeddings", 2048))
     limit = min(max_len, context) if max_len else context
+    if shard is not None:
+        check_shardable(arch, config, shard.world)
     if arch not in _NATIVE:
         import transformers
 
@@ -92,6 +98,7 @@ def load_model(
         return LoadedModel(fallback, config, arch, folder, limit, "fallback")  # type: ignore[arg-type]
     from truffula.models.loader import build_and_load
 
-    model = build_and_load(model_class(arch), config, folder, dtype, device, limit, weights)
+    cls = model_class(arch)
+    model = build_and_load(cls, config, folder, dtype, device, limit, weights, shard)
     bind_kernels(model, select_kernels(device, dtype))
     return LoadedModel(model, config, arch, folder, limit)

@@ -1,0 +1,273 @@
+"""Ranks 1..N-1 of a tensor-parallel engine: spawned processes that build the same model shard and
+runner as rank 0 (the engine process) and run each step rank 0 sends them.
+
+``start_workers`` spawns them (``torch.multiprocessing``, spawn), one duplex pipe each, and joins
+the group; ``Workers`` is rank 0's side: it sends each step (``launch``, ``sample``: plain data,
+pickled), the adapter slot writes made since the last step with it, and ``stop``. Workers
+return nothing: rank 0's results are the engine's.
+
+Faults: every collective has the group's timeout (``TRUFFULA_TP_TIMEOUT``, seconds); rank 0
+checks that its workers live before each step and a watcher thread logs a worker's death at
+once (and, on NCCL, aborts the group so a collective waiting for it fails now rather than at
+the timeout). A worker exits when its pipe closes, when a step fails on it, and (Linux) when
+its parent dies (``PR_SET_PDEATHSIG``): no orphans.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing.connection as mpc
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from truffula.config import EngineConfig
+from truffula.distributed.parallel import (
+    TensorParallel,
+    connect,
+    device_for,
+    host_store,
+    join_store,
+)
+from truffula.errors import TensorParallelError
+from truffula.layers.lora import Factors, LoRALinear, apply_lora
+from truffula.scheduler.output import SchedulerOutput
+
+log = logging.getLogger("truffula.distributed")
+
+SlotWrite = tuple[str, int, Factors | None]
+"""(LoRA layer name, slot, factors or None: cleared)."""
+
+
+class Workers:
+    """Rank 0's side of the other ranks: their processes and pipes."""
+
+    def __init__(self, procs: list[Any], conns: list[Any], group: TensorParallel) -> None:
+        self.procs = procs
+        self.conns = conns
+        self.group = group
+        self.writes: list[SlotWrite] = []
+        self.closing = False
+        self._watch = threading.Thread(target=self._watch_deaths, daemon=True, name="tp-watch")
+        self._watch.start()
+
+    # ---------------------------------------------------------------- steps
+    def launch(
+        self, step: int, sched: SchedulerOutput, prev: int | None, defer: bool, records_k: int
+    ) -> None:
+        """Rank 0 launches step ``step`` (placeholders from step ``prev``); ``records_k``: the
+        least k of prompt-logprob alternatives (``ModelRunner.prompt_records_k``)."""
+        writes = list(self.writes)  # the recorders append to this very list
+        self.writes.clear()
+        self._send(("launch", step, sched, prev, defer, writes, records_k))
+
+    def sample(self, step: int) -> None:
+        self._send(("sample", step))
+
+    def mirror_lora(self, layers: dict[str, LoRALinear]) -> None:
+        """Forward every adapter slot write of rank 0 with the next step."""
+        for name, layer in layers.items():
+            layer.on_set_slot = _Recorder(self.writes, name)
+
+    def _send(self, msg: tuple[Any, ...]) -> None:
+        self.check()
+        try:
+            for conn in self.conns:
+                conn.send(msg)
+        except (BrokenPipeError, ConnectionError, EOFError) as exc:
+            raise TensorParallelError(f"a tensor-parallel worker is gone: {exc}") from exc
+
+    def check(self) -> None:
+        for rank, p in enumerate(self.procs, start=1):
+            if not p.is_alive():
+                raise TensorParallelError(
+                    f"tensor-parallel worker rank {rank} died (exit code {p.exitcode})"
+                )
+
+    def _watch_deaths(self) -> None:
+        left = {p.sentinel: rank for rank, p in enumerate(self.procs, start=1)}
+        while left:
+            for ready in mpc.wait(list(left)):
+                rank = left.pop(ready)
+                if self.closing:
+                    continue
+                code = self.procs[rank - 1].exitcode
+                log.critical("tensor-parallel worker rank %d died (exit code %s)", rank, code)
+                if self.group.backend == "nccl" and self.group.pg is not None:
+                    with contextlib.suppress(Exception):
+                        self.group.pg.abort()  # waiting collectives fail now
+
+    # ---------------------------------------------------------------- shutdown
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the workers (asked, then terminated, then killed) and drop the group."""
+        if self.closing:
+            return
+        self.closing = True
+        for conn in self.conns:
+            with contextlib.suppress(Exception):
+                conn.send(("stop",))
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.terminate()
+                p.join(2.0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for conn in self.conns:
+            conn.close()
+        self.group.close()
+
+
+class _Recorder:
+    def __init__(self, out: list[SlotWrite], name: str) -> None:
+        self.out, self.name = out, name
+
+    def __call__(self, slot: int, weights: Factors | None) -> None:
+        self.out.append((self.name, slot, weights))
+
+
+def start_workers(
+    config: EngineConfig, folder: Path, device: torch.device
+) -> tuple[Workers, TensorParallel]:
+    """Spawn ranks 1..N-1 and build the group with them; the caller (rank 0) then builds its
+    shard and runner, and calls ``wait_ready``."""
+    world = config.model.tensor_parallel_size
+    store = host_store(world)
+    ctx = mp.get_context("spawn")
+    procs, conns = [], []
+    for rank in range(1, world):
+        parent, child = ctx.Pipe()
+        p = ctx.Process(
+            target=worker_main,
+            args=(rank, world, store.port, config, str(folder), device.type, child, os.getpid()),
+            name=f"truffula-tp{rank}",
+            daemon=True,
+        )
+        p.start()
+        child.close()
+        procs.append(p)
+        conns.append(parent)
+    try:
+        for rank, (p, conn) in enumerate(zip(procs, conns, strict=True), start=1):
+            _expect(p, conn, rank, "hello")
+        group = connect(0, world, device_for(device, 0), store)
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+    return Workers(procs, conns, group), group
+
+
+def wait_ready(workers: Workers) -> None:
+    """Wait until every worker has built its runner (or raise its error)."""
+    for rank, (p, conn) in enumerate(zip(workers.procs, workers.conns, strict=True), start=1):
+        _expect(p, conn, rank, "ready")
+
+
+def _expect(p: Any, conn: Any, rank: int, what: str) -> None:
+    """Wait for ``what`` from a worker for as long as it lives (its steps have timeouts)."""
+    while True:
+        if conn.poll(0.2):
+            try:
+                msg = conn.recv()
+            except EOFError:
+                msg = ("error", f"exit code {p.exitcode}")
+            if msg[0] == what:
+                return
+            raise TensorParallelError(f"tensor-parallel worker rank {rank} failed: {msg[1]}")
+        if not p.is_alive():
+            raise TensorParallelError(
+                f"tensor-parallel worker rank {rank} died while starting (exit code {p.exitcode})"
+            )
+
+
+# -------------------------------------------------------------------- the worker process
+def worker_main(
+    rank: int,
+    world: int,
+    port: int,
+    config: EngineConfig,
+    folder: str,
+    device_type: str,
+    conn: Any,
+    parent: int,
+) -> None:
+    _die_with_parent(parent)
+    logging.basicConfig(level=logging.WARNING, format=f"tp{rank} %(levelname)s %(message)s")
+    code = 0
+    try:
+        conn.send(("hello",))
+        device = device_for(torch.device(device_type), rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        group = connect(rank, world, device, join_store(port, world))
+        runner = _build(config, Path(folder), device, group)
+        layers = {n: m for n, m in runner.model.named_modules() if isinstance(m, LoRALinear)}
+        conn.send(("ready",))
+        _serve(conn, runner, layers)
+    except (EOFError, KeyboardInterrupt):
+        pass
+    except BaseException as exc:
+        code = 1
+        with contextlib.suppress(Exception):
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        traceback.print_exc(file=sys.stderr)
+    finally:
+        sys.stderr.flush()
+        os._exit(code)  # no interpreter teardown (a gloo group outliving its store aborts)
+
+
+def _build(config: EngineConfig, folder: Path, device: torch.device, group: TensorParallel) -> Any:
+    from truffula.device import pick_dtype
+    from truffula.distributed.runner import TensorParallelRunner
+    from truffula.models.registry import load_model
+
+    dtype = pick_dtype(config.model.dtype, device)
+    loaded = load_model(folder, dtype, device, config.model.max_model_len, shard=group)
+    lora = config.lora
+    apply_lora(loaded.model, lora.max_active_adapters, lora.max_lora_rank, dtype, device)
+    return TensorParallelRunner(loaded, config, device, dtype, group)
+
+
+def _serve(conn: Any, runner: Any, layers: dict[str, LoRALinear]) -> None:
+    from truffula.distributed.runner import StepAborted
+
+    steps: dict[int, Any] = {}
+    while True:
+        msg = conn.recv()
+        kind = msg[0]
+        if kind == "stop":
+            return
+        try:
+            if kind == "launch":
+                _, step, sched, prev, defer, writes, runner.prompt_records_k = msg
+                for name, slot, weights in writes:
+                    layers[name].set_slot(slot, weights)
+                steps[step] = runner.launch(sched, steps.get(prev), defer)
+                for old in [s for s in steps if s < step - 3]:
+                    del steps[old]
+            elif kind == "sample":
+                runner.sample(steps[msg[1]])
+        except StepAborted:
+            continue  # rank 0 raises the request's error; the ranks stay in step
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this process when its parent dies; elsewhere, a pipe's EOF ends it."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the call above
+        os._exit(1)

@@ -1,0 +1,119 @@
+"""Tensor parallelism as a transform of a model built on the meta device (before its weights are
+allocated): ``shard_model`` swaps in the parallel layers of ``truffula.layers.parallel_linear``.
+
+Per decoder layer: q/k/v column-parallel by KV head group (each rank holds ``heads / N`` query
+heads and ``kv_heads / N`` KV heads, so its KV cache holds only those), o_proj row-parallel;
+gate/up column-parallel, down_proj row-parallel. The attention block and the MLP end with one
+all-reduce each, of the row-parallel partial sums (LoRA deltas included). The embedding and the
+LM head are vocabulary-parallel: ``compute_logits`` returns this rank's slice of the vocabulary
+(the runner merges the ranks' statistics, ``truffula.distributed.stats``).
+
+Supported: the Llama-shaped models whose checkpoints store q/k/v and gate/up apart (Llama,
+Mistral, Qwen2, Qwen3); ``check_shardable`` names what else is refused, and why.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+
+from truffula.layers.parallel_linear import (
+    ColumnParallelLinear,
+    ColumnParallelMergedLinear,
+    Group,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from truffula.models.common import CausalLM, GatedMLP, SelfAttention, head_dim_of
+
+SHARDABLE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+FLAG = "--tensor-parallel-size"
+
+
+def check_shardable(architecture: str, config: Any, world: int) -> None:
+    """Raise ValueError (naming the flag) unless the model splits evenly over ``world`` ranks."""
+    if architecture not in SHARDABLE:
+        raise ValueError(
+            f"{FLAG} {world}: {architecture} cannot be sharded yet (supported: "
+            f"{', '.join(SHARDABLE)}); serve it with {FLAG} 1"
+        )
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    sizes = {
+        "attention heads (num_attention_heads)": heads,
+        "KV heads (num_key_value_heads)": kv_heads,
+        "intermediate_size": int(config.intermediate_size),
+        "vocabulary (vocab_size)": int(config.vocab_size),
+    }
+    for what, n in sizes.items():
+        if n % world:
+            raise ValueError(
+                f"{FLAG} {world}: the model's {n} {what} do not divide by {world}; choose a "
+                f"size that divides it"
+            )
+    if head_dim_of(config) * heads == 0:
+        raise ValueError(f"{FLAG} {world}: the model has no attention heads")
+    if getattr(config, "final_logit_softcapping", None):
+        raise ValueError(f"{FLAG} {world}: logit soft-capping is not sharded yet")
+
+
+class ParallelSelfAttention(SelfAttention):
+    """This rank's heads; the output projection's partial sums added over the ranks."""
+
+    group: Group
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.group.all_reduce(super().forward(positions, x))
+
+
+class ParallelGatedMLP(GatedMLP):
+    """This rank's slice of the intermediate; down_proj's partial sums added over the ranks."""
+
+    group: Group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.all_reduce(super().forward(x))
+
+
+def shard_model(model: CausalLM, group: Group) -> None:
+    """Replace the layers of a (meta-device) model by this rank's parallel ones, in place."""
+    world = group.world
+    for module in list(model.modules()):
+        if type(module) is SelfAttention:
+            _shard_attention(module, group)
+        elif type(module) is GatedMLP:
+            _shard_mlp(module, group)
+        elif isinstance(module, SelfAttention | GatedMLP):
+            raise ValueError(f"{FLAG} {world}: {type(module).__name__} cannot be sharded yet")
+    cfg = model.config
+    inner: Any = model.model
+    inner.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group)
+    model.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, False, group)
+    model.tie_weights()
+
+
+def _shard_attention(m: SelfAttention, group: Group) -> None:
+    world = group.world
+    hidden = m.qkv_proj.in_features
+    sizes = {"q": m.q_size, "k": m.kv_size, "v": m.kv_size}
+    m.qkv_proj = ColumnParallelMergedLinear(hidden, sizes, m.qkv_proj.bias is not None, group)
+    m.o_proj = RowParallelLinear(m.q_size, hidden, m.o_proj.bias is not None, group)
+    m.num_heads //= world
+    m.num_kv_heads //= world
+    m.q_size //= world
+    m.kv_size //= world
+    m.attn.num_heads //= world
+    m.attn.num_kv_heads //= world
+    m.__class__ = ParallelSelfAttention
+    cast(ParallelSelfAttention, m).group = group
+
+
+def _shard_mlp(m: GatedMLP, group: Group) -> None:
+    hidden = m.gate_up_proj.in_features
+    inter = m.down_proj.in_features
+    bias = m.gate_up_proj.bias is not None
+    m.gate_up_proj = ColumnParallelMergedLinear(hidden, {"gate": inter, "up": inter}, bias, group)
+    m.down_proj = RowParallelLinear(inter, hidden, m.down_proj.bias is not None, group)
+    m.__class__ = ParallelGatedMLP
+    cast(ParallelGatedMLP, m).group = group
