@@ -138,6 +138,8 @@ class TensorParallelRunner(ModelRunner):
             if exc is self._safe or self.send is None:
                 raise
             self.broken = exc
+            if isinstance(exc, TensorParallelError):
+                raise
             raise TensorParallelError(f"tensor-parallel step failed: {exc}") from exc
         finally:
             self._safe = None
