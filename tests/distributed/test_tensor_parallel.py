@@ -77,9 +77,26 @@ def test_mixed_batch_adapter_seeded_and_raw(pair) -> None:  # type: ignore[no-un
         assert_same(r, g)
 
 
+def test_one_kv_head_replicated(tmp_path: Path) -> None:
+    """Fewer KV heads than ranks: each rank holds the one its query heads read (LoRA's k and v
+    factors cut the same way)."""
+    folder = make_model(tmp_path / "mqa", num_key_value_heads=1)
+    make_adapter(folder, folder / "adapters" / "a1")
+    one, two = engine(folder, 1), engine(folder, 2)
+    try:
+        params = [greedy(), greedy(adapter_id="a1")]
+        ref = one.generate(PROMPTS[:2], params)
+        got = two.generate(PROMPTS[:2], params)
+        assert two.engine.sizing.kv_bytes_per_token == one.engine.sizing.kv_bytes_per_token
+        for r, g in zip(ref, got, strict=True):
+            assert_same(r, g)
+    finally:
+        two.engine.ranks.close()
+
+
 def test_refusals(tiny: Path, tmp_path: Path) -> None:
-    odd = make_model(tmp_path / "odd", num_attention_heads=4, num_key_value_heads=1)
-    with pytest.raises(ValueError, match=r"--tensor-parallel-size 2: .* KV heads"):
+    odd = make_model(tmp_path / "odd", hidden_size=48, num_attention_heads=6, num_key_value_heads=3)
+    with pytest.raises(ValueError, match=r"--tensor-parallel-size 2: .* 3 KV heads"):
         engine(odd, 2)
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
@@ -105,3 +122,7 @@ def test_worker_death_fails_the_engine(pair) -> None:  # type: ignore[no-untyped
     proc.join(10)
     with pytest.raises(TensorParallelError, match="rank 1 died"):
         two.generate(PROMPTS[:1], greedy())
+    with pytest.raises(TensorParallelError, match="broken"):  # and every step after it
+        two.engine.step()
+    two.engine.ranks.close()
+    assert not any(p.is_alive() for p in two.engine.ranks.workers.procs)

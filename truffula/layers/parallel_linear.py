@@ -66,21 +66,29 @@ class ColumnParallelLinear(Linear):
 
 class ColumnParallelMergedLinear(MergedLinear):
     """Projections stacked along the output (q/k/v, gate/up), each sharded by rows: this rank
-    holds its part of every projection, side by side."""
+    holds rows ``[start, start + n)`` of every projection (``ranges``; default: its equal part),
+    side by side. Ranges may overlap between ranks (KV heads replicated when the ranks outnumber
+    them)."""
 
     def __init__(
-        self, in_features: int, shard_sizes: dict[str, int], bias: bool, group: Group
+        self,
+        in_features: int,
+        shard_sizes: dict[str, int],
+        bias: bool,
+        group: Group,
+        ranges: dict[str, tuple[int, int]] | None = None,
     ) -> None:
-        for name, size in shard_sizes.items():
-            if size % group.world:
-                raise ValueError(f"{name}: {size} rows do not split over {group.world} ranks")
-        super().__init__(in_features, {n: s // group.world for n, s in shard_sizes.items()}, bias)
+        if ranges is None:
+            for name, size in shard_sizes.items():
+                if size % group.world:
+                    raise ValueError(f"{name}: {size} rows do not split over {group.world} ranks")
+            ranges = {n: group.shard(size) for n, size in shard_sizes.items()}
+        super().__init__(in_features, {n: ranges[n][1] for n in shard_sizes}, bias)
         self.full_sizes = dict(shard_sizes)
-        self.rank = group.rank
+        self.ranges = ranges
 
     def _local(self, shard: str, t: torch.Tensor) -> torch.Tensor:
-        n = self.shard_offsets[shard][1]
-        return _rows(t, self.rank * n, n)
+        return _rows(t, *self.ranges[shard])
 
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard: str | int | None

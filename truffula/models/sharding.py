@@ -47,6 +47,8 @@ def check_shardable(architecture: str, config: Any, world: int) -> None:
         "vocabulary (vocab_size)": int(config.vocab_size),
     }
     for what, n in sizes.items():
+        if what.startswith("KV") and world % n == 0:
+            continue  # fewer KV heads than ranks: each rank holds one, replicated
         if n % world:
             raise ValueError(
                 f"{FLAG} {world}: the model's {n} {what} do not divide by {world}; choose a "
@@ -95,16 +97,23 @@ def shard_model(model: CausalLM, group: Group) -> None:
 
 def _shard_attention(m: SelfAttention, group: Group) -> None:
     world = group.world
-    hidden = m.qkv_proj.in_features
+    hidden, d = m.qkv_proj.in_features, m.head_dim
+    kv_heads = m.num_kv_heads
+    if kv_heads >= world:
+        kv_local, kv_first = kv_heads // world, group.rank * (kv_heads // world)
+    else:  # each KV head serves world / kv_heads ranks: the one of this rank's query heads
+        kv_local, kv_first = 1, group.rank // (world // kv_heads)
+    kv_range = (kv_first * d, kv_local * d)
     sizes = {"q": m.q_size, "k": m.kv_size, "v": m.kv_size}
-    m.qkv_proj = ColumnParallelMergedLinear(hidden, sizes, m.qkv_proj.bias is not None, group)
+    ranges = {"q": group.shard(m.q_size), "k": kv_range, "v": kv_range}
+    bias = m.qkv_proj.bias is not None
+    m.qkv_proj = ColumnParallelMergedLinear(hidden, sizes, bias, group, ranges)
     m.o_proj = RowParallelLinear(m.q_size, hidden, m.o_proj.bias is not None, group)
     m.num_heads //= world
-    m.num_kv_heads //= world
+    m.num_kv_heads = m.attn.num_kv_heads = kv_local
     m.q_size //= world
-    m.kv_size //= world
+    m.kv_size = kv_local * d
     m.attn.num_heads //= world
-    m.attn.num_kv_heads //= world
     m.__class__ = ParallelSelfAttention
     cast(ParallelSelfAttention, m).group = group
 
