@@ -41,7 +41,7 @@ from gpu import (  # noqa: E402
     run,
 )
 
-from truffula.kernels import linear_triton, quant_fp8  # noqa: E402
+from truffula.kernels import linear_triton, quant_fp8, quant_fp8_triton  # noqa: E402
 from truffula.layers.linear import Linear  # noqa: E402
 from truffula.sampling.params import SamplingParams  # noqa: E402
 
@@ -88,8 +88,14 @@ def one_shape(n: int, k: int, bw: float) -> dict[str, Any]:
             lambda i, c=cfg: linear_triton.gemv(x, qs[i][0], None, qs[i][1], c), copies
         )
         row[f"fp8_{'x'.join(map(str, cfg))}_us"] = us
+    words = [quant_fp8_triton.as_words(q) for q, _ in qs]
+    for cfg in quant_fp8_triton.WORD_CONFIGS:
+        us = kernel_time_us(
+            lambda i, c=cfg: quant_fp8_triton.gemv_fp8(x, words[i], qs[i][1], None, c), copies
+        )
+        row[f"fp8_words_{'x'.join(map(str, cfg))}_us"] = us
     row["fp8_chosen_us"] = kernel_time_us(
-        lambda i: linear_triton.gemv(x, qs[i][0], None, qs[i][1]), copies
+        lambda i: quant_fp8_triton.linear(x, qs[i][0], qs[i][1], qs[i][1][None], None), copies
     )
     row["fp8_roof_pct"] = 100 * (n * k / bw * 1e6) / row["fp8_chosen_us"]
     return row
@@ -110,7 +116,7 @@ def linear_sweep(shape: dict[str, Any], bw: float) -> dict[str, Any]:
     for name, (n, k) in shapes.items():
         row = one_shape(n, k, bw)
         out[f"{name} {n}x{k}"] = row
-        configs = ", ".join(f"{c[4:-3]} {v:.1f}" for c, v in row.items() if c.count("x") == 3)
+        configs = ", ".join(f"{c[4:-3]} {v:.1f}" for c, v in row.items() if c.count("x") >= 3)
         print(
             f"(g) {name:8s} {n}x{k}: bf16 {row['bf16_us']:.1f} us ({row['bf16_roof_pct']:.0f}% "
             f"of roofline); fp8 {row['fp8_chosen_us']:.1f} us ({row['fp8_roof_pct']:.0f}%); "

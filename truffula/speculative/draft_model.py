@@ -37,7 +37,7 @@ from truffula.layers.rotary import RotaryEmbedding
 from truffula.model_store.resolve import resolve_model
 from truffula.models.common import CausalLM
 from truffula.models.registry import load_model
-from truffula.scheduler.output import ScheduledSeq
+from truffula.scheduler.output import PLACEHOLDER, ScheduledSeq
 from truffula.speculative.draft_cache import DraftCache, DraftSeq
 
 CATCH_UP_TOKENS = 1024
@@ -53,7 +53,9 @@ class StepGraphRunner(Protocol):
     """CUDA graphs of a model's steps (``runner.graphs.StepGraphs``)."""
 
     def fits(self, seqs: list[ScheduledSeq]) -> bool: ...
-    def run(self, seqs: list[ScheduledSeq]) -> torch.Tensor: ...
+    def run(
+        self, seqs: list[ScheduledSeq], fill: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor: ...
 
 
 class Target(Protocol):
@@ -143,11 +145,23 @@ class DraftModel:
         if not rows:
             return {}
         drafts = {rid: [tok] for rid, tok in self._catch_up(rows).items()}
-        for i in range(1, max(room for *_, room in rows)):
-            live = [(rid, seq) for rid, seq, _, room in rows if room > i]
-            step = self._forward([(seq, [drafts[rid][-1]]) for rid, seq in live])
-            for (rid, _), tok in zip(live, step, strict=True):
-                drafts[rid].append(tok)
+        # each further draft: one single-token step fed the last one's argmax on the device,
+        # so the steps queue up without waiting; rows by room, most first, so each step's rows
+        # are the first of the step before
+        rows.sort(key=lambda row: -row[3])
+        last = host_tensor([drafts[rid][0] for rid, *_ in rows], torch.long, self.device)
+        steps: list[torch.Tensor] = []
+        for i in range(1, rows[0][3]):
+            live = [seq for _, seq, _, room in rows if room > i]
+            last = self._forward([(seq, [PLACEHOLDER]) for seq in live], last[: len(live)])
+            steps.append(last)
+        if steps:
+            flat = iter(torch.cat(steps).tolist())
+            for i in range(1, rows[0][3]):
+                for rid, seq, _, room in rows:
+                    if room > i:
+                        seq.tokens[len(seq.tokens) - room + i] = drafts[rid][-1]  # fed
+                        drafts[rid].append(next(flat))
         return drafts
 
     def _sync(self, request_id: str, tokens: Sequence[int]) -> DraftSeq:
@@ -176,7 +190,7 @@ class DraftModel:
                 take = max(1, min(len(new), budget))
                 budget -= take
                 feed.append((rid, seq, new[:take]))
-            argmax = self._forward([(seq, part) for _, seq, part in feed])
+            argmax = self._forward([(seq, part) for _, seq, part in feed]).tolist()
             for (rid, seq, part), tok in zip(feed, argmax, strict=True):
                 rest = pending[rid][1][len(part) :]
                 if rest:
@@ -186,31 +200,39 @@ class DraftModel:
                     first[rid] = tok
         return first
 
-    def _forward(self, feed: list[tuple[DraftSeq, list[int]]]) -> list[int]:
+    def _forward(
+        self, feed: list[tuple[DraftSeq, list[int]]], fill: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Append each sequence's tokens to its cache in one forward; the argmax of the logits
-        after each one's last token, in ``feed``'s order."""
+        after each one's last token, in ``feed``'s order, on the device. ``fill``: the tokens
+        of a step of single tokens (``PLACEHOLDER``s in ``feed``), on the device."""
         order = sorted(range(len(feed)), key=lambda i: len(feed[i][1]) > 1)  # decodes first
         ordered = [feed[i] for i in order]
         graphs = self._graphs()
         steps = [ScheduledSeq("", new, len(seq.tokens), seq.blocks, True) for seq, new in ordered]
+        rows = torch.arange(len(feed), device=self.device)
         if graphs is not None and graphs.fits(steps):
             for seq, new in ordered:
                 seq.tokens += new
-            hidden = graphs.run(steps)
+            hidden = graphs.run(steps, None if fill is None else (rows, fill))
             ends = [0]
             for step in steps:
                 ends.append(ends[-1] + step.num_tokens)
         else:
             (input_ids, positions), ctx = self._context(ordered)
+            if fill is not None:
+                input_ids.index_copy_(0, rows, fill)
             with forward_context(ctx):
                 hidden = self.model(input_ids, positions)
             ends = ctx.attn.query_start_loc_cpu
         last = host_tensor(ends[1:], torch.long, self.device) - 1
-        best = self.model.compute_logits(hidden[last]).argmax(dim=-1).tolist()
-        out = [0] * len(feed)
+        best = self.model.compute_logits(hidden[last]).argmax(dim=-1)
+        if order == sorted(order):
+            return best
+        back = [0] * len(order)  # feed index -> row of ``best``
         for j, i in enumerate(order):
-            out[i] = int(best[j])
-        return out
+            back[i] = j
+        return best[host_tensor(back, torch.long, self.device)]
 
     def _graphs(self) -> StepGraphRunner | None:
         """The draft's CUDA graphs, made again once its cache has grown since their capture."""
