@@ -112,6 +112,20 @@ def test_refusals(tiny: Path, tmp_path: Path) -> None:
         engine(tiny, 0)
 
 
+def test_more_ranks_than_gpus(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from truffula.config import EngineConfig
+    from truffula.distributed.launch import check_tensor_parallel
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    config = EngineConfig.from_kwargs(model=str(tiny), tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="--tensor-parallel-size 2: only 1 GPU"):
+        check_tensor_parallel(config, tiny, torch.device("cuda"))
+    with pytest.raises(ValueError, match="--tensor-parallel-size 2: rank r runs on cuda:r"):
+        check_tensor_parallel(config, tiny, torch.device("cuda", 1))
+
+
 def test_worker_death_fails_the_engine(pair) -> None:  # type: ignore[no-untyped-def]
     """Last in the module: kills the shared engine's worker."""
     from truffula.errors import TensorParallelError

@@ -36,6 +36,8 @@ def check_tensor_parallel(
     n = config.model.tensor_parallel_size
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"{FLAG} {n}: runs on CPU (gloo) or CUDA (NCCL), not {device.type}")
+    if device.type == "cuda" and device.index not in (None, 0):
+        raise ValueError(f"{FLAG} {n}: rank r runs on cuda:r; give --device cuda, not {device}")
     if device.type == "cuda" and n > torch.cuda.device_count():
         raise ValueError(
             f"{FLAG} {n}: only {torch.cuda.device_count()} GPU(s) are visible (one per rank)"

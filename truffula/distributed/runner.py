@@ -33,6 +33,7 @@ from weakref import WeakKeyDictionary
 import torch
 
 from truffula.config import EngineConfig
+from truffula.device import host_tensor
 from truffula.distributed.parallel import TensorParallel
 from truffula.distributed.stats import ShardedTokenStats, exact_row
 from truffula.errors import TensorParallelError
@@ -183,7 +184,7 @@ class TensorParallelRunner(ModelRunner):
     def _rows(self, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
         if len(rows) == x.shape[0]:
             return x
-        return x[torch.tensor(rows, device=x.device)]
+        return x[host_tensor(rows, torch.long, x.device)]
 
     def _sample_gathered(
         self, shard: torch.Tensor, states: list[SamplingState], rows: list[int]
@@ -234,7 +235,7 @@ def _merge(
     sampled = torch.zeros(n, dtype=torch.long, device=device)
     lps = []
     for rows, out in done:
-        index = torch.tensor(rows, dtype=torch.long, device=device)
+        index = host_tensor(rows, torch.long, device)
         sampled[index] = out.sampled
         if out.logprobs is not None:
             lps.append((index, out.logprobs))

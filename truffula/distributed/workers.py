@@ -45,8 +45,8 @@ from truffula.scheduler.output import SchedulerOutput
 
 log = logging.getLogger("truffula.distributed")
 
-SlotWrite = tuple[str, int, Factors | None]
-"""(LoRA layer name, slot, factors or None: cleared)."""
+SlotWrite = tuple[str, int, dict[str | None, tuple[Any, Any]] | None]
+"""(LoRA layer name, slot, factors as numpy arrays or None: cleared)."""
 
 
 class Workers:
@@ -135,7 +135,12 @@ class _Recorder:
         self.out, self.name = out, name
 
     def __call__(self, slot: int, weights: Factors | None) -> None:
-        self.out.append((self.name, slot, weights))
+        # as numpy arrays: pickled by value (torch tensors would go through shared memory, one
+        # file descriptor each)
+        plain = None
+        if weights is not None:
+            plain = {s: (a.float().numpy(), b.float().numpy()) for s, (a, b) in weights.items()}
+        self.out.append((self.name, slot, plain))
 
 
 def start_workers(
@@ -253,7 +258,13 @@ def _serve(conn: Any, runner: Any, layers: dict[str, LoRALinear]) -> None:
         try:
             if kind == "launch":
                 _, step, sched, prev, defer, writes, runner.prompt_records_k = msg
-                for name, slot, weights in writes:
+                for name, slot, plain in writes:
+                    weights = None
+                    if plain is not None:
+                        weights = {
+                            s: (torch.from_numpy(a), torch.from_numpy(b))
+                            for s, (a, b) in plain.items()
+                        }
                     layers[name].set_slot(slot, weights)
                 steps[step] = runner.launch(sched, steps.get(prev), defer)
                 for old in [s for s in steps if s < step - 3]:
