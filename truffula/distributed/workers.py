@@ -67,8 +67,8 @@ class Workers:
     ) -> None:
         """Rank 0 launches step ``step`` (placeholders from step ``prev``); ``records_k``: the
         least k of prompt-logprob alternatives (``ModelRunner.prompt_records_k``)."""
-        writes = list(self.writes)  # the recorders append to this very list
-        self.writes.clear()
+        writes = self.writes[:]  # the recorders append to this very list (an adapter unloaded
+        del self.writes[: len(writes)]  # from another thread may append meanwhile: kept)
         self._send(("launch", step, sched, prev, defer, writes, records_k))
 
     def sample(self, step: int) -> None:
