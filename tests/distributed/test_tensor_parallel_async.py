@@ -23,8 +23,6 @@ def pair(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
         "qwen3",
         head_dim=16,
         tie_word_embeddings=True,
-        attention_bias=False,
-        mlp_bias=False,
     )
     one = engine(folder, 1, async_scheduling="on")
     two = engine(folder, 2, async_scheduling="on")

@@ -21,14 +21,24 @@ TOL = 1e-4
 
 
 def make_model(folder: Path, kind: str = "llama", **overrides: object) -> Path:
-    """A tiny Llama (or Qwen3) with a trained byte-level BPE tokenizer, saved as safetensors."""
+    """A tiny Llama (``kind``: or qwen3, gemma2, phi3) with a trained byte-level BPE tokenizer,
+    saved as safetensors."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import (
         AutoModelForCausalLM,
+        Gemma2Config,
         LlamaConfig,
+        Phi3Config,
         PreTrainedTokenizerFast,
         Qwen3Config,
     )
+
+    classes = {
+        "llama": LlamaConfig,
+        "qwen3": Qwen3Config,
+        "gemma2": Gemma2Config,
+        "phi3": Phi3Config,
+    }
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(TEXTS, vocab_size=300, special_tokens=["<s>", "</s>"])
@@ -46,12 +56,12 @@ def make_model(folder: Path, kind: str = "llama", **overrides: object) -> Path:
         max_position_embeddings=256,
         bos_token_id=0,
         eos_token_id=1,
-        attention_bias=True,
-        mlp_bias=True,
     )
+    if kind == "llama":  # biases on every projection: the row-parallel bias path runs
+        fields.update(attention_bias=True, mlp_bias=True)
     fields.update(overrides)
     torch.manual_seed(0)
-    config = LlamaConfig(**fields) if kind == "llama" else Qwen3Config(**fields)
+    config = classes[kind](**fields)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():

@@ -93,8 +93,15 @@ class ColumnParallelMergedLinear(MergedLinear):
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard: str | int | None
     ) -> None:
-        if shard is None:
-            raise ValueError("a fused projection in the checkpoint cannot be sharded yet")
+        if shard is None:  # the checkpoint stores the fused matrix (Phi-3): cut each part
+            start = 0
+            for name, size in self.full_sizes.items():
+                part = loaded[start : start + size]
+                super().weight_loader(param, self._local(name, part), name)
+                start += size
+            if start != loaded.shape[0]:
+                raise ValueError(f"shape {tuple(loaded.shape)} is not {start} fused rows")
+            return
         super().weight_loader(param, self._local(str(shard), loaded), shard)
 
     def logical_shape(self, shard: str | None) -> tuple[int, int]:

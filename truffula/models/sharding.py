@@ -8,8 +8,9 @@ all-reduce each, of the row-parallel partial sums (LoRA deltas included). The em
 LM head are vocabulary-parallel: ``compute_logits`` returns this rank's slice of the vocabulary
 (the runner merges the ranks' statistics, ``truffula.distributed.stats``).
 
-Supported: the Llama-shaped models whose checkpoints store q/k/v and gate/up apart (Llama,
-Mistral, Qwen2, Qwen3); ``check_shardable`` names what else is refused, and why.
+Supported: the models built of the shared blocks of ``truffula.models.common`` (Llama, Mistral,
+Qwen2, Qwen3, Phi-3 whose checkpoint stores q/k/v and gate/up fused, Gemma 2, whose
+soft-capping is elementwise and so per slice); ``check_shardable`` names what else is refused.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from truffula.layers.parallel_linear import (
 )
 from truffula.models.common import CausalLM, GatedMLP, SelfAttention, head_dim_of
 
-SHARDABLE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SHARDABLE = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Phi3ForCausalLM",
+    "Gemma2ForCausalLM",
+)
 FLAG = "--tensor-parallel-size"
 
 
@@ -56,8 +64,6 @@ def check_shardable(architecture: str, config: Any, world: int) -> None:
             )
     if head_dim_of(config) * heads == 0:
         raise ValueError(f"{FLAG} {world}: the model has no attention heads")
-    if getattr(config, "final_logit_softcapping", None):
-        raise ValueError(f"{FLAG} {world}: logit soft-capping is not sharded yet")
 
 
 class ParallelSelfAttention(SelfAttention):
