@@ -183,18 +183,26 @@ def wait_ready(workers: Workers) -> None:
 
 def _expect(p: Any, conn: Any, rank: int, what: str) -> None:
     """Wait for ``what`` from a worker for as long as it lives (its steps have timeouts)."""
+    hint = ""
+    if what == "hello":  # a worker gone before its hello died importing the main module
+        hint = (
+            " (a script that starts a tensor-parallel engine must do so under "
+            "`if __name__ == '__main__':`: the ranks are spawned processes)"
+        )
     while True:
         if conn.poll(0.2):
             try:
                 msg = conn.recv()
             except EOFError:
-                msg = ("error", f"exit code {p.exitcode}")
+                p.join(5)
+                msg = ("error", f"exit code {p.exitcode}{hint}")
             if msg[0] == what:
                 return
             raise TensorParallelError(f"tensor-parallel worker rank {rank} failed: {msg[1]}")
         if not p.is_alive():
             raise TensorParallelError(
-                f"tensor-parallel worker rank {rank} died while starting (exit code {p.exitcode})"
+                f"tensor-parallel worker rank {rank} died while starting (exit code "
+                f"{p.exitcode}){hint}"
             )
 
 
