@@ -20,6 +20,7 @@ import ctypes
 import logging
 import multiprocessing.connection as mpc
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -82,8 +83,9 @@ class Workers:
     def _send(self, msg: tuple[Any, ...]) -> None:
         self.check()
         try:
+            data = pickle.dumps(msg, pickle.HIGHEST_PROTOCOL)  # once, for every worker
             for conn in self.conns:
-                conn.send(msg)
+                conn.send_bytes(data)
         except (BrokenPipeError, ConnectionError, EOFError) as exc:
             raise TensorParallelError(f"a tensor-parallel worker is gone: {exc}") from exc
 
@@ -115,7 +117,7 @@ class Workers:
         self.closing = True
         for conn in self.conns:
             with contextlib.suppress(Exception):
-                conn.send(("stop",))
+                conn.send_bytes(pickle.dumps(("stop",)))
         deadline = time.monotonic() + timeout
         for p in self.procs:
             p.join(max(0.0, deadline - time.monotonic()))
@@ -259,7 +261,7 @@ def _serve(conn: Any, runner: Any, layers: dict[str, LoRALinear]) -> None:
 
     steps: dict[int, Any] = {}
     while True:
-        msg = conn.recv()
+        msg = pickle.loads(conn.recv_bytes())
         kind = msg[0]
         if kind == "stop":
             return
