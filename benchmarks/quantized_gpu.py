@@ -45,6 +45,9 @@ from truffula.kernels import linear_triton, quant_fp8, quant_fp8_triton  # noqa:
 from truffula.layers.linear import Linear  # noqa: E402
 from truffula.sampling.params import SamplingParams  # noqa: E402
 
+FP8_CANDIDATES = [(16, 512, 4, 3), (8, 1024, 8, 4), (4, 2048, 4, 4)]
+"""fp8 GEMV tiles timed beside the 16-bit ones (twice the columns: as many bytes a step)."""
+
 
 def kernel_time_us(fn: Any, copies: int, iters: int = 48) -> float:
     """Microseconds per call of ``fn(i)`` (i picks one of ``copies`` weights, so that repeated
@@ -83,17 +86,11 @@ def one_shape(n: int, k: int, bw: float) -> dict[str, Any]:
         "bf16_us": kernel_time_us(lambda i: linear_triton.gemv(x, ws[i], None), copies)
     }
     row["bf16_roof_pct"] = 100 * (n * k * 2 / bw * 1e6) / row["bf16_us"]
-    for cfg in [*linear_triton.FP8_CONFIGS, linear_triton._config(n)]:
+    for cfg in [*FP8_CANDIDATES, linear_triton._config(n)]:
         us = kernel_time_us(
             lambda i, c=cfg: linear_triton.gemv(x, qs[i][0], None, qs[i][1], c), copies
         )
         row[f"fp8_{'x'.join(map(str, cfg))}_us"] = us
-    words = [quant_fp8_triton.as_words(q) for q, _ in qs]
-    for cfg in quant_fp8_triton.WORD_CONFIGS:
-        us = kernel_time_us(
-            lambda i, c=cfg: quant_fp8_triton.gemv_fp8(x, words[i], qs[i][1], None, c), copies
-        )
-        row[f"fp8_words_{'x'.join(map(str, cfg))}_us"] = us
     row["fp8_chosen_us"] = kernel_time_us(
         lambda i: quant_fp8_triton.linear(x, qs[i][0], qs[i][1], qs[i][1][None], None), copies
     )

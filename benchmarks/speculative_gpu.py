@@ -237,8 +237,45 @@ def speculating_engine(folder: Path, hf: torch.nn.Module, spec: dict) -> gpu.Eng
     )
 
 
+def profile_draft(core: gpu.EngineCore, new: int) -> None:
+    """Host time of the draft model's proposals against the whole stream, and the profiler's
+    kernel table, over one drafted stream."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = core.drafter.model
+    spent: list[float] = []
+    propose = model.propose
+
+    def timed(*args: object) -> dict[str, list[int]]:
+        t = time.perf_counter()
+        out = propose(*args)  # type: ignore[arg-type]
+        spent.append(time.perf_counter() - t)
+        return out
+
+    model.propose = timed  # type: ignore[method-assign]
+    p = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        generate(core, prompts(1, 256, core.vocab_size, seed=7), p)
+        wall = time.perf_counter() - t
+    model.propose = propose  # type: ignore[method-assign]
+    print(
+        f"(c) profile: {len(spent)} proposals, {1e3 * statistics.median(spent):.2f} ms each "
+        f"(median), {sum(spent) / wall:.0%} of the stream's {1e3 * wall:.0f} ms",
+        flush=True,
+    )
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)
+    )
+
+
 def draft_models(
-    folder: Path, hf: torch.nn.Module, variants: list[str], new: int, repeats: int
+    folder: Path,
+    hf: torch.nn.Module,
+    variants: list[str],
+    new: int,
+    repeats: int,
+    profiled: bool = False,
 ) -> dict[str, object]:
     """(c): one engine per variant (the previous one freed first)."""
     res: dict[str, object] = {}
@@ -256,6 +293,8 @@ def draft_models(
             f"{r['drafted']} ({r['acceptance']:.0%}); same tokens: {r['same_tokens']}",
             flush=True,
         )
+        if profiled:
+            profile_draft(core, new)
         del core
         gc.collect()
         torch.cuda.empty_cache()
@@ -269,6 +308,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="the 1B shape")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--no-step-cost", action="store_true", help="skip (a)")
+    ap.add_argument(
+        "--profile", action="store_true", help="(c): where a drafted stream's time goes"
+    )
     ap.add_argument(
         "--draft-variants",
         default=",".join(DRAFT_VARIANTS),
@@ -323,7 +365,9 @@ def main() -> None:
     gc.collect()
     torch.cuda.empty_cache()
     if args.variants:
-        res["draft_model"] = draft_models(folder, hf, args.variants, args.new, args.repeats)
+        res["draft_model"] = draft_models(
+            folder, hf, args.variants, args.new, args.repeats, args.profile
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res["date"] = time.strftime("%Y-%m-%d")

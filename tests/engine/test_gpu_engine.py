@@ -389,8 +389,8 @@ def test_fp8_on_cuda_matches_its_reference(tiny: Path) -> None:
     fp8 weights: prompt tokens (prefill: W8A8, per-token activation scales) and the tokens of
     five requests decoding together (W8A8) against the W8A8 reference; one request decoding
     alone (after its first token: the weight-only fp8 GEMV) against the weight-only
-    reference; within bf16
-    tolerance, greedy choices the reference's argmax up to bf16 ties."""
+    reference; within bf16 tolerance (wider for W8A8, see below), greedy choices the
+    reference's argmax up to that tolerance."""
     from truffula.engine.llm import LLM
     from truffula.sampling.params import SamplingParams
 
@@ -420,12 +420,19 @@ def test_fp8_on_cuda_matches_its_reference(tiny: Path) -> None:
                 w8a8 = cuda_logsoftmax(ref_model, ids)
                 act[0] = False
                 w8a16 = cuda_logsoftmax(ref_model, ids)
-            for pos in range(1, n):
-                assert abs(out.prompt_tokens[pos].logprob - w8a8[pos - 1, ids[pos]].item()) < 0.05
+            # bf16 activations round before their fp8 quantization: a value near a boundary
+            # between two fp8 steps may take the other one, hence a wider tolerance for W8A8
+            diffs = [
+                abs(out.prompt_tokens[pos].logprob - w8a8[pos - 1, ids[pos]].item())
+                for pos in range(1, n)
+            ]
+            assert max(diffs) < 0.15 and sum(diffs) / len(diffs) < 0.04, diffs
             for i, t in enumerate(out.tokens):  # the first token comes from the prefill
-                row = (w8a16 if len(prompts) == 1 and i > 0 else w8a8)[n - 1 + i]
-                assert math.isfinite(t.logprob) and abs(t.logprob - row[t.id].item()) < 0.05
-                assert row[t.id] >= row.max() - 0.05
+                alone = len(prompts) == 1 and i > 0
+                row, tol = (w8a16, 0.05) if alone else (w8a8, 0.15)
+                lp = row[n - 1 + i]
+                assert math.isfinite(t.logprob) and abs(t.logprob - lp[t.id].item()) < tol
+                assert lp[t.id] >= lp.max() - tol
 
 
 def test_a_draft_model_in_cuda_graphs_drafts_what_the_target_decodes(

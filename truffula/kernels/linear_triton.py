@@ -61,23 +61,15 @@ Config = tuple[int, int, int, int]
 """(BLOCK_N, BLOCK_K, num_warps, num_stages)."""
 
 
-def _config(n_out: int, one_byte: bool = False) -> Config:
+def _config(n_out: int) -> Config:
     """The fastest measured for each 8B shape class on an H200: many rows -> short wide
-    tiles; few rows -> 4 rows x 1024 columns per step. ``one_byte``: fp8 weights."""
-    if one_byte:
-        return (
-            FP8_CONFIGS[0] if n_out >= 16384 else FP8_CONFIGS[1] if n_out > 4096 else FP8_CONFIGS[2]
-        )
+    tiles; few rows -> 4 rows x 1024 columns per step. The same tiles are the fastest of
+    those measured for fp8 weights too (benchmarks/quantized_gpu.py)."""
     if n_out >= 16384:
         return 16, 256, 4, 3
     if n_out > 4096:
         return 8, 512, 8, 4
     return 4, 1024, 4, 4
-
-
-FP8_CONFIGS: list[Config] = [(16, 512, 4, 3), (8, 1024, 8, 4), (4, 2048, 4, 4)]
-"""fp8 weights (one byte each): the 16-bit classes' tiles with twice the columns, so each
-step reads as many bytes."""
 
 
 def gemv(
@@ -92,7 +84,7 @@ def gemv(
     n_out, n_in = weight.shape
     x = x.contiguous()
     y = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
-    bn, bk, warps, stages = config or _config(n_out, weight.element_size() == 1)
+    bn, bk, warps, stages = config or _config(n_out)
     _gemv_kernel[(triton.cdiv(n_out, bn),)](
         x,
         weight,
