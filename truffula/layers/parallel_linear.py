@@ -10,6 +10,9 @@ by the layer's ``weight_loader`` (``truffula.models.loader`` hands every rank th
 - ``VocabParallelEmbedding``: vocabulary rows sharded; a token outside a rank's rows reads
   zeros there, and the sum over the ranks is the embedding.
 
+A layer's ``checkpoint_part`` names the part of a checkpoint tensor it needs, so the loader reads
+only that from a safetensors file; its ``weight_loader`` takes that part, or the whole tensor.
+
 The layers keep the usual ``in_features`` / ``out_features`` / ``shard_offsets`` of what the
 rank holds; ``logical_shape`` gives the unsharded shape an adapter is checked against, and
 ``shard_lora`` cuts an adapter's factors as S-LoRA does: B by output rows for column-parallel
@@ -27,6 +30,8 @@ from torch import nn
 
 from truffula.layers.linear import Linear, MergedLinear
 
+Part = tuple[int, int, int] | None
+"""(dim, start, length) of a checkpoint tensor a rank needs (``checkpoint_part``); None: all."""
 LoRAFactors = dict[str | None, tuple[torch.Tensor, torch.Tensor]]
 """shard -> (A [r, in], B [out, r]), as ``truffula.adapters.peft`` reads them."""
 
@@ -50,10 +55,14 @@ class ColumnParallelLinear(Linear):
         super().__init__(in_features, rows, bias)
         self.full_out = out_features
 
+    def checkpoint_part(self, leaf: str, shard: str | None) -> Part:
+        return 0, self.row_start, self.out_features
+
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard: str | int | None
     ) -> None:
-        super().weight_loader(param, _rows(loaded, self.row_start, self.out_features), shard)
+        part = _part(loaded, 0, self.row_start, self.out_features, self.full_out)
+        super().weight_loader(param, part, shard)
 
     def logical_shape(self, shard: str | None) -> tuple[int, int]:
         return self.full_out, self.in_features
@@ -88,7 +97,10 @@ class ColumnParallelMergedLinear(MergedLinear):
         self.ranges = ranges
 
     def _local(self, shard: str, t: torch.Tensor) -> torch.Tensor:
-        return _rows(t, *self.ranges[shard])
+        return _part(t, 0, *self.ranges[shard], self.full_sizes[shard])
+
+    def checkpoint_part(self, leaf: str, shard: str | None) -> Part:
+        return None if shard is None else (0, *self.ranges[shard])
 
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard: str | int | None
@@ -131,11 +143,14 @@ class RowParallelLinear(Linear):
         self.full_in = in_features
         self.rank = group.rank
 
+    def checkpoint_part(self, leaf: str, shard: str | None) -> Part:
+        return (1, self.col_start, self.in_features) if leaf == "weight" else None
+
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard: str | int | None
     ) -> None:
         if loaded.dim() == 2:
-            loaded = loaded.narrow(1, self.col_start, self.in_features)
+            loaded = _part(loaded, 1, self.col_start, self.in_features, self.full_in)
         elif self.rank != 0:  # the bias: added once, by rank 0's partial sum
             loaded = torch.zeros_like(loaded)
         super().weight_loader(param, loaded, shard)
@@ -158,11 +173,15 @@ class VocabParallelEmbedding(nn.Embedding):
         super().__init__(rows, hidden)
         self.weight.requires_grad_(False)
         self.group = group
+        self.full_vocab = vocab
+
+    def checkpoint_part(self, leaf: str, shard: str | None) -> Part:
+        return 0, self.vocab_start, self.num_embeddings
 
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard: str | int | None
     ) -> None:
-        part = _rows(loaded, self.vocab_start, self.num_embeddings)
+        part = _part(loaded, 0, self.vocab_start, self.num_embeddings, self.full_vocab)
         if part.shape != param.shape:
             raise ValueError(f"shape {tuple(loaded.shape)} does not fit {tuple(param.shape)}")
         param.data.copy_(part)
@@ -179,3 +198,13 @@ def _rows(t: torch.Tensor, start: int, n: int) -> torch.Tensor:
     if t.shape[0] < start + n:
         raise ValueError(f"shape {tuple(t.shape)} has no rows {start}..{start + n}")
     return t.narrow(0, start, n)
+
+
+def _part(t: torch.Tensor, dim: int, start: int, n: int, full: int) -> torch.Tensor:
+    """This rank's ``[start, start + n)`` along ``dim`` of a whole checkpoint tensor (``full``
+    long there), or ``t`` as it is when the loader read only that part (``checkpoint_part``)."""
+    if t.shape[dim] == n and n != full:
+        return t
+    if t.shape[dim] != full:
+        raise ValueError(f"shape {tuple(t.shape)} is neither {full} nor {n} long in dim {dim}")
+    return t.narrow(dim, start, n)

@@ -149,7 +149,20 @@ def _load_one(
         for piece_name, piece in pieces:
             _load_tensor(model, params, piece_name, piece, loaded)
         return
-    _load_tensor(model, params, name, f.get_tensor(name), loaded)
+    _load_tensor(model, params, name, _read(model, f, name, target, mapped[1]), loaded)
+
+
+def _read(model: CausalLM, f: Any, name: str, target: str, shard: str | None) -> torch.Tensor:
+    """The checkpoint tensor, or only the part of it a tensor-parallel layer holds (its
+    ``checkpoint_part``) where the file can be read in slices (safetensors)."""
+    owner_name, _, leaf = target.rpartition(".")
+    part = getattr(model.get_submodule(owner_name), "checkpoint_part", None) if owner_name else None
+    spec = part(leaf, shard) if part is not None else None
+    if spec is None or not hasattr(f, "get_slice"):
+        return f.get_tensor(name)
+    dim, start, n = spec
+    index = (slice(None),) * dim + (slice(start, start + n),)
+    return f.get_slice(name)[index]
 
 
 def _load_tensor(
