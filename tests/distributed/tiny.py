@@ -28,6 +28,7 @@ def make_model(folder: Path, kind: str = "llama", **overrides: object) -> Path:
         AutoModelForCausalLM,
         Gemma2Config,
         LlamaConfig,
+        MixtralConfig,
         Phi3Config,
         PreTrainedTokenizerFast,
         Qwen3Config,
@@ -38,6 +39,7 @@ def make_model(folder: Path, kind: str = "llama", **overrides: object) -> Path:
         "qwen3": Qwen3Config,
         "gemma2": Gemma2Config,
         "phi3": Phi3Config,
+        "mixtral": MixtralConfig,
     }
 
     bpe = ByteLevelBPETokenizer()
@@ -70,8 +72,9 @@ def make_model(folder: Path, kind: str = "llama", **overrides: object) -> Path:
     return folder
 
 
-def make_adapter(model: Path, out: Path, rank: int = 4) -> None:
-    """A PEFT adapter on every projection of every layer, random A and B."""
+def make_adapter(model: Path, out: Path, rank: int = 4, mlp: bool = True) -> None:
+    """A PEFT adapter on every projection of every layer (``mlp``: the MLP's too), random A
+    and B."""
     from safetensors.torch import save_file
 
     cfg = json.loads((model / "config.json").read_text())
@@ -87,6 +90,8 @@ def make_adapter(model: Path, out: Path, rank: int = 4) -> None:
         "mlp.up_proj": (inter, h),
         "mlp.down_proj": (h, inter),
     }
+    if not mlp:
+        shapes = {k: v for k, v in shapes.items() if k.startswith("self_attn.")}
     g = torch.Generator().manual_seed(1)
     tensors = {}
     for layer in range(cfg["num_hidden_layers"]):

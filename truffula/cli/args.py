@@ -144,7 +144,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=default_of(M, "tensor_parallel_size"),
         help="shard the model over N processes (one per GPU on CUDA, gloo on CPU): Llama, "
-        "Mistral, Qwen2/3, Phi-3, Gemma 2 (docs/tensor-parallel.md)",
+        "Mistral, Qwen2/3, Phi-3, Gemma 2, Mixtral (docs/tensor-parallel.md)",
     )
     g.add_argument(
         "--max-concurrent-requests",

@@ -10,7 +10,8 @@ LM head are vocabulary-parallel: ``compute_logits`` returns this rank's slice of
 
 Supported: the models built of the shared blocks of ``truffula.models.common`` (Llama, Mistral,
 Qwen2, Qwen3, Phi-3 whose checkpoint stores q/k/v and gate/up fused, Gemma 2, whose
-soft-capping is elementwise and so per slice); ``check_shardable`` names what else is refused.
+soft-capping is elementwise and so per slice, Mixtral, each expert sharded like a gated MLP
+and the routed sum reduced once); ``check_shardable`` names what else is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from truffula.layers.parallel_linear import (
     VocabParallelEmbedding,
 )
 from truffula.models.common import CausalLM, GatedMLP, SelfAttention, head_dim_of
+from truffula.models.mixtral import SparseMoE
 
 SHARDABLE = (
     "LlamaForCausalLM",
@@ -35,6 +37,7 @@ SHARDABLE = (
     "Qwen3ForCausalLM",
     "Phi3ForCausalLM",
     "Gemma2ForCausalLM",
+    "MixtralForCausalLM",
 )
 FLAG = "--tensor-parallel-size"
 
@@ -84,15 +87,37 @@ class ParallelGatedMLP(GatedMLP):
         return self.group.all_reduce(super().forward(x))
 
 
+class ParallelSparseMoE(SparseMoE):
+    """Every rank routes each token alike (its input and router are the same on every rank);
+    each expert holds this rank's slice of its intermediate, and the weighted sum of the
+    experts' partial outputs is added over the ranks once."""
+
+    group: Group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.all_reduce(super().forward(x))
+
+
 def shard_model(model: CausalLM, group: Group) -> None:
     """Replace the layers of a (meta-device) model by this rank's parallel ones, in place."""
     world = group.world
+    experts: set[int] = set()
     for module in list(model.modules()):
+        if id(module) in experts:
+            continue
         if type(module) is SelfAttention:
             _shard_attention(module, group)
         elif type(module) is GatedMLP:
             _shard_mlp(module, group)
-        elif isinstance(module, SelfAttention | GatedMLP):
+            module.__class__ = ParallelGatedMLP
+            cast(ParallelGatedMLP, module).group = group
+        elif type(module) is SparseMoE:
+            for expert in module.experts:
+                _shard_mlp(cast(GatedMLP, expert), group)  # no reduce of its own
+                experts.add(id(expert))
+            module.__class__ = ParallelSparseMoE
+            cast(ParallelSparseMoE, module).group = group
+        elif isinstance(module, SelfAttention | GatedMLP | SparseMoE):
             raise ValueError(f"{FLAG} {world}: {type(module).__name__} cannot be sharded yet")
     cfg = model.config
     inner: Any = model.model
@@ -130,5 +155,3 @@ def _shard_mlp(m: GatedMLP, group: Group) -> None:
     bias = m.gate_up_proj.bias is not None
     m.gate_up_proj = ColumnParallelMergedLinear(hidden, {"gate": inter, "up": inter}, bias, group)
     m.down_proj = RowParallelLinear(inter, hidden, m.down_proj.bias is not None, group)
-    m.__class__ = ParallelGatedMLP
-    cast(ParallelGatedMLP, m).group = group
