@@ -105,6 +105,9 @@ def test_refusals(tiny: Path, tmp_path: Path) -> None:
         (gpt2 / name).write_bytes((tiny / name).read_bytes())
     with pytest.raises(ValueError, match="--tensor-parallel-size 2: GPT2LMHeadModel cannot"):
         engine(gpt2, 2)
+    (gpt2 / "config.json").write_text(json.dumps({"architectures": ["OPTForCausalLM"]}))
+    with pytest.raises(ValueError, match="2: OPTForCausalLM would be served through transformers"):
+        engine(gpt2, 2)
     spec = json.dumps({"method": "ngram", "num_speculative_tokens": 2})
     with pytest.raises(ValueError, match="--tensor-parallel-size 2: speculative"):
         engine(tiny, 2, speculative=spec)

@@ -19,7 +19,7 @@ from truffula.config import EngineConfig
 from truffula.distributed.parallel import TensorParallel
 from truffula.distributed.runner import TensorParallelRunner
 from truffula.distributed.workers import Workers, start_workers, wait_ready
-from truffula.models.registry import LoadedModel, load_model
+from truffula.models.registry import LoadedModel, load_model, native_architectures
 from truffula.models.sharding import FLAG, check_shardable
 from truffula.runner.runner import ModelRunner
 
@@ -49,8 +49,13 @@ def check_tensor_parallel(
     from truffula.model_store.resolve import read_config
 
     raw: dict[str, Any] = read_config(folder)
-    archs = raw.get("architectures") or ["(none)"]
-    check_shardable(archs[0], _Config(raw), n)
+    arch = (raw.get("architectures") or ["(none)"])[0]
+    if arch not in native_architectures():
+        raise ValueError(
+            f"{FLAG} {n}: {arch} would be served through transformers (the fallback), which "
+            f"cannot be sharded; serve it with {FLAG} 1"
+        )
+    check_shardable(arch, _Config(raw), n)
 
 
 class _Config(SimpleNamespace):
