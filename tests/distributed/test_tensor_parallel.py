@@ -98,6 +98,11 @@ def test_refusals(tiny: Path, tmp_path: Path) -> None:
     odd = make_model(tmp_path / "odd", hidden_size=48, num_attention_heads=6, num_key_value_heads=3)
     with pytest.raises(ValueError, match=r"--tensor-parallel-size 2: .* 3 KV heads"):
         engine(odd, 2)
+    with pytest.raises(ValueError, match=r"--tensor-parallel-size 4: .* 6 attention heads"):
+        engine(odd, 4)
+    odd_vocab = make_model(tmp_path / "odd-vocab", vocab_size=301)
+    with pytest.raises(ValueError, match=r"--tensor-parallel-size 2: .* 301 vocabulary"):
+        engine(odd_vocab, 2)
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
