@@ -33,6 +33,7 @@ def pair(tiny: Path):  # type: ignore[no-untyped-def]
     two.engine.ranks.close()
 
 
+@pytest.mark.slow  # spawns tensor-parallel ranks
 def test_greedy_base_matches_one_process(pair) -> None:  # type: ignore[no-untyped-def]
     one, two = pair
     ref = one.generate(PROMPTS, greedy())
@@ -42,6 +43,7 @@ def test_greedy_base_matches_one_process(pair) -> None:  # type: ignore[no-untyp
         assert_same(r, g)
 
 
+@pytest.mark.slow  # spawns tensor-parallel ranks
 def test_mixed_batch_adapter_seeded_and_raw(pair) -> None:  # type: ignore[no-untyped-def]
     """Base, adapter and seeded sampled requests in one batch; raw and processed logprobs."""
     one, two = pair
@@ -77,6 +79,7 @@ def test_mixed_batch_adapter_seeded_and_raw(pair) -> None:  # type: ignore[no-un
         assert_same(r, g)
 
 
+@pytest.mark.slow  # spawns tensor-parallel ranks
 def test_one_kv_head_replicated(tmp_path: Path) -> None:
     """Fewer KV heads than ranks: each rank holds the one its query heads read (LoRA's k and v
     factors cut the same way)."""
@@ -134,6 +137,7 @@ def test_more_ranks_than_gpus(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> No
         check_tensor_parallel(config, tiny, torch.device("cuda", 1))
 
 
+@pytest.mark.slow  # spawns tensor-parallel ranks
 def test_worker_death_fails_the_engine(pair) -> None:  # type: ignore[no-untyped-def]
     """Last in the module: kills the shared engine's worker."""
     from truffula.errors import TensorParallelError

@@ -11,6 +11,8 @@ import pytest
 
 from distributed.tiny import PROMPTS, assert_same, engine, greedy, make_adapter, make_model
 
+pytestmark = pytest.mark.slow  # spawns tensor-parallel ranks
+
 EXTRA: dict[str, dict[str, object]] = {
     "gemma2": dict(
         head_dim=16,

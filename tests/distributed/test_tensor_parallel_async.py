@@ -13,6 +13,8 @@ from truffula.engine.isolation import FaultInjector
 from truffula.sampling.params import SamplingParams
 from truffula.structured.spec import StructuredOutput
 
+pytestmark = pytest.mark.slow  # spawns tensor-parallel ranks
+
 SEED = 4242
 
 
