@@ -34,11 +34,13 @@ import torch.multiprocessing as mp
 
 from truffula.config import EngineConfig
 from truffula.distributed.parallel import (
+    TIMEOUT_ENV,
     TensorParallel,
     connect,
     device_for,
     host_store,
     join_store,
+    timeout_s,
 )
 from truffula.errors import TensorParallelError
 from truffula.layers.lora import Factors, LoRALinear, apply_lora
@@ -169,7 +171,13 @@ def start_workers(
     try:
         for rank, (p, conn) in enumerate(zip(procs, conns, strict=True), start=1):
             _expect(p, conn, rank, "hello")
-        group = connect(0, world, device_for(device, 0), store)
+        try:
+            group = connect(0, world, device_for(device, 0), store)
+        except Exception as exc:  # a rank that never joined: the store's timeout
+            raise TensorParallelError(
+                f"the tensor-parallel group of {world} ranks did not form within "
+                f"{timeout_s():g} s ({TIMEOUT_ENV}): {exc}"
+            ) from exc
     except BaseException:
         for p in procs:
             p.kill()
