@@ -120,11 +120,13 @@ def test_fp8_linear(rows: int, n_out: int, n_in: int, bias: bool) -> None:
 
 @pytest.mark.skipif(not FP8, reason="needs a GPU with fp8 (compute capability 8.9+)")
 @pytest.mark.parametrize("n", [64, 1000, 14336])
-def test_fp8_quantize_rows(n: int) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_quantize_rows(n: int, dtype: torch.dtype) -> None:
+    """Rounded to nearest, ties to even, from 16- and 32-bit activations alike."""
     from truffula.kernels import quant_fp8, quant_fp8_triton
 
     x = (torch.randn(9, n, generator=torch.Generator().manual_seed(n)) * 3).to(DEV)
-    x = x.to(torch.bfloat16)
+    x = x.to(dtype)
     q, s = quant_fp8_triton.quantize_rows(x)
     rq, rs = quant_fp8.quantize_rows(x)
     assert q.dtype == torch.float8_e4m3fn and s.shape == (9, 1)

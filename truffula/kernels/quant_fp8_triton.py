@@ -32,7 +32,11 @@ def _quantize_rows_kernel(
     x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / FMAX
     q = tl.clamp(x / scale, -FMAX, FMAX)
-    tl.store(q_ptr + row.to(tl.int64) * n_cols + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        q_ptr + row.to(tl.int64) * n_cols + cols,
+        q.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+        mask=mask,
+    )
     tl.store(s_ptr + row, scale)
 
 
