@@ -153,6 +153,11 @@ def start_workers(
     """Spawn ranks 1..N-1 and build the group with them; the caller (rank 0) then builds its
     shard and runner, and calls ``wait_ready``."""
     world = config.model.tensor_parallel_size
+    threads = 0
+    if device.type == "cpu":  # the ranks share the cores: each takes its part of the threads
+        threads = max(1, torch.get_num_threads() // world)
+        torch.set_num_threads(threads)
+        log.info("tensor parallelism on CPU: %d threads per rank", threads)
     store = host_store(world)
     ctx = mp.get_context("spawn")
     procs, conns = [], []
@@ -160,7 +165,7 @@ def start_workers(
         parent, child = ctx.Pipe()
         p = ctx.Process(
             target=worker_main,
-            args=(rank, world, store.port, config, str(folder), device.type, child, os.getpid()),
+            args=(rank, world, store.port, config, str(folder), device.type, threads, child),
             name=f"truffula-tp{rank}",
             daemon=True,
         )
@@ -224,10 +229,12 @@ def worker_main(
     config: EngineConfig,
     folder: str,
     device_type: str,
+    threads: int,
     conn: Any,
-    parent: int,
 ) -> None:
-    _die_with_parent(parent)
+    _die_with_parent()
+    if threads:
+        torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING, format=f"tp{rank} %(levelname)s %(message)s")
     code = 0
     try:
@@ -293,10 +300,11 @@ def _serve(conn: Any, runner: Any, layers: dict[str, LoRALinear]) -> None:
             continue  # rank 0 raises the request's error; the ranks stay in step
 
 
-def _die_with_parent(parent: int) -> None:
+def _die_with_parent() -> None:
     """Linux: SIGKILL this process when its parent dies; elsewhere, a pipe's EOF ends it."""
+    parent = mp.parent_process()
     if sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the call above
+    if parent is not None and os.getppid() != parent.pid:  # it died before the call above
         os._exit(1)
