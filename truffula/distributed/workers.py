@@ -61,6 +61,8 @@ class Workers:
         self.group = group
         self.writes: list[SlotWrite] = []
         self.closing = False
+        self.threads_before = 0
+        """The engine process's torch threads before the CPU ranks shared them (restored)."""
         self._watch = threading.Thread(target=self._watch_deaths, daemon=True, name="tp-watch")
         self._watch.start()
 
@@ -132,6 +134,8 @@ class Workers:
         for conn in self.conns:
             conn.close()
         self.group.close()
+        if self.threads_before:
+            torch.set_num_threads(self.threads_before)
 
 
 class _Recorder:
@@ -153,9 +157,9 @@ def start_workers(
     """Spawn ranks 1..N-1 and build the group with them; the caller (rank 0) then builds its
     shard and runner, and calls ``wait_ready``."""
     world = config.model.tensor_parallel_size
-    threads = 0
+    threads, before = 0, torch.get_num_threads()
     if device.type == "cpu":  # the ranks share the cores: each takes its part of the threads
-        threads = max(1, torch.get_num_threads() // world)
+        threads = max(1, before // world)
         torch.set_num_threads(threads)
         log.info("tensor parallelism on CPU: %d threads per rank", threads)
     store = host_store(world)
@@ -186,8 +190,11 @@ def start_workers(
     except BaseException:
         for p in procs:
             p.kill()
+        torch.set_num_threads(before)
         raise
-    return Workers(procs, conns, group), group
+    workers = Workers(procs, conns, group)
+    workers.threads_before = before if threads else 0
+    return workers, group
 
 
 def wait_ready(workers: Workers) -> None:
