@@ -22,6 +22,7 @@ from truffula.sampling.params import SamplingParams
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = make_model(tmp_path_factory.mktemp("tiny-llama"))
     make_adapter(folder, folder / "adapters" / "a1")
+    make_adapter(folder, folder / "adapters" / "a2", seed=2)
     return folder
 
 
@@ -77,6 +78,23 @@ def test_mixed_batch_adapter_seeded_and_raw(pair) -> None:  # type: ignore[no-un
     )
     for r, g in zip(ref, got, strict=True):
         assert_same(r, g)
+
+
+@pytest.mark.slow  # spawns tensor-parallel ranks
+def test_merged_adapters(pair) -> None:  # type: ignore[no-untyped-def]
+    """LoRAX merges (linear, ties) reach every rank through the same slot writes."""
+    from truffula.adapters.merge import MergeSpec
+
+    one, two = pair
+    for strategy, density in (("linear", None), ("ties", 0.5)):
+        spec = MergeSpec.parse(["a1", "a2"], [0.6, 0.4], strategy, density, None)
+        keys = [llm.engine.adapters.load_merged(spec, None) for llm in (one, two)]
+        ref, got = (
+            llm.generate(PROMPTS[:2], [greedy(adapter_id=key), greedy()])
+            for llm, key in zip((one, two), keys, strict=True)
+        )
+        for r, g in zip(ref, got, strict=True):
+            assert_same(r, g)
 
 
 @pytest.mark.slow  # spawns tensor-parallel ranks

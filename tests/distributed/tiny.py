@@ -72,7 +72,7 @@ def make_model(folder: Path, kind: str = "llama", **overrides: object) -> Path:
     return folder
 
 
-def make_adapter(model: Path, out: Path, rank: int = 4, mlp: bool = True) -> None:
+def make_adapter(model: Path, out: Path, rank: int = 4, mlp: bool = True, seed: int = 1) -> None:
     """A PEFT adapter on every projection of every layer (``mlp``: the MLP's too), random A
     and B."""
     from safetensors.torch import save_file
@@ -92,7 +92,7 @@ def make_adapter(model: Path, out: Path, rank: int = 4, mlp: bool = True) -> Non
     }
     if not mlp:
         shapes = {k: v for k, v in shapes.items() if k.startswith("self_attn.")}
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(cfg["num_hidden_layers"]):
         for name, (o, i) in shapes.items():
