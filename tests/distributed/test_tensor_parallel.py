@@ -31,7 +31,7 @@ def pair(tiny: Path):  # type: ignore[no-untyped-def]
     one = engine(tiny, 1)
     two = engine(tiny, 2)
     yield one, two
-    two.engine.ranks.close()
+    two.close()
 
 
 @pytest.mark.slow  # spawns tensor-parallel ranks
@@ -112,7 +112,7 @@ def test_one_kv_head_replicated(tmp_path: Path) -> None:
         for r, g in zip(ref, got, strict=True):
             assert_same(r, g)
     finally:
-        two.engine.ranks.close()
+        two.close()
 
 
 def test_refusals(tiny: Path, tmp_path: Path) -> None:
@@ -168,5 +168,5 @@ def test_worker_death_fails_the_engine(pair) -> None:  # type: ignore[no-untyped
         two.generate(PROMPTS[:1], greedy())
     with pytest.raises(TensorParallelError, match="broken"):  # and every step after it
         two.engine.step()
-    two.engine.ranks.close()
+    two.close()
     assert not any(p.is_alive() for p in two.engine.ranks.workers.procs)

@@ -39,4 +39,4 @@ def test_matches_one_process(kind: str, tmp_path: Path) -> None:
         for r, g in zip(ref, got, strict=True):
             assert_same(r, g)
     finally:
-        two.engine.ranks.close()
+        two.close()

@@ -30,7 +30,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
     two = engine(folder, 2, async_scheduling="on")
     assert two.engine.overlap
     yield one, two
-    two.engine.ranks.close()
+    two.close()
 
 
 def test_async_steps_match_one_process(pair) -> None:  # type: ignore[no-untyped-def]

@@ -39,6 +39,10 @@ class LLM:
     def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
+    def close(self) -> None:
+        """Stop the engine's other tensor-parallel ranks, if any (also done at exit)."""
+        self.engine.ranks.close()
+
     def generate(
         self,
         prompts: str | Sequence[str] | Sequence[Sequence[int]],
