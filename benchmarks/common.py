@@ -99,3 +99,16 @@ def random_adapters(
         store.host[w.adapter_id] = w
         keys.append(w.adapter_id)
     return keys
+
+
+def without_out(argv: list[str]) -> list[str]:
+    """The arguments but ``--out DIR`` (where this run wrote is no part of what it measured)."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--out="):
+            skip = False
+            continue
+        skip = a == "--out"
+        if not skip:
+            out.append(a)
+    return out

@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import without_out  # noqa: E402
 from gpu import (  # noqa: E402
     LLAMA3_8B,
     LLAMA32_1B,
@@ -182,7 +183,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
-        "command": "python benchmarks/quantized_gpu.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python benchmarks/quantized_gpu.py", *without_out(sys.argv[1:])]),
     }
     bw = measure_bandwidth()
     res["copy_bw_GBs"] = bw / 1e9

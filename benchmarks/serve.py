@@ -69,6 +69,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import without_out  # noqa: E402
+
 from truffula import heap  # noqa: E402
 from truffula.cli import build_parser, engine_config  # noqa: E402
 from truffula.engine.core import EngineCore  # noqa: E402
@@ -470,19 +472,6 @@ def measure(
                 f"{w['at']} {w['gap_ms']:.0f} ms x{w['streams']}" for w in st["worst"][:6]
             )
         print(line, flush=True)
-    return out
-
-
-def without_out(argv: list[str]) -> list[str]:
-    """The arguments but ``--out DIR`` (where this run wrote is no part of what it measured)."""
-    out, skip = [], False
-    for a in argv:
-        if skip or a.startswith("--out="):
-            skip = False
-            continue
-        skip = a == "--out"
-        if not skip:
-            out.append(a)
     return out
 
 
