@@ -296,6 +296,12 @@ def test_a_missed_draft_pauses_drafting_with_growing_waits() -> None:
     d.verified("r", 2, 1)  # a hit: every step again
     assert drafts_over(2) == [True, True]
     assert d.accepted == 1
+    for _ in range(8):  # misses in a row: the pause stops growing at the method's longest
+        d.verified("r", 2, 0)
+        while not d.draft([req]).get("r"):
+            pass
+    d.verified("r", 2, 0)
+    assert drafts_over(17) == [False] * 16 + [True]
 
 
 def test_constrained_requests_on_a_speculating_engine(llm, spec_llm, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
