@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from modelharness import Harness
 
+from truffula import config
 from truffula.config import EngineConfig
 from truffula.kernels import quant_fp8, quant_int8
 from truffula.kernels.select import select_kernels
+from truffula.layers import linear
 from truffula.layers.linear import Linear, quantize_linears
 
 CPU = select_kernels(torch.device("cpu"), torch.float32)
@@ -80,6 +82,7 @@ def test_linear_layer_keeps_its_quantized_weight_and_skips_packing(method: str) 
     assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()
     with pytest.raises(ValueError, match="quantization must be one of int8, fp8"):
         quantize_linears(lin, "int4", CPU)
+    assert linear.QUANTIZATIONS == config.QUANTIZATIONS  # the flag's choices are what is built
     with pytest.raises(ValueError, match="quantization must be int8 or fp8"):
         EngineConfig.from_kwargs(quantization="fp4")
 

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from truffula.config import QUANTIZATIONS
 from truffula.envs import cache_dir
 from truffula.kernels import linear_cpu, quant_fp8, quant_int8
 from truffula.kernels.select import Kernels, LinearFn
@@ -93,6 +92,11 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel(x)
+
+
+QUANTIZATIONS = ("int8", "fp8")
+"""What ``Linear.quantize`` keeps (``config.QUANTIZATIONS``, the flag's choices, names the same:
+config imports nothing of the model's side)."""
 
 
 def quantize_linears(
