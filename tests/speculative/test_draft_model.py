@@ -271,3 +271,29 @@ def test_a_rolled_back_cache_drafts_as_a_fresh_one(shallow, hf_tokenizer) -> Non
         assert got == model.propose([("fresh", history, 3)])["fresh"], i
         model.retain(set())  # this engine's draft cache holds 11 blocks of 16 tokens
         assert not model.seqs and model.cache.used_blocks == 0
+
+
+def test_a_draft_cache_the_device_cannot_grow_stops_growing(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Out of memory while the draft model's cache grows (the target's cache took the device's
+    share): the cache stays as it was, grows no more, and what it has free still serves."""
+    from truffula.layers.attention import Attention
+    from truffula.speculative import draft_cache
+    from truffula.speculative.draft_cache import DraftCache, DraftSeq
+
+    monkeypatch.setattr(draft_cache, "FIRST_BLOCKS", 4)
+    layers = [Attention(4, 2, 8, 8**-0.5) for _ in range(2)]
+    cache = DraftCache(layers, 4, 64, torch.device("cpu"), torch.float32)
+    first = DraftSeq()
+    assert cache.reserve(first, 8)  # 2 of the 3 usable blocks
+    kept = [layer.k_cache for layer in layers]
+
+    def full(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(draft_cache.torch, "zeros", full)
+    second = DraftSeq()
+    assert not cache.reserve(second, 16)  # 4 blocks: the cache would have to grow
+    assert cache.num_blocks == cache.max_blocks == 4 and second.blocks == []
+    assert all(layer.k_cache is k for layer, k in zip(layers, kept, strict=True))
+    assert cache.reserve(second, 4)  # the block left still serves
+    assert not cache.reserve(DraftSeq(), 4)  # and nothing grows past it

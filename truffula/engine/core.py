@@ -74,6 +74,8 @@ class EngineCore:
         self.tokenizer = Tokenizer(folder)
         self.table = TokenTable(self.tokenizer.hf)
         self.adapters = self._adapter_store(loaded.model)  # first: the KV cache takes what is left
+        spec = config.scheduler.speculative  # a draft model too
+        draft = Drafter.preload(spec, self.device, self.dtype, config.model.max_model_len)
         self.runner = self.ranks.runner(loaded, config, self.device, self.dtype, self.adapters)
         self.config = config = self.runner.config  # unset batching limits filled in by device
         self.sizing = self.runner.sizing
@@ -120,9 +122,8 @@ class EngineCore:
             mode == "on" or (mode == "auto" and self.device.type == "cuda")
         )
         self.drafter = None
-        if config.scheduler.speculative is not None:  # verification waits for each step
-            self.drafter = Drafter(config.scheduler.speculative, self.max_len, self.runner)
-            self.overlap = False
+        if spec is not None:  # verification waits for each step
+            self.drafter, self.overlap = Drafter(spec, self.max_len, self.runner, draft), False
         self.inflight: InFlight | None = None
         self.isolation = StepIsolation(FaultInjector.from_env())
         keep_host_memory()

@@ -8,11 +8,14 @@ so its cache starts small and grows with use instead of claiming memory up front
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from truffula.layers.attention import Attention
+
+log = logging.getLogger("truffula.speculative")
 
 FIRST_BLOCKS = 64
 """Blocks allocated at start-up (grown by doubling as requests need more)."""
@@ -58,13 +61,16 @@ class DraftCache:
     def _grow(self, num_blocks: int) -> None:
         """Reallocate to ``num_blocks`` blocks, keeping the contents of the old ones."""
         slots, old = num_blocks * self.block_size, self.num_blocks * self.block_size
-        for a in self.attn_layers:
-            shape = (slots, a.num_kv_heads, a.head_dim)
-            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            v = torch.zeros_like(k)
+        new = [  # all allocated before any is bound: out of memory leaves the cache as it was
+            torch.zeros(
+                (2, slots, a.num_kv_heads, a.head_dim), dtype=self.dtype, device=self.device
+            )
+            for a in self.attn_layers
+        ]
+        for a, kv in zip(self.attn_layers, new, strict=True):
             if old:
-                k[:old], v[:old] = a.k_cache, a.v_cache
-            a.bind_cache(k, v)
+                kv[0, :old], kv[1, :old] = a.k_cache, a.v_cache
+            a.bind_cache(kv[0], kv[1])
         self.free += range(max(1, self.num_blocks), num_blocks)
         self.num_blocks = num_blocks
 
@@ -80,7 +86,17 @@ class DraftCache:
             target = self.num_blocks
             while target - 1 - self.used_blocks < need:
                 target *= 2
-            self._grow(min(target, self.max_blocks))
+            try:
+                self._grow(min(target, self.max_blocks))
+            except torch.OutOfMemoryError:
+                # the device is full (the target's cache took its share): grow no more; the
+                # requests that do not fit are served without drafts
+                log.warning(
+                    "the draft model's KV cache cannot grow past %d blocks: out of memory",
+                    self.num_blocks,
+                )
+                self.max_blocks = self.num_blocks
+                return False
         seq.blocks += [self.free.pop() for _ in range(need)]
         return True
 

@@ -36,7 +36,7 @@ from truffula.layers.linear import pack_cpu_linears
 from truffula.layers.rotary import RotaryEmbedding
 from truffula.model_store.resolve import resolve_model
 from truffula.models.common import CausalLM
-from truffula.models.registry import load_model
+from truffula.models.registry import LoadedModel, load_model
 from truffula.scheduler.output import PLACEHOLDER, ScheduledSeq
 from truffula.speculative.draft_cache import DraftCache, DraftSeq
 
@@ -77,6 +77,19 @@ class Target(Protocol):
     ) -> StepGraphRunner | None: ...
 
 
+def preload(
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_len: int | None,
+    progress: bool = False,
+) -> LoadedModel:
+    """The draft model's weights on ``device``. The engine loads them before sizing the
+    target's KV cache, which on a GPU takes a share of the memory left: loaded after it, the
+    draft would have to fit in the share left over."""
+    return load_model(resolve_model(name, progress=progress), dtype, device, max_len)
+
+
 class DraftModel:
     def __init__(self, model: CausalLM, max_len: int, target: Target) -> None:
         self.model = model
@@ -94,11 +107,14 @@ class DraftModel:
         """The cache size the graphs were made for."""
 
     @classmethod
-    def load(cls, name: str, target: Target, progress: bool = False) -> DraftModel:
-        """The draft model ``name`` (folder or hub id) beside ``target``; ValueError naming the
-        flag when it cannot draft for it (another vocabulary size, no native implementation)."""
-        folder = resolve_model(name, progress=progress)
-        loaded = load_model(folder, target.dtype, target.device, target.max_len)
+    def load(
+        cls, name: str, target: Target, progress: bool = False, loaded: LoadedModel | None = None
+    ) -> DraftModel:
+        """The draft model ``name`` (folder or hub id) beside ``target`` (``loaded``: its
+        weights, already on the device: ``preload``); ValueError naming the flag when it
+        cannot draft for it (another vocabulary size, no native implementation)."""
+        if loaded is None:
+            loaded = preload(name, target.device, target.dtype, target.max_len, progress)
         vocab = int(loaded.hf_config.vocab_size)
         if vocab != target.vocab_size:
             raise ValueError(

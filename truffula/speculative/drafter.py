@@ -7,10 +7,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
+import torch
+
+from truffula.models.registry import LoadedModel
 from truffula.scheduler.seq import SeqState, SeqStatus
 from truffula.speculative import ngram
 from truffula.speculative.config import SpeculativeConfig
-from truffula.speculative.draft_model import DraftModel, Target
+from truffula.speculative.draft_model import DraftModel, Target, preload
 
 MAX_WAIT = {"ngram": 16, "draft_model": 64}
 """Longest pause after misses, by method: a rejected prompt-lookup round costs a verify step
@@ -34,14 +37,19 @@ class Drafted(Protocol):
 
 class Drafter:
     def __init__(
-        self, config: SpeculativeConfig, max_len: int, target: Target | None = None
+        self,
+        config: SpeculativeConfig,
+        max_len: int,
+        target: Target | None = None,
+        loaded: LoadedModel | None = None,
     ) -> None:
-        """``target``: the target model's runner, which a draft model is loaded beside."""
+        """``target``: the target model's runner, which a draft model is loaded beside;
+        ``loaded``: the draft model's weights if already loaded (``preload``)."""
         self.model: DraftModel | None = None
         if config.method == "draft_model":
             if config.model is None or target is None:
                 raise ValueError("--speculative-config: draft_model needs a model and a target")
-            self.model = DraftModel.load(config.model, target)
+            self.model = DraftModel.load(config.model, target, loaded=loaded)
         elif config.method != "ngram":
             raise ValueError(f"--speculative-config: method {config.method!r} is not served")
         self.config = config
@@ -54,6 +62,18 @@ class Drafter:
         self._history: dict[str, ngram.History] = {}
         self._backoff: dict[str, tuple[int, int]] = {}
         """Request -> (steps to skip drafting, the next wait after another miss)."""
+
+    @staticmethod
+    def preload(
+        config: SpeculativeConfig | None,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_len: int | None,
+    ) -> LoadedModel | None:
+        """A draft model's weights, loaded before the target's KV cache is sized."""
+        if config is None or config.method != "draft_model" or config.model is None:
+            return None
+        return preload(config.model, device, dtype, max_len)
 
     def draft(self, requests: Iterable[Drafted]) -> dict[str, list[int]]:
         """The drafts of the coming step, by request (those without drafts left out): up to
