@@ -236,3 +236,35 @@ def test_a_missing_part_names_the_tensor(tmp_path: Path) -> None:
     save_file(tensors, str(shard))
     with pytest.raises(ModelLoadError, match=victim.replace(".", r"\.")):
         load_model(folder, torch.float32, torch.device("cpu"), 64)
+
+
+def test_an_fp8_channel_checkpoint_keeps_its_own_fp8_values(tmp_path: Path) -> None:
+    """An FP8 checkpoint with per-output-channel scales (llm-compressor's FP8 weights), served
+    with ``--quantization fp8``: quantizing its dequantized weights per channel again gives
+    back the checkpoint's own e4m3 bytes (each row's absmax is 448 times its scale), so the
+    engine runs the checkpoint's values, not a second rounding of them."""
+    from safetensors.torch import load_file
+
+    from truffula.kernels.select import select_kernels
+    from truffula.layers.linear import quantize_linears
+
+    folder, _ = _write(tmp_path, lambda w: _fp8(w, True), CASES["fp8-channel"][1])
+    stored: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        stored |= load_file(str(shard))
+    h = Harness(folder)
+    model = h.runner.model
+    quantize_linears(model, "fp8", select_kernels(torch.device("cpu"), torch.float32))
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    pre = "model.layers.1."
+    checks = {
+        attn.qkv_proj: [pre + f"self_attn.{p}_proj" for p in "qkv"],
+        attn.o_proj: [pre + "self_attn.o_proj"],
+        mlp.gate_up_proj: [pre + "mlp.gate_proj", pre + "mlp.up_proj"],
+        mlp.down_proj: [pre + "mlp.down_proj"],
+    }
+    for layer, names in checks.items():
+        want = torch.cat([stored[n + ".weight"] for n in names])
+        scales = torch.cat([stored[n + ".weight_scale"].reshape(-1) for n in names])
+        assert torch.equal(layer.qweight.view(torch.uint8), want.view(torch.uint8))
+        assert torch.allclose(layer.qscale, scales, rtol=1e-6, atol=0)
