@@ -14,21 +14,23 @@ from truffula.kernels.attention_torch import paged_attention
 
 
 def _decode_step(
-    lens: list[int], dtype: torch.dtype, block_size: int = 4
+    lens: list[int], dtype: torch.dtype, block_size: int = 4, in_order: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
     """A decode-only step of ``len(lens)`` sequences over a cache filled with random keys and
-    values, blocks handed out in an interleaved order."""
+    values, blocks handed out in a shuffled order (``in_order``: 2, 3, 4, ...)."""
     gen = torch.Generator().manual_seed(sum(lens))
     h, hkv, d = 6, 2, 16
     nblocks = [-(-n // block_size) for n in lens]
     order = torch.randperm(sum(nblocks), generator=gen) + 1  # block 0 is the null block
+    if in_order:
+        order = torch.arange(sum(nblocks)) + 2
     tables, at = [], 0
     for n in nblocks:
         tables.append(order[at : at + n].tolist())
         at += n
     width = max(nblocks)
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-    slots = (sum(nblocks) + 1) * block_size
+    slots = (sum(nblocks) + 2) * block_size
     k_cache = torch.randn(slots, hkv, d, generator=gen).to(dtype)
     v_cache = torch.randn(slots, hkv, d, generator=gen).to(dtype)
     last = torch.tensor(
@@ -89,6 +91,22 @@ def test_decode_rows_match_the_reference(
     got = paged_attention(q, k, v, k_cache, v_cache, meta, 0.25, window)
     assert got.dtype == dtype and got.shape == q.shape
     want = _reference(q, k_cache, v_cache, meta, 0.25, window)  # the new keys are in the cache
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (got.double() - want).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_order", [True, False])
+def test_a_single_stream_in_consecutive_slots_reads_the_cache_in_place(
+    dtype: torch.dtype, in_order: bool
+) -> None:
+    """One sequence whose blocks follow each other: attended over a slice of the cache (no
+    gather), with the same result as the reference; shuffled blocks are gathered."""
+    q, k, v, k_cache, v_cache, meta = _decode_step([13], dtype, in_order=in_order)
+    got = paged_attention(q, k, v, k_cache, v_cache, meta, 0.25)
+    _, _, span = meta.memo[("decode", None)]  # type: ignore[misc]
+    assert (span == (8, 21)) if in_order else span is None
+    want = _reference(q, k_cache, v_cache, meta, 0.25, None)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (got.double() - want).abs().max().item() <= tol
 

@@ -49,11 +49,10 @@ class AttentionMetadata:
     (``kernels.attention_varlen_triton``)."""
     request_ids: list[str] = field(default_factory=list)
     """Request of each sequence (read by the transformers fallback, which caches per request)."""
-    memo: dict[tuple[object, ...], torch.Tensor | tuple[torch.Tensor | None, ...]] = field(
-        default_factory=dict
-    )
-    """Tensors the torch attention kernel derives from the fields above (gather slots, masks),
-    made on first use and shared by every layer of the step; a pure function of the fields."""
+    memo: dict[tuple[object, ...], object] = field(default_factory=dict)
+    """What the torch attention kernel derives from the fields above (gather slots, masks, a
+    single stream's slot range), made on first use and shared by every layer of the step; a
+    pure function of the fields."""
 
     @property
     def num_seqs(self) -> int:

@@ -53,8 +53,15 @@ def paged_attention(
     nd = meta.num_decodes
     out = q.new_empty(0) if nd == q.shape[0] else torch.empty_like(q)
     if nd:
-        slots, mask = _decode_layout(meta, sliding_window)
-        kd, vd, qd = _gather(k_cache, slots), _gather(v_cache, slots), q[:nd]
+        slots, mask, span = _decode_layout(meta, sliding_window)
+        if span is not None:  # one sequence in consecutive slots: read the cache in place
+            kd, vd = (
+                k_cache[span[0] : span[1]].unsqueeze(0),
+                v_cache[span[0] : span[1]].unsqueeze(0),
+            )
+        else:
+            kd, vd = _gather(k_cache, slots), _gather(v_cache, slots)
+        qd = q[:nd]
         if q.device.type == "cpu" and q.dtype != torch.float32:
             # CPU SDPA in 16-bit types is slower than in fp32 for decode shapes (87 against
             # 48 us a layer, batch 1): attend in fp32 (the contiguous gathers converted)
@@ -137,12 +144,18 @@ def _attend(
     return torch.matmul(scores.softmax(-1), v.float()).to(q.dtype)
 
 
-def _decode_layout(
-    meta: AttentionMetadata, window: int | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+DecodeLayout = tuple[torch.Tensor, torch.Tensor | None, tuple[int, int] | None]
+
+
+def _decode_layout(meta: AttentionMetadata, window: int | None) -> DecodeLayout:
     """Slot indices [nd, max_kv] and keep-mask [nd, 1, 1, max_kv] of the decode sequences; no
     mask when it would keep everything (every sequence as long as the longest, within the
-    window: always so for a single stream), which spares SDPA its masked path."""
+    window: always so for a single stream), which spares SDPA its masked path. On CPU, a
+    single stream whose slots are consecutive (blocks handed out in order, as a free pool
+    does) also gets their range: its keys and values are then read in place, not gathered
+    (alone, gather and SDPA of a layer 114 µs against 25 over a slice at 100 cached tokens;
+    in the engine, the default model's single stream 1.02x: 27.0 against 26.5 tok/s, 2
+    threads)."""
     key = ("decode", window)
     if key not in meta.memo:
         nd = meta.num_decodes
@@ -159,8 +172,13 @@ def _decode_layout(
             if window is not None:
                 keep &= pos.unsqueeze(0) >= lens - window
             mask = keep[:, None, None, :]
-        meta.memo[key] = (slots, mask)
-    return cast(tuple[torch.Tensor, torch.Tensor | None], meta.memo[key])
+        span = None
+        if nd == 1 and mask is None and dev.type == "cpu":
+            first = int(slots[0, 0])
+            if int(slots[0, -1]) - first == max_kv - 1 and bool((slots[0].diff() == 1).all()):
+                span = (first, first + max_kv)
+        meta.memo[key] = (slots, mask, span)
+    return cast(DecodeLayout, meta.memo[key])
 
 
 def _seq_slots(meta: AttentionMetadata, s: int, kv_len: int) -> torch.Tensor:
