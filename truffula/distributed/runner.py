@@ -38,7 +38,7 @@ from truffula.distributed.parallel import TensorParallel
 from truffula.distributed.stats import ShardedTokenStats, exact_row
 from truffula.errors import TensorParallelError
 from truffula.models.registry import LoadedModel
-from truffula.runner.launched import Launched, PromptJob
+from truffula.runner.launched import Launched
 from truffula.runner.results import to_host_async
 from truffula.runner.runner import ModelRunner
 from truffula.sampling.metadata import SamplingBatch
@@ -82,7 +82,7 @@ class TensorParallelRunner(ModelRunner):
         if device.type == "cuda" and config.model.cuda_graphs and group.rank == 0:
             log.warning("tensor parallelism: CUDA graphs are off (steps run eagerly)")
         no_graphs = replace(config, model=replace(config.model, cuda_graphs=False))
-        super().__init__(loaded, no_graphs, device, dtype)
+        super().__init__(loaded, no_graphs, device, dtype, prompt_stats=self.token_stats)
         self.exact_sampler = Sampler(self.token_stats)
         self._step_ids: WeakKeyDictionary[Launched, int] = WeakKeyDictionary()
         self._next_step = 0
@@ -212,20 +212,6 @@ class TensorParallelRunner(ModelRunner):
         if out is None:
             out = SamplerOutput(status[:-1], None)
         return out
-
-    def _prompt_logprobs(self, hidden: torch.Tensor, job: PromptJob) -> list[torch.Tensor]:
-        """As ``ModelRunner._prompt_logprobs``, the statistics merged over the ranks."""
-        chunk = self.config.limits.prompt_logprobs_chunk
-        assert job.tensors is not None
-        rows, targets = job.tensors
-        parts: list[list[torch.Tensor]] = [[], [], [], []]
-        for lo in range(0, len(job.rows), chunk):
-            logits = self.model.compute_logits(hidden[rows[lo : lo + chunk]]).float()
-            stats = self.token_stats.stats(logits, targets[lo : lo + chunk], job.k)
-            for acc, t in zip(parts, stats, strict=True):
-                acc.append(t)
-            del logits
-        return [torch.cat(p) for p in parts]
 
 
 def _merge(

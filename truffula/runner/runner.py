@@ -33,6 +33,7 @@ from truffula.config import EngineConfig
 from truffula.device import host_tensor
 from truffula.forward import ForwardContext, forward_context
 from truffula.kernels.select import select_kernels
+from truffula.kernels.stats_torch import TokenStats
 from truffula.layers.attention import Attention
 from truffula.layers.linear import pack_cpu_linears, quantize_linears
 from truffula.layers.rotary import RotaryEmbedding
@@ -59,8 +60,15 @@ class ModelRunner:
     wide, the engine cuts them to each request's k)."""
 
     def __init__(
-        self, loaded: LoadedModel, config: EngineConfig, device: torch.device, dtype: torch.dtype
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        prompt_stats: TokenStats | None = None,
     ):
+        """``prompt_stats``: what computes prompt tokens' statistics (the device's kernels by
+        default; a tensor-parallel rank's merge them over the vocabulary's slices)."""
         given = config
         # the batching limits left unset, filled in for the device
         self.config = config = config.for_device(device.type)
@@ -79,6 +87,7 @@ class ModelRunner:
             pack_cpu_linears(self.model.linear_modules(), config.model.linear_kernel, dtype)
         )
         self.sampler = Sampler(self.kernels.stats)
+        self.prompt_stats = prompt_stats or self.kernels.stats
         self.steps = StepBuilder(self.model, self.kernels, self.block_size, dtype)
         self.graphs: StepGraphs | None = None
         graph_batch = config.model.cuda_graph_max_batch or 0
@@ -132,6 +141,10 @@ class ModelRunner:
             and all(getattr(r, "_long", None) is None for r in rotaries)
         )
 
+    def steps_for(self, model: torch.nn.Module) -> StepBuilder:
+        """The step inputs of another model (the draft model's) on this runner's device."""
+        return StepBuilder(model, self.kernels, self.block_size, self.dtype)
+
     def graphs_for(
         self, model: torch.nn.Module, max_len: int, mixed_tokens: int
     ) -> StepGraphs | None:
@@ -144,7 +157,7 @@ class ModelRunner:
         first = next(m for m in model.modules() if isinstance(m, Attention))
         return StepGraphs(
             model,
-            StepBuilder(model, self.kernels, self.block_size, self.dtype),
+            self.steps_for(model),
             self.graphs.sizes[-1],
             max_len,
             self.block_size,
@@ -337,7 +350,7 @@ class ModelRunner:
         parts: list[list[torch.Tensor]] = [[], [], [], []]
         for lo in range(0, len(job.rows), chunk):
             logits = self.model.compute_logits(hidden[rows[lo : lo + chunk]]).float()
-            stats = self.kernels.stats.stats(logits, targets[lo : lo + chunk], job.k)
+            stats = self.prompt_stats.stats(logits, targets[lo : lo + chunk], job.k)
             for acc, t in zip(parts, stats, strict=True):
                 acc.append(t)
             del logits

@@ -110,8 +110,3 @@ class DraftCache:
 
     def release(self, seq: DraftSeq) -> None:
         self.truncate(seq, 0)
-
-    def slots(self, seq: DraftSeq, start: int, count: int) -> list[int]:
-        """Cache slots of positions ``start`` .. ``start + count - 1`` of ``seq``."""
-        bs = self.block_size
-        return [seq.blocks[p // bs] * bs + p % bs for p in range(start, start + count)]

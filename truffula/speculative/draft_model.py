@@ -30,10 +30,9 @@ from typing import Protocol
 import torch
 
 from truffula.device import host_tensor
-from truffula.forward import AttentionMetadata, ForwardContext, forward_context
+from truffula.forward import ForwardContext, forward_context
 from truffula.layers.attention import Attention
 from truffula.layers.linear import pack_cpu_linears
-from truffula.layers.rotary import RotaryEmbedding
 from truffula.model_store.resolve import resolve_model
 from truffula.models.common import CausalLM
 from truffula.models.registry import LoadedModel, load_model
@@ -47,6 +46,14 @@ GRAPH_TOKENS = 256
 """Tokens of the largest catch-up step replayed as a CUDA graph (larger ones run eagerly)."""
 
 FLAG = "--speculative-config"
+
+
+class StepPreparer(Protocol):
+    """A model's step inputs from scheduled sequences (``runner.context.StepBuilder``)."""
+
+    def prepare(
+        self, seqs: list[ScheduledSeq]
+    ) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]: ...
 
 
 class StepGraphRunner(Protocol):
@@ -72,6 +79,7 @@ class Target(Protocol):
     """Whether the target runs (some) linears oneDNN-packed on CPU; the draft then picks its
     own by measurement (``--cpu-linear auto``)."""
 
+    def steps_for(self, model: torch.nn.Module) -> StepPreparer: ...
     def graphs_for(
         self, model: torch.nn.Module, max_len: int, mixed_tokens: int
     ) -> StepGraphRunner | None: ...
@@ -97,8 +105,7 @@ class DraftModel:
         self.device = target.device
         self.dtype = target.dtype
         attn = [m for m in model.modules() if isinstance(m, Attention)]
-        rotaries = [m for m in model.modules() if isinstance(m, RotaryEmbedding)]
-        self.rotary = rotaries[0] if rotaries and rotaries[0].uses_step_tables else None
+        self.steps = target.steps_for(model)
         self.cache = DraftCache(attn, target.block_size, target.num_blocks, self.device, self.dtype)
         self.seqs: dict[str, DraftSeq] = {}
         self.target = target
@@ -223,24 +230,25 @@ class DraftModel:
         after each one's last token, in ``feed``'s order, on the device. ``fill``: the tokens
         of a step of single tokens (``PLACEHOLDER``s in ``feed``), on the device."""
         order = sorted(range(len(feed)), key=lambda i: len(feed[i][1]) > 1)  # decodes first
-        ordered = [feed[i] for i in order]
+        steps = [
+            ScheduledSeq("", new, len(seq.tokens), seq.blocks, True)
+            for seq, new in (feed[i] for i in order)
+        ]
+        for seq, new in feed:
+            seq.tokens += new
+        placed = None if fill is None else (torch.arange(len(feed), device=self.device), fill)
         graphs = self._graphs()
-        steps = [ScheduledSeq("", new, len(seq.tokens), seq.blocks, True) for seq, new in ordered]
-        rows = torch.arange(len(feed), device=self.device)
         if graphs is not None and graphs.fits(steps):
-            for seq, new in ordered:
-                seq.tokens += new
-            hidden = graphs.run(steps, None if fill is None else (rows, fill))
-            ends = [0]
-            for step in steps:
-                ends.append(ends[-1] + step.num_tokens)
+            hidden = graphs.run(steps, placed)
         else:
-            (input_ids, positions), ctx = self._context(ordered)
-            if fill is not None:
-                input_ids.index_copy_(0, rows, fill)
+            input_ids, positions, ctx = self.steps.prepare(steps)
+            if placed is not None:
+                input_ids.index_copy_(0, *placed)
             with forward_context(ctx):
                 hidden = self.model(input_ids, positions)
-            ends = ctx.attn.query_start_loc_cpu
+        ends = [0]
+        for step in steps:
+            ends.append(ends[-1] + step.num_tokens)
         last = host_tensor(ends[1:], torch.long, self.device) - 1
         best = self.model.compute_logits(hidden[last]).argmax(dim=-1)
         if order == sorted(order):
@@ -256,44 +264,3 @@ class DraftModel:
             self.graphs = self.target.graphs_for(self.model, self.max_len, GRAPH_TOKENS)
             self._graph_blocks = self.cache.num_blocks
         return self.graphs
-
-    def _context(
-        self, feed: list[tuple[DraftSeq, list[int]]]
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor], ForwardContext]:
-        """(input ids, positions) and the forward context of a step appending ``feed``'s
-        tokens (decodes first); each sequence's ``tokens`` grow by them."""
-        tokens: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        starts = [0]
-        lens = []
-        for seq, new in feed:
-            start = len(seq.tokens)
-            tokens += new
-            positions += range(start, start + len(new))
-            slots += self.cache.slots(seq, start, len(new))
-            seq.tokens += new
-            starts.append(starts[-1] + len(new))
-            lens.append(len(seq.tokens))
-        width = max(len(seq.blocks) for seq, _ in feed)
-        table = [seq.blocks + [0] * (width - len(seq.blocks)) for seq, _ in feed]
-        dev = self.device
-        pos = host_tensor(positions, torch.long, dev)
-        meta = AttentionMetadata(
-            slot_mapping=host_tensor(slots, torch.long, dev),
-            block_tables=host_tensor(table, torch.int32, dev),
-            seq_lens=host_tensor(lens, torch.int32, dev),
-            query_start_loc=host_tensor(starts, torch.int32, dev),
-            num_decodes=sum(1 for _, new in feed if len(new) == 1),
-            max_query_len=max(len(new) for _, new in feed),
-            max_seq_len=max(lens),
-            block_size=self.cache.block_size,
-            seq_lens_cpu=lens,
-            query_start_loc_cpu=starts,
-        )
-        if self.rotary is None:
-            ctx = ForwardContext(meta)
-        else:
-            cos, sin = self.rotary.step_tables(pos, meta, self.dtype)
-            ctx = ForwardContext(meta, None, cos, sin)
-        return (host_tensor(tokens, torch.long, dev), pos), ctx
