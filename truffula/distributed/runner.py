@@ -39,7 +39,6 @@ from truffula.distributed.stats import ShardedTokenStats, exact_row
 from truffula.errors import TensorParallelError
 from truffula.models.registry import LoadedModel
 from truffula.runner.launched import Launched
-from truffula.runner.results import to_host_async
 from truffula.runner.runner import ModelRunner
 from truffula.sampling.metadata import SamplingBatch
 from truffula.sampling.sampler import LogprobsTensors, Sampler, SamplerOutput
@@ -114,7 +113,7 @@ class TensorParallelRunner(ModelRunner):
             launched = super().launch(sched, prev, defer_sampling=True)
             self._step_ids[launched] = step
             if not defer_sampling:
-                self._sample(launched)
+                super().sample(launched)
         return launched
 
     @torch.inference_mode()
@@ -124,7 +123,7 @@ class TensorParallelRunner(ModelRunner):
         with self._in_step():
             if self.send is not None:
                 self.send.sample(self._step_ids[launched])
-            self._sample(launched)
+            super().sample(launched)
 
     @contextlib.contextmanager
     def _in_step(self) -> Iterator[None]:
@@ -149,21 +148,16 @@ class TensorParallelRunner(ModelRunner):
         return self._step_ids[launched]
 
     # ---------------------------------------------------------------- sampling
-    def _sample(self, launched: Launched) -> None:
-        if launched.pending is None:
-            return
-        logits, states, drafted, job_parts = launched.pending
-        launched.pending = None
-        parts: list[torch.Tensor] = []
-        if logits is not None:
-            out = self._sample_rows(logits, states, drafted)
-            launched.sampled = out.sampled
-            parts.append(out.sampled)
-            if out.logprobs is not None:
-                launched.has_lp = True
-                lp = out.logprobs
-                parts += [lp.rows, lp.token_ids, lp.logprobs, lp.ranks, lp.entropy]
-        launched.host = to_host_async(parts + job_parts)
+    def _sample_logits(
+        self,
+        logits: torch.Tensor,
+        states: list[SamplingState],
+        drafted: list[list[int]],
+        batch: SamplingBatch | None,
+    ) -> SamplerOutput:
+        """Exact rows merged over the vocabulary's slices, the others gathered (``batch``,
+        built for the whole vocabulary, is not used)."""
+        return self._sample_rows(logits, states, drafted)
 
     def _sample_rows(
         self, logits: torch.Tensor, states: list[SamplingState], drafted: list[list[int]]

@@ -13,6 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# weight-only, dequantize-then-matmul: ``q.to(x.dtype)`` reads int8 and e4m3 alike
+from truffula.kernels.quant_int8 import linear_dequant as linear_dequant
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 """Largest finite e4m3fn value."""
@@ -38,14 +41,6 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
     scale = xf.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
-
-
-def linear_dequant(
-    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """The device-independent path: the weight dequantized to x's dtype per call."""
-    y = F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
-    return y + bias if bias is not None else y
 
 
 def reference(

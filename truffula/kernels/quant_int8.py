@@ -30,7 +30,8 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def linear_dequant(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """The device-independent path: the weight dequantized to x's dtype per call."""
+    """The device-independent path: the weight dequantized to x's dtype per call (int8 or
+    fp8 alike: ``kernels.quant_fp8`` uses it too)."""
     y = F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
     return y + bias if bias is not None else y
 

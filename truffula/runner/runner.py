@@ -47,7 +47,7 @@ from truffula.runner.results import records, to_host_async
 from truffula.runner.sizing import profile_layout
 from truffula.sampling.metadata import SamplingBatch, build_sampling_batch
 from truffula.sampling.params import SamplingParams
-from truffula.sampling.sampler import Sampler
+from truffula.sampling.sampler import Sampler, SamplerOutput
 from truffula.sampling.state import SamplingState
 from truffula.scheduler.output import ScheduledSeq, SchedulerOutput
 
@@ -88,7 +88,7 @@ class ModelRunner:
         )
         self.sampler = Sampler(self.kernels.stats)
         self.prompt_stats = prompt_stats or self.kernels.stats
-        self.steps = StepBuilder(self.model, self.kernels, self.block_size, dtype)
+        self.steps = self.steps_for(self.model)
         self.graphs: StepGraphs | None = None
         graph_batch = config.model.cuda_graph_max_batch or 0
         if (
@@ -99,7 +99,7 @@ class ModelRunner:
             and not getattr(self.model, "is_fallback", False)
         ):
             cap = config.scheduler.max_prefill_while_decoding or 0
-            if not self._mixed_graph_safe():
+            if not self._mixed_graph_safe(self.model):
                 if given.scheduler.max_prefill_while_decoding is None:
                     cap = 0  # an eager step with a prefill chunk costs several decode steps
                     self.config = config = replace(
@@ -108,16 +108,7 @@ class ModelRunner:
                 mixed = 0
             else:
                 mixed = graph_batch + cap if cap else 0
-            first = self.attn_layers[0]
-            self.graphs = StepGraphs(
-                self.model,
-                self.steps,
-                graph_batch,
-                self.max_len,
-                self.block_size,
-                mixed_tokens=mixed,
-                heads=(first.num_heads, first.num_kv_heads),
-            )
+            self.graphs = self._new_graphs(self.model, self.steps, graph_batch, self.max_len, mixed)
         elif device.type == "cuda" and given.scheduler.max_prefill_while_decoding is None:
             self.config = config = replace(
                 config, scheduler=replace(config.scheduler, max_prefill_while_decoding=0)
@@ -129,11 +120,10 @@ class ModelRunner:
         self.num_blocks = self.sizing.num_blocks + 1  # + the null block
         self.kv_cache.allocate(self.num_blocks)
 
-    def _mixed_graph_safe(self, model: torch.nn.Module | None = None) -> bool:
-        """Whether steps with prefill chunks of ``model`` (this runner's by default) can be
-        captured: every attention reads the query layout from device memory, and no rotary
-        embedding picks its factors per sequence on the host (longrope)."""
-        model = self.model if model is None else model
+    def _mixed_graph_safe(self, model: torch.nn.Module) -> bool:
+        """Whether steps with prefill chunks of ``model`` can be captured: every attention
+        reads the query layout from device memory, and no rotary embedding picks its factors
+        per sequence on the host (longrope)."""
         attn = [m for m in model.modules() if isinstance(m, Attention)]
         rotaries = [m for m in model.modules() if isinstance(m, RotaryEmbedding)]
         return bool(attn) and (
@@ -154,16 +144,15 @@ class ModelRunner:
         use; they read the KV cache that model's layers hold at capture."""
         if self.graphs is None:
             return None
+        mixed = mixed_tokens if self._mixed_graph_safe(model) else 0
+        return self._new_graphs(model, self.steps_for(model), self.graphs.sizes[-1], max_len, mixed)
+
+    def _new_graphs(
+        self, model: torch.nn.Module, steps: StepBuilder, batch: int, max_len: int, mixed: int
+    ) -> StepGraphs:
         first = next(m for m in model.modules() if isinstance(m, Attention))
-        return StepGraphs(
-            model,
-            self.steps_for(model),
-            self.graphs.sizes[-1],
-            max_len,
-            self.block_size,
-            mixed_tokens=mixed_tokens if self._mixed_graph_safe(model) else 0,
-            heads=(first.num_heads, first.num_kv_heads),
-        )
+        heads = (first.num_heads, first.num_kv_heads)
+        return StepGraphs(model, steps, batch, max_len, self.block_size, mixed, heads)
 
     def capture_graphs(self) -> None:
         """Capture the decode graphs (after LoRA wrapping, so adapters can join a graph)."""
@@ -275,7 +264,7 @@ class ModelRunner:
         launched.pending = None
         device_parts: list[torch.Tensor] = []
         if logits is not None:
-            out = self.sampler(logits, batch or self._batch(states, drafted))
+            out = self._sample_logits(logits, states, drafted, batch)
             launched.sampled = out.sampled
             device_parts.append(out.sampled)
             if out.logprobs is not None:
@@ -283,6 +272,15 @@ class ModelRunner:
                 lp = out.logprobs
                 device_parts += [lp.rows, lp.token_ids, lp.logprobs, lp.ranks, lp.entropy]
         launched.host = to_host_async(device_parts + job_parts)
+
+    def _sample_logits(
+        self,
+        logits: torch.Tensor,
+        states: list[SamplingState],
+        drafted: list[list[int]],
+        batch: SamplingBatch | None,
+    ) -> SamplerOutput:
+        return self.sampler(logits, batch or self._batch(states, drafted))
 
     def _batch(self, states: list[SamplingState], drafted: list[list[int]]) -> SamplingBatch:
         return build_sampling_batch(
