@@ -92,10 +92,13 @@ def random_adapters(
         for name, layer in store.layers.items():
             base = layer.base
             shards = getattr(base, "shard_offsets", None) or {None: (0, base.out_features)}
-            w.modules[name] = {
-                s: (rand(rank, base.in_features), rand(size, rank))
+            # a tensor-parallel layer holds a slice: adapters have the whole layer's shape
+            logical = getattr(base, "logical_shape", None)
+            shapes = {
+                s: logical(s) if logical else (size, base.in_features)
                 for s, (_, size) in shards.items()
             }
+            w.modules[name] = {s: (rand(rank, i), rand(o, rank)) for s, (o, i) in shapes.items()}
         store.host[w.adapter_id] = w
         keys.append(w.adapter_id)
     return keys

@@ -19,6 +19,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("int8", "fp8")
 ASYNC_SCHEDULING = ("auto", "on", "off")
 LINEAR_KERNELS = ("auto", "packed", "torch")
+LOAD_FORMATS = ("auto", "dummy")
 
 
 def parse_size(text: str | int) -> int:
@@ -64,6 +65,10 @@ class ModelConfig:
     tensor_parallel_size: int = 1
     """Processes the model is sharded over (``truffula.distributed``; docs/tensor-parallel.md):
     one per GPU on CUDA (NCCL), gloo on CPU; 1: one process, no collectives."""
+    load_format: str = "auto"
+    """``auto``: the folder's weights; ``dummy``: random weights of the folder's shape, no
+    weights file read (vLLM's ``--load-format dummy``: speed and memory on a model's shape,
+    meaningless outputs)."""
 
     def __post_init__(self) -> None:
         if self.quantization not in (None, *QUANTIZATIONS):
@@ -75,6 +80,8 @@ class ModelConfig:
             raise ValueError(
                 f"linear_kernel must be auto, packed or torch, not {self.linear_kernel!r}"
             )
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be auto or dummy, not {self.load_format!r}")
         if self.dtype not in DTYPES:
             raise ValueError(
                 f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}"

@@ -16,6 +16,7 @@ from truffula.config import (
     DEVICE_DEFAULTS,
     DTYPES,
     LINEAR_KERNELS,
+    LOAD_FORMATS,
     QUANTIZATIONS,
     CacheConfig,
     EngineConfig,
@@ -62,6 +63,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="int8: weight-only int8 linears, per-output-channel scales; fp8: e4m3 weights with "
         "per-output-channel scales (CUDA 8.9+: W8A8 with per-token activation scales; "
         "weight-only elsewhere); LoRA factors stay 16/32-bit",
+    )
+    g.add_argument(
+        "--load-format",
+        default=default_of(M, "load_format"),
+        choices=LOAD_FORMATS,
+        help="auto: the model's weights; dummy: random weights of its shape, nothing read "
+        "(to measure speed and memory without the checkpoint; outputs are meaningless)",
     )
     g.add_argument(
         "--cpu-linear",
@@ -206,6 +214,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": args.dtype,
         "quantization": args.quantization,
         "linear_kernel": args.cpu_linear,
+        "load_format": args.load_format,
         "max_model_len": args.max_model_len,
         "kv_cache_memory": None
         if args.kv_cache_memory is None

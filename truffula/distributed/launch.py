@@ -108,7 +108,13 @@ class Ranks:
         """This rank's model (its shard, under tensor parallelism)."""
         with self._closing_on_error():
             return load_model(
-                folder, dtype, device, config.model.max_model_len, weights, self.group
+                folder,
+                dtype,
+                device,
+                config.model.max_model_len,
+                weights,
+                self.group,
+                random_weights=config.model.load_format == "dummy",
             )
 
     def runner(

@@ -18,7 +18,11 @@ Sampling over vocabulary-parallel logits (each rank holds ``[R, V / N]``):
   (a request's bad parameters) is broadcast too, so the ranks stay in step and the engine can
   isolate the request as usual.
 
-Prompt logprobs are merged like exact rows. CUDA graphs are off under tensor parallelism.
+Prompt logprobs are merged like exact rows.
+
+CUDA graphs hold the model's NCCL all-reduces: every rank captures the same graphs in the same
+order (rank 0 after the engine is built, the others once they report ready), and every rank
+replays the same graph at each step, since every rank builds the same step.
 """
 
 from __future__ import annotations
@@ -78,10 +82,7 @@ class TensorParallelRunner(ModelRunner):
         """Rank 0: the error that left the ranks out of step; every later step raises it."""
         self._safe: BaseException | None = None
         self.token_stats = ShardedTokenStats(group, int(loaded.hf_config.vocab_size))
-        if device.type == "cuda" and config.model.cuda_graphs and group.rank == 0:
-            log.warning("tensor parallelism: CUDA graphs are off (steps run eagerly)")
-        no_graphs = replace(config, model=replace(config.model, cuda_graphs=False))
-        super().__init__(loaded, no_graphs, device, dtype, prompt_stats=self.token_stats)
+        super().__init__(loaded, config, device, dtype, prompt_stats=self.token_stats)
         self.exact_sampler = Sampler(self.token_stats)
         self._step_ids: WeakKeyDictionary[Launched, int] = WeakKeyDictionary()
         self._next_step = 0

@@ -147,8 +147,12 @@ class _Recorder:
         # file descriptor each)
         plain = None
         if weights is not None:
-            plain = {s: (a.float().numpy(), b.float().numpy()) for s, (a, b) in weights.items()}
+            plain = {s: (_array(a), _array(b)) for s, (a, b) in weights.items()}
         self.out.append((self.name, slot, plain))
+
+
+def _array(t: torch.Tensor) -> Any:
+    return t.detach().float().cpu().numpy()
 
 
 def start_workers(
@@ -253,6 +257,7 @@ def worker_main(
         runner = _build(config, Path(folder), device, group)
         layers = {n: m for n, m in runner.model.named_modules() if isinstance(m, LoRALinear)}
         conn.send(("ready",))
+        runner.capture_graphs()  # rank 0 captures the same graphs once the engine is built
         _serve(conn, runner, layers)
     except (EOFError, KeyboardInterrupt):
         pass
@@ -272,7 +277,10 @@ def _build(config: EngineConfig, folder: Path, device: torch.device, group: Tens
     from truffula.models.registry import load_model
 
     dtype = pick_dtype(config.model.dtype, device)
-    loaded = load_model(folder, dtype, device, config.model.max_model_len, shard=group)
+    dummy = config.model.load_format == "dummy"
+    loaded = load_model(
+        folder, dtype, device, config.model.max_model_len, shard=group, random_weights=dummy
+    )
     lora = config.lora
     apply_lora(loaded.model, lora.max_active_adapters, lora.max_lora_rank, dtype, device)
     return TensorParallelRunner(loaded, config, device, dtype, group)

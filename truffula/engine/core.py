@@ -55,7 +55,8 @@ class EngineCore:
         weights: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.config = config  # weights: a HF-named state dict for the folder's (benchmarks)
-        folder = resolve_model(config.model.model, progress=progress, need_weights=weights is None)
+        files = weights is None and config.model.load_format != "dummy"
+        folder = resolve_model(config.model.model, progress=progress, need_weights=files)
         self.device = pick_device(config.model.device)
         self.dtype = pick_dtype(config.model.dtype, self.device)
         self.ranks = Ranks.start(config, folder, self.device, weights)  # tensor parallelism
@@ -93,8 +94,7 @@ class EngineCore:
         self.runner.prompt_records_k = self.prompts.records_k
         self.runner.capture_graphs()
         log.info("sizing: %s", self.sizing.describe())
-        # resolved by the runner (``EngineConfig.for_device``): no batching limit is left unset
-        assert config.scheduler.max_num_batched_tokens is not None
+        assert config.scheduler.max_num_batched_tokens is not None  # set by for_device
         assert config.scheduler.max_num_seqs is not None
         self.scheduler = Scheduler(
             self.pool,

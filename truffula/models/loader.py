@@ -32,18 +32,38 @@ def build_and_load(
     max_len: int,
     weights: Mapping[str, torch.Tensor] | None = None,
     shard: Group | None = None,
+    random_weights: bool = False,
 ) -> CausalLM:
     """``shard``: this rank's tensor-parallel group; the model is sharded on the meta device
-    (``truffula.models.sharding``) and each parallel layer loads its slice of every tensor."""
+    (``truffula.models.sharding``) and each parallel layer loads its slice of every tensor.
+    ``random_weights``: ``fill_random`` instead of reading any weights (``--load-format dummy``)."""
     with torch.device("meta"):
         model = cls(config, max_len)
         if shard is not None:
             shard_model(model, shard)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()
-    load_weights(model, folder, weights, quantization_config(config))
+    if random_weights:
+        fill_random(model)
+    else:
+        load_weights(model, folder, weights, quantization_config(config))
     model.eval()
     return model
+
+
+@torch.no_grad()
+def fill_random(model: CausalLM, seed: int = 0) -> None:
+    """Every parameter drawn at random in place: norm weights 1, biases 0, the rest normal with
+    standard deviation 0.02 (transformers' ``initializer_range``). For measuring a shape's
+    speed and memory; a tensor-parallel rank fills only its shard."""
+    for i, (name, p) in enumerate(model.named_parameters()):
+        if name.endswith("bias"):
+            p.zero_()
+        elif "norm" in name.rsplit(".", 2)[-2]:
+            p.fill_(1.0)
+        else:
+            gen = torch.Generator(device=p.device).manual_seed(seed + i)
+            p.normal_(0.0, 0.02, generator=gen)
 
 
 class _StateSource:

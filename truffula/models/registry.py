@@ -61,10 +61,12 @@ def load_model(
     max_len: int | None,
     weights: Mapping[str, torch.Tensor] | None = None,
     shard: Group | None = None,
+    random_weights: bool = False,
 ) -> LoadedModel:
     """Build the model of ``folder`` (config.json); weights from its safetensors or ``weights``;
     a native model computes through the kernels of ``device`` and ``dtype``. ``shard``: this
-    rank's part of a tensor-parallel model (``truffula.models.sharding``)."""
+    rank's part of a tensor-parallel model (``truffula.models.sharding``). ``random_weights``:
+    random weights of the folder's shape (``--load-format dummy``; native models only)."""
     from transformers import AutoConfig
 
     from truffula.model_store.resolve import read_config
@@ -85,6 +87,11 @@ def load_model(
     if shard is not None:
         check_shardable(arch, config, shard.world)
     if arch not in _NATIVE:
+        if random_weights:
+            raise ModelLoadError(
+                f"--load-format dummy: {arch} is not a native architecture (native: "
+                f"{', '.join(native_architectures())})"
+            )
         import transformers
 
         if getattr(transformers, arch, None) is None:
@@ -99,6 +106,8 @@ def load_model(
     from truffula.models.loader import build_and_load
 
     cls = model_class(arch)
-    model = build_and_load(cls, config, folder, dtype, device, limit, weights, shard)
+    model = build_and_load(
+        cls, config, folder, dtype, device, limit, weights, shard, random_weights
+    )
     bind_kernels(model, select_kernels(device, dtype))
     return LoadedModel(model, config, arch, folder, limit)
