@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from truffula.distributed.nccl import NcclComm
+
 TIMEOUT_ENV = "TRUFFULA_TP_TIMEOUT"
 """Seconds a collective (and the group's start-up) may wait for the other ranks."""
 DEFAULT_TIMEOUT_S = 120.0
@@ -37,6 +39,9 @@ class TensorParallel:
     pg: Any = field(repr=False)
     """The process group (``ProcessGroupGloo`` / ``ProcessGroupNCCL``)."""
     store: Any = field(repr=False, default=None)
+    nccl: NcclComm | None = field(repr=False, default=None)
+    """CUDA: the communicator of the model's sum all-reduces (``truffula.distributed.nccl``:
+    on the current stream, so CUDA graphs can hold them)."""
 
     @property
     def backend(self) -> str:
@@ -49,6 +54,8 @@ class TensorParallel:
 
     def all_reduce(self, x: torch.Tensor, op: Any = None) -> torch.Tensor:
         """Sum (or ``op``) of ``x`` over the ranks, in place; returns ``x``."""
+        if self.nccl is not None and op in (None, dist.ReduceOp.SUM):
+            return self.nccl.all_reduce(x)
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp(dist.ReduceOp.SUM if op is None else op)
         self.pg.allreduce([x], opts).wait()
@@ -76,6 +83,8 @@ class TensorParallel:
     def close(self) -> None:
         """Drop the process group and its store (before the interpreter's teardown, which
         aborts the process when a gloo group outlives its store)."""
+        if self.nccl is not None:
+            self.nccl.abort()
         pg, self.pg = self.pg, None
         if pg is not None and hasattr(pg, "shutdown"):
             with contextlib.suppress(Exception):  # a peer already gone: nothing to shut down
@@ -105,8 +114,9 @@ def connect(rank: int, world: int, device: torch.device, store: Any) -> TensorPa
         opts = nccl.Options()
         opts._timeout = timeout
         pg: Any = nccl(store, rank, world, opts)
-    else:
-        pg = dist.ProcessGroupGloo(store, rank, world, timeout)
+        comm = NcclComm(rank, world, device, store)
+        return TensorParallel(rank, world, device, pg, store, comm)
+    pg = dist.ProcessGroupGloo(store, rank, world, timeout)
     return TensorParallel(rank, world, device, pg, store)
 
 

@@ -111,6 +111,8 @@ class Workers:
                 log.critical("tensor-parallel worker rank %d died (exit code %s)", rank, code)
                 if self.group.backend == "nccl" and self.group.pg is not None:
                     with contextlib.suppress(Exception):
+                        if self.group.nccl is not None:
+                            self.group.nccl.abort()  # the model's all-reduces return
                         self.group.pg.abort()  # waiting collectives fail now
 
     # ---------------------------------------------------------------- shutdown
