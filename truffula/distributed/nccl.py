@@ -92,7 +92,8 @@ class NcclComm:
         return x
 
     def abort(self) -> None:
-        """End the communicator now; kernels waiting on a dead peer return."""
+        """End the communicator now (a peer died): kernels waiting on it return. It can block
+        while peers live, so only a rank's death calls it, from a thread of its own."""
         comm, self.comm = self.comm, ctypes.c_void_p()
         if comm.value:
             self.lib.ncclCommAbort(comm)

@@ -83,8 +83,9 @@ class TensorParallel:
     def close(self) -> None:
         """Drop the process group and its store (before the interpreter's teardown, which
         aborts the process when a gloo group outlives its store)."""
-        if self.nccl is not None:
-            self.nccl.abort()
+        # the NCCL communicator is left to the process's exit: ncclCommAbort and ncclCommDestroy
+        # wait on the peers, which may be gone (the other ranks exit without tearing down)
+        self.nccl = None
         pg, self.pg = self.pg, None
         if pg is not None and hasattr(pg, "shutdown"):
             with contextlib.suppress(Exception):  # a peer already gone: nothing to shut down

@@ -248,7 +248,8 @@ def worker_main(
     _die_with_parent()
     if threads:
         torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.WARNING, format=f"tp{rank} %(levelname)s %(message)s")
+    level = os.environ.get("TRUFFULA_WORKER_LOG", "WARNING")
+    logging.basicConfig(level=level, format=f"tp{rank} %(levelname)s %(message)s")
     code = 0
     try:
         conn.send(("hello",))
