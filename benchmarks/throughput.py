@@ -38,6 +38,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "fp32": {},
     "int8": {"quantization": "int8"},
     "bf16+int8": {"dtype": "bfloat16", "quantization": "int8"},
+    "bf16+int4": {"dtype": "bfloat16", "quantization": "int4"},
 }
 """truffula engines (LLM options) by label; fp32 is the default."""
 

@@ -16,7 +16,7 @@ from truffula.speculative.config import SpeculativeConfig
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = ("int8", "fp8")
+QUANTIZATIONS = ("int8", "fp8", "int4")
 ASYNC_SCHEDULING = ("auto", "on", "off")
 LINEAR_KERNELS = ("auto", "packed", "torch")
 LOAD_FORMATS = ("auto", "dummy")
@@ -60,8 +60,9 @@ class ModelConfig:
     quantization: str | None = None
     """``int8``: weight-only int8 linears with per-output-channel scales (not the LM head);
     ``fp8``: e4m3 weights with per-output-channel scales (W8A8 with per-token activation
-    scales on CUDA steps of several rows, weight-only otherwise); None: the weights in
-    ``dtype``."""
+    scales on CUDA steps of several rows, weight-only otherwise); ``int4``: weight-only 4-bit
+    groups of 128 (or 64, 32) input columns with a scale and minimum each; None: the
+    weights in ``dtype``."""
     tensor_parallel_size: int = 1
     """Processes the model is sharded over (``truffula.distributed``; docs/tensor-parallel.md):
     one per GPU on CUDA (NCCL), gloo on CPU; 1: one process, no collectives."""

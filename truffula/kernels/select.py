@@ -20,6 +20,7 @@ from truffula.forward import AttentionFn, AttentionMetadata, LoRABatch
 from truffula.kernels import activation_torch, attention_torch, norm_torch, triton_support
 from truffula.kernels.activation_torch import Activation
 from truffula.kernels.lora_torch import BatchedLoRA, GatheredLoRA, LoRAWeights
+from truffula.kernels.quant_int4 import Int4Weight
 from truffula.kernels.stats_torch import TokenStats, TorchTokenStats
 
 
@@ -118,6 +119,18 @@ class Kernels:
             quant_fp8.linear_dequant, q=q, scale=scale.to(self.dtype), bias=bias
         )
 
+    def int4_linear(
+        self, w: Int4Weight, bias: torch.Tensor | None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """x -> y for an int4 weight (``kernels.quant_int4``): torch's CPU int4 matmul where it
+        runs, else dequantize-then-matmul."""
+        from truffula.kernels import quant_int4
+
+        if self.device.type == "cpu" and quant_int4.cpu_int4pack_available():
+            layout = quant_int4.to_cpu_layout(w)
+            return functools.partial(quant_int4.linear_cpu, w=layout, bias=bias)
+        return functools.partial(quant_int4.linear_dequant, w=w, bias=bias)
+
     def attention(self, head_dim: int) -> AttentionFn:
         return self._attention
 
@@ -173,6 +186,13 @@ class TritonKernels(Kernels):
         return functools.partial(
             quant_fp8_triton.linear, q=q, scale=scale.float(), scale_row=row, bias=bias
         )
+
+    def int4_linear(
+        self, w: Int4Weight, bias: torch.Tensor | None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        from truffula.kernels import quant_int4_triton
+
+        return functools.partial(quant_int4_triton.linear, w=w, bias=bias)
 
     def attention(self, head_dim: int) -> AttentionFn:
         if not _pow2(head_dim):  # the Triton kernel tiles the head dimension by powers of two

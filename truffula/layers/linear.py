@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from truffula.envs import cache_dir
-from truffula.kernels import linear_cpu, quant_fp8, quant_int8
+from truffula.kernels import linear_cpu, quant_fp8, quant_int4, quant_int8
 from truffula.kernels.select import Kernels, LinearFn
 
 log = logging.getLogger("truffula.layers")
@@ -38,9 +38,10 @@ class Linear(nn.Module):
             self.bias = None
         self.packed: torch.Tensor | None = None
         self.qweight: torch.Tensor | None = None
-        """int8 or fp8 [out, in] after ``quantize`` (with float32 ``qscale`` [out]); the dense
-        weight is freed."""
+        """int8 or fp8 [out, in] after ``quantize`` (with float32 ``qscale`` [out]), or int4's
+        packed bytes [out, in / 2] (the whole weight in ``int4``); the dense weight is freed."""
         self.qscale: torch.Tensor | None = None
+        self.int4: quant_int4.Int4Weight | None = None
         self.linear: LinearFn = F.linear
         """The kernel applied to the dense weight (``_dense``)."""
         self.kernel: Callable[[torch.Tensor], torch.Tensor] = self._dense
@@ -60,9 +61,17 @@ class Linear(nn.Module):
     def quantize(self, method: str, kernels: Kernels) -> None:
         """Keep the weight quantized (frees the dense one): ``int8`` with per-output-channel
         scales (``_weight_int8pack_mm`` on CPU where it works, else dequantize-then-matmul);
-        ``fp8`` (e4m3) with per-output-channel scales (``kernels.fp8_linear``)."""
+        ``fp8`` (e4m3) with per-output-channel scales (``kernels.fp8_linear``); ``int4`` in
+        groups of input columns (``kernels.int4_linear``; ``qweight`` is then the packed
+        bytes, ``int4`` the whole ``Int4Weight``)."""
         dtype, device = self.weight.dtype, self.weight.device
-        if method == "fp8":
+        if method == "int4":
+            w4 = quant_int4.quantize_best(self.weight.data)
+            assert w4 is not None  # quantize_linears skips the others
+            self.kernel = kernels.int4_linear(w4, self.bias)
+            self.int4 = w4
+            q, scale = w4.packed, w4.scale
+        elif method == "fp8":
             q, scale = quant_fp8.quantize(self.weight.data)
             self.kernel = kernels.fp8_linear(q, scale, self.bias)
         else:
@@ -94,7 +103,7 @@ class Linear(nn.Module):
         return self.kernel(x)
 
 
-QUANTIZATIONS = ("int8", "fp8")
+QUANTIZATIONS = ("int8", "fp8", "int4")
 """What ``Linear.quantize`` keeps (``config.QUANTIZATIONS``, the flag's choices, names the same:
 config imports nothing of the model's side)."""
 
@@ -116,6 +125,11 @@ def quantize_linears(
         if not isinstance(module, Linear) or name.rsplit(".", 1)[-1] in skip:
             continue
         if module.qweight is None and module.packed is None and module.weight.numel():
+            if method == "int4" and quant_int4.group_for(module.in_features) is None:
+                log.warning(
+                    "--quantization int4: %s (%d inputs) stays dense", name, module.in_features
+                )
+                continue
             module.quantize(method, kernels)
             count += 1
     if count == 0:

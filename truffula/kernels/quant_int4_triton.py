@@ -1,0 +1,131 @@
+"""int4 linears on CUDA (layout and reference: ``kernels.quant_int4``).
+
+One row (batch-1 decode): a GEMV that streams the packed bytes, each tile one group of ``GROUP``
+columns of ``BLOCK_N`` rows: the low and high nibbles multiply the even and odd entries of x,
+and the group's scale and minimum apply to the tile's two sums
+(``scale * sum(q * x) + low * sum(x)``), so no weight is dequantized element by element. More
+rows: a GEMM whose weight tiles are unpacked and dequantized to x's dtype in registers before
+``tl.dot``, one group per K step.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from truffula.kernels.quant_int4 import Int4Weight
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,
+    p_ptr,
+    s_ptr,
+    lo_ptr,
+    b_ptr,
+    y_ptr,
+    n_out,
+    n_in,
+    n_groups,
+    HAS_BIAS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < n_out
+    half = tl.arange(0, GROUP // 2)
+    rows = p_ptr + n[:, None].to(tl.int64) * (n_in // 2)
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for g in range(0, n_groups):
+        k0 = g * GROUP
+        xe = tl.load(x_ptr + k0 + 2 * half).to(tl.float32)
+        xo = tl.load(x_ptr + k0 + 2 * half + 1).to(tl.float32)
+        b = tl.load(rows + (k0 // 2 + half)[None, :], mask=nmask[:, None], other=0)
+        lo = (b & 0xF).to(tl.float32)
+        hi = (b >> 4).to(tl.float32)
+        dot = tl.sum(lo * xe[None, :] + hi * xo[None, :], axis=1)
+        s = tl.load(s_ptr + n.to(tl.int64) * n_groups + g, mask=nmask, other=0.0)
+        m = tl.load(lo_ptr + n.to(tl.int64) * n_groups + g, mask=nmask, other=0.0)
+        acc += s * dot + m * (tl.sum(xe, axis=0) + tl.sum(xo, axis=0))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _gemm_kernel(
+    x_ptr,
+    p_ptr,
+    s_ptr,
+    lo_ptr,
+    b_ptr,
+    y_ptr,
+    m_rows,
+    n_out,
+    n_in,
+    n_groups,
+    stride_x,
+    HAS_BIAS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask, nmask = rm < m_rows, rn < n_out
+    half = tl.arange(0, GROUP // 2)
+    k = tl.arange(0, GROUP)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for g in range(0, n_groups):
+        k0 = g * GROUP
+        x = tl.load(
+            x_ptr + rm[:, None].to(tl.int64) * stride_x + (k0 + k)[None, :],
+            mask=mmask[:, None],
+            other=0.0,
+        )
+        b = tl.load(
+            p_ptr + rn[:, None].to(tl.int64) * (n_in // 2) + (k0 // 2 + half)[None, :],
+            mask=nmask[:, None],
+            other=0,
+        )
+        q = tl.interleave(b & 0xF, b >> 4).to(tl.float32)  # [BLOCK_N, GROUP]
+        s = tl.load(s_ptr + rn.to(tl.int64) * n_groups + g, mask=nmask, other=0.0)
+        m = tl.load(lo_ptr + rn.to(tl.int64) * n_groups + g, mask=nmask, other=0.0)
+        w = (q * s[:, None] + m[:, None]).to(x.dtype)
+        acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        y_ptr + rm[:, None].to(tl.int64) * n_out + rn[None, :],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=mmask[:, None] & nmask[None, :],
+    )
+
+
+def linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] (16-bit) -> [..., N] for the int4 weight ``w`` ([N, K], K a multiple of its
+    group)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, (n_out, n_in) = x2.shape[0], w.shape
+    y = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
+    groups = n_in // w.group
+    b = bias if bias is not None else y
+    if m == 1:
+        bn = 16 if n_out >= 16384 else 8
+        _gemv_kernel[(triton.cdiv(n_out, bn),)](
+            x2, w.packed, w.scale, w.low, b, y, n_out, n_in, groups,
+            HAS_BIAS=bias is not None, GROUP=w.group, BLOCK_N=bn, num_warps=4, num_stages=3,
+        )  # fmt: skip
+    else:
+        bm = 16 if m <= 16 else 64
+        grid = (triton.cdiv(m, bm), triton.cdiv(n_out, 64))
+        _gemm_kernel[grid](
+            x2, w.packed, w.scale, w.low, b, y, m, n_out, n_in, groups, x2.stride(0),
+            HAS_BIAS=bias is not None, GROUP=w.group, BLOCK_M=bm, BLOCK_N=64,
+            num_warps=4, num_stages=3,
+        )  # fmt: skip
+    return y.reshape(*shape[:-1], -1)
