@@ -1,18 +1,19 @@
 """Quantized weights on one NVIDIA GPU against bf16, every number from the same run.
 
-    python benchmarks/quantized_gpu.py [--methods fp8] [--quick] [--out DIR]
+    python benchmarks/quantized_gpu.py [--methods fp8,int4] [--quick] [--out DIR]
 
 The Llama-3-8B shape of ``benchmarks/gpu.py`` (random bf16 weights; ``--quick``: the 1B shape):
 
 (g) the linear kernels alone, one row, per 8B projection shape: microseconds and the share of
     the weight-read roofline (weight bytes over the measured copy bandwidth), bf16 against each
-    quantized format, and the fp8 GEMV's tile configurations side by side;
+    quantized format (fp8; int4 in groups of 128), and the fp8 GEMV's tile configurations
+    side by side;
 (a) batch-1 decode ms/token for bf16 and each ``--quantization`` method, each against its own
     weight roofline (fp8: one byte per projection weight; the LM head and norms stay bf16);
 (b) 64 concurrent requests, 512 in / 128 out: output tok/s and the ratio to bf16.
 
 Targets (issue: bring your own model): fp8 batch-1 >= 1.7x bf16 and >= 80% of its roofline,
-64 concurrent >= 1.2x bf16.
+int4 batch-1 >= 2.5x bf16, 64 concurrent >= 1.2x bf16.
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ from gpu import (  # noqa: E402
     run,
 )
 
-from truffula.kernels import linear_triton, quant_fp8, quant_fp8_triton  # noqa: E402
+from truffula.kernels import (  # noqa: E402
+    linear_triton,
+    quant_fp8,
+    quant_fp8_triton,
+    quant_int4,
+    quant_int4_triton,
+)
 from truffula.layers.linear import Linear  # noqa: E402
 from truffula.sampling.params import SamplingParams  # noqa: E402
 
@@ -96,6 +103,10 @@ def one_shape(n: int, k: int, bw: float) -> dict[str, Any]:
         lambda i: quant_fp8_triton.linear(x, qs[i][0], qs[i][1], qs[i][1][None], None), copies
     )
     row["fp8_roof_pct"] = 100 * (n * k / bw * 1e6) / row["fp8_chosen_us"]
+    w4s = [quant_int4.quantize(w) for w in ws]
+    row["int4_us"] = kernel_time_us(lambda i: quant_int4_triton.linear(x, w4s[i], None), copies)
+    int4_bytes = n * k / 2 + 2 * w4s[0].scale.numel() * 4
+    row["int4_roof_pct"] = 100 * (int4_bytes / bw * 1e6) / row["int4_us"]
     return row
 
 
@@ -118,6 +129,7 @@ def linear_sweep(shape: dict[str, Any], bw: float) -> dict[str, Any]:
         print(
             f"(g) {name:8s} {n}x{k}: bf16 {row['bf16_us']:.1f} us ({row['bf16_roof_pct']:.0f}% "
             f"of roofline); fp8 {row['fp8_chosen_us']:.1f} us ({row['fp8_roof_pct']:.0f}%); "
+            f"int4 {row['int4_us']:.1f} us ({row['int4_roof_pct']:.0f}%); "
             f"fp8 configs (us): {configs}",
             flush=True,
         )
@@ -140,6 +152,8 @@ def model_bytes(core: Any) -> int:
     for m in core.runner.model.modules():
         if isinstance(m, Linear) and m.qweight is not None:
             total += m.qweight.numel() * m.qweight.element_size()
+        if isinstance(m, Linear) and m.int4 is not None:  # and its group scales and minima
+            total += 2 * m.int4.scale.numel() * m.int4.scale.element_size()
     return total
 
 
@@ -170,7 +184,7 @@ def profile_steps(core: Any, prompts: list[list[int]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--methods", default="fp8", help="comma-separated --quantization methods")
+    ap.add_argument("--methods", default="fp8,int4", help="comma-separated --quantization methods")
     ap.add_argument("--quick", action="store_true", help="the 1B shape, 16 requests")
     ap.add_argument("--skip-kernels", action="store_true", help="skip (g)")
     ap.add_argument("--profile", action="store_true", help="kernel tables of decode steps")
