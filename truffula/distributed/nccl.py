@@ -11,6 +11,7 @@ collectives (statistics, gathers, broadcasts) stay on the torch process group.
 from __future__ import annotations
 
 import ctypes
+import datetime
 import glob
 import os
 from typing import Any
@@ -48,9 +49,16 @@ def _library() -> ctypes.CDLL:
 
 class NcclComm:
     """Rank ``rank`` of ``world``; rank 0 makes the unique id and shares it through ``store``
-    (torch's TCP store of the group)."""
+    (torch's TCP store of the group), once every rank has joined within ``timeout`` seconds."""
 
-    def __init__(self, rank: int, world: int, device: torch.device, store: Any) -> None:
+    def __init__(
+        self, rank: int, world: int, device: torch.device, store: Any, timeout: float
+    ) -> None:
+        # every rank reaches this point before any calls ncclCommInitRank, which waits for the
+        # others with no timeout: a rank that died on its way fails the store's wait instead
+        store.set(f"{_UID_KEY}/joined/{rank}", b"1")
+        joined = [f"{_UID_KEY}/joined/{r}" for r in range(world)]
+        store.wait(joined, datetime.timedelta(seconds=timeout))
         lib = self.lib = _library()
         lib.ncclGetErrorString.restype = ctypes.c_char_p
         lib.ncclCommInitRank.argtypes = [

@@ -115,7 +115,7 @@ def connect(rank: int, world: int, device: torch.device, store: Any) -> TensorPa
         opts = nccl.Options()
         opts._timeout = timeout
         pg: Any = nccl(store, rank, world, opts)
-        comm = NcclComm(rank, world, device, store)
+        comm = NcclComm(rank, world, device, store, timeout.total_seconds())
         return TensorParallel(rank, world, device, pg, store, comm)
     pg = dist.ProcessGroupGloo(store, rank, world, timeout)
     return TensorParallel(rank, world, device, pg, store)
