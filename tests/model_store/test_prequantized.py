@@ -21,7 +21,7 @@ import pytest
 import torch
 from helpers import hf_logsoftmax
 from modelharness import Harness
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from truffula.errors import ModelLoadError
 from truffula.models.registry import load_model
@@ -268,3 +268,51 @@ def test_an_fp8_channel_checkpoint_keeps_its_own_fp8_values(tmp_path: Path) -> N
         scales = torch.cat([stored[n + ".weight_scale"].reshape(-1) for n in names])
         assert torch.equal(layer.qweight.view(torch.uint8), want.view(torch.uint8))
         assert torch.allclose(layer.qscale, scales, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("case", ["gptq-4bit", "awq-4bit"])
+def test_a_4bit_checkpoint_keeps_its_own_grid_with_int4(case: str, tmp_path: Path) -> None:
+    """A 4-bit GPTQ or AWQ checkpoint served with ``--quantization int4``: every linear holds
+    the checkpoint's own scales (its fp16 values, not a new rounding's) and integers (its
+    weight dequantizes to exactly the dense weights transformers gets), in the checkpoint's
+    group size; the engine's outputs stay those of the dense weights."""
+    from truffula.kernels import quant_int4
+    from truffula.kernels.select import select_kernels
+    from truffula.layers.linear import quantize_linears
+
+    pack, qconfig = (_gptq_pack if case == "gptq-4bit" else _awq_pack), CASES[case][1]
+
+    def narrow(w: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        # integers in 0..7 only: no group spans the grid, so no rounding of the dense weights
+        # to a new grid of min..max could find the checkpoint's scales
+        q, z, s = _int_quantize(w, 4)
+        q, z = q // 2, z // 2
+        return pack(q, z, s, 4), _dense(q, z, s)
+
+    folder, hf = _write(tmp_path, narrow, qconfig)
+    stored: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        stored |= load_file(str(shard))
+    h = Harness(folder)
+    model = h.runner.model
+    quantize_linears(model, "int4", select_kernels(torch.device("cpu"), torch.float32))
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    hf_layer = hf.model.layers[1]  # type: ignore[attr-defined]
+    checks = {
+        attn.qkv_proj: [f"self_attn.{p}_proj" for p in "qkv"],
+        attn.o_proj: ["self_attn.o_proj"],
+        mlp.gate_up_proj: ["mlp.gate_proj", "mlp.up_proj"],
+        mlp.down_proj: ["mlp.down_proj"],
+    }
+    for layer, names in checks.items():
+        w4 = layer.int4
+        assert w4 is not None and w4.group == GROUP
+        scales = torch.cat([stored[f"model.layers.1.{n}.scales"].float().t() for n in names])
+        assert torch.equal(w4.scale, scales)
+        dense = torch.cat([hf_layer.get_submodule(n).weight for n in names])
+        assert torch.allclose(quant_int4.dequantize(w4), dense, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        want = hf_logsoftmax(hf, IDS)
+    got = h.step({"b": IDS})["b"]
+    tol = 2e-2 if quant_int4.cpu_int4pack_available() else 1e-4  # bfloat16 activations
+    assert (got - want).abs().max().item() < tol

@@ -20,6 +20,7 @@ from torch import nn
 from truffula.envs import cache_dir
 from truffula.kernels import linear_cpu, quant_fp8, quant_int4, quant_int8
 from truffula.kernels.select import Kernels, LinearFn
+from truffula.model_store.prequantized import Int4Grid
 
 log = logging.getLogger("truffula.layers")
 
@@ -42,6 +43,9 @@ class Linear(nn.Module):
         packed bytes [out, in / 2] (the whole weight in ``int4``); the dense weight is freed."""
         self.qscale: torch.Tensor | None = None
         self.int4: quant_int4.Int4Weight | None = None
+        self.int4_grids: dict[str | None, Int4Grid] = {}
+        """A 4-bit checkpoint's grids of the projections this layer holds, by shard (None: the
+        whole layer): ``quantize("int4")`` then keeps the checkpoint's integers."""
         self.linear: LinearFn = F.linear
         """The kernel applied to the dense weight (``_dense``)."""
         self.kernel: Callable[[torch.Tensor], torch.Tensor] = self._dense
@@ -66,7 +70,7 @@ class Linear(nn.Module):
         bytes, ``int4`` the whole ``Int4Weight``)."""
         dtype, device = self.weight.dtype, self.weight.device
         if method == "int4":
-            w4 = quant_int4.quantize_best(self.weight.data)
+            w4 = self._checkpoint_int4() or quant_int4.quantize_best(self.weight.data)
             assert w4 is not None  # quantize_linears skips the others
             self.kernel = kernels.int4_linear(w4, self.bias)
             self.int4 = w4
@@ -95,6 +99,24 @@ class Linear(nn.Module):
         self.packed = linear_cpu.pack(self.weight.data)
         self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
         self.kernel = functools.partial(linear_cpu.linear, packed=self.packed, bias=self.bias)
+
+    def _checkpoint_int4(self) -> quant_int4.Int4Weight | None:
+        """The weight on its checkpoint's 4-bit grid (exact: the dense weight was made from
+        it), when the grids cover every row in one group size; else None."""
+        offsets = getattr(self, "shard_offsets", None) or {None: (0, self.out_features)}
+        if set(self.int4_grids) != set(offsets):
+            return None
+        order = sorted(offsets, key=lambda s: offsets[s][0])
+        scale = torch.cat([self.int4_grids[s][0] for s in order])
+        zero = torch.cat([self.int4_grids[s][1] for s in order])
+        groups = {self.int4_grids[s][2] for s in order}
+        if len(groups) != 1 or scale.shape[0] != self.out_features:
+            return None
+        group = groups.pop()
+        s = scale.to(self.weight.device).repeat_interleave(group, dim=1)
+        z = zero.to(self.weight.device).repeat_interleave(group, dim=1)
+        q = torch.round(self.weight.data.float() / s.clamp(min=1e-30) + z).clamp(0, 15)
+        return quant_int4.from_integers(q, scale.to(s.device), zero.to(s.device), group)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x, self.weight, self.bias)

@@ -20,7 +20,9 @@ The formats, by the ``quantization_config`` of the model's ``config.json``:
   ``weight_scale_inv`` per ``weight_block_size`` block; ``W = q * s`` by block.
 
 The weights are served dequantized (in the model's dtype): the model is the quantized one, at
-full-precision cost; ``--quantization int8`` can quantize it again.
+full-precision cost; ``--quantization int8`` can quantize it again. A 4-bit GPTQ (without
+``desc_act``'s permutation) or AWQ linear also leaves its grid (``Int4Grid``: each group's scale
+and zero), so that ``--quantization int4`` keeps the checkpoint's own integers.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 """AutoAWQ's column order inside a packed word: nibble i holds column AWQ_ORDER[i]."""
 
 FORMATS = ("gptq", "awq", "compressed-tensors (float-quantized)", "fp8")
+
+Int4Grid = tuple[torch.Tensor, torch.Tensor, int]
+"""A 4-bit linear's float32 scales and zeros [out, groups] and its group size:
+``W = (q - zero) * scale`` by group of input columns."""
 
 
 class DequantizingSource:
@@ -55,6 +61,8 @@ class DequantizingSource:
         """What the loader reads: the checkpoint's names, a dense ``.weight`` for each
         quantized linear in place of its parts."""
         self.names += [m + ".weight" for m in sorted(self.quantized)]
+        self.grids: dict[str, Int4Grid] = {}
+        """Module name -> its 4-bit grid, for the 4-bit linears read so far."""
 
     def get_tensor(self, name: str) -> torch.Tensor:
         module = name.removesuffix(".weight")
@@ -65,7 +73,11 @@ class DequantizingSource:
                     raise ModelLoadError(f"{self.where}: {module + suffix} is missing")
                 parts[suffix] = self.owner[module + suffix].get_tensor(module + suffix)
             try:
-                return self.rule.dequantize(parts).float()
+                dense = self.rule.dequantize(parts).float()
+                grid = self.rule.grid(parts) if self.rule.grid is not None else None
+                if grid is not None:
+                    self.grids[module] = grid
+                return dense
             except (RuntimeError, ValueError) as exc:
                 raise ModelLoadError(f"{self.where}: cannot dequantize {module}: {exc}") from exc
         return self.owner[name].get_tensor(name)
@@ -78,6 +90,7 @@ class _Rule:
         needs: tuple[str, ...],
         parts: tuple[str, ...],
         dequantize: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        grid: Callable[[dict[str, torch.Tensor]], Int4Grid | None] | None = None,
     ) -> None:
         self.marker = marker
         """The suffix that marks a quantized linear (``.qweight``, ``.weight_scale``)."""
@@ -85,6 +98,8 @@ class _Rule:
         self.parts = parts
         """Every suffix of a quantized linear's tensors, hidden from the loader."""
         self.dequantize = dequantize
+        self.grid = grid
+        """A 4-bit linear's grid (None: the format or this linear has none)."""
 
 
 def _rule(q: Mapping[str, Any], where: str) -> _Rule:
@@ -93,13 +108,21 @@ def _rule(q: Mapping[str, Any], where: str) -> _Rule:
         bits = _bits(q, (2, 4, 8), where)
         v2 = q.get("checkpoint_format", "gptq") == "gptq_v2"
         needs: tuple[str, ...] = (".qweight", ".qzeros", ".scales", ".g_idx")
-        return _Rule(".qweight", needs, needs, lambda t: gptq_dequantize(t, bits, v2))
+        grid = (lambda t: gptq_grid(t, v2)) if bits == 4 else None
+        return _Rule(".qweight", needs, needs, lambda t: gptq_dequantize(t, bits, v2), grid)
     if method == "awq":
         bits = _bits(q, (4,), where)
         if str(q.get("version", "gemm")).lower() != "gemm":
             raise ModelLoadError(f"{where}: AWQ version {q.get('version')!r} is not read (gemm is)")
         needs = (".qweight", ".qzeros", ".scales")
-        return _Rule(".qweight", needs, needs, lambda t: awq_dequantize(t, int(q["group_size"])))
+        group = int(q["group_size"])
+        return _Rule(
+            ".qweight",
+            needs,
+            needs,
+            lambda t: awq_dequantize(t, group),
+            lambda t: awq_grid(t, group),
+        )
     if method == "compressed-tensors":
         if q.get("format") != "float-quantized":
             raise ModelLoadError(
@@ -160,14 +183,30 @@ def gptq_dequantize(t: Mapping[str, torch.Tensor], bits: int, v2: bool = False) 
     return ((q - z[g]).float() * scales[g]).t().contiguous()
 
 
+def gptq_grid(t: Mapping[str, torch.Tensor], v2: bool) -> Int4Grid | None:
+    """A 4-bit GPTQ linear's grid; None when ``g_idx`` is not consecutive groups of one size
+    (``desc_act``), which the int4 layout cannot hold."""
+    z = unpack_columns(t[".qzeros"], 4) + (0 if v2 else 1)  # [groups, out]
+    g = t[".g_idx"].long()
+    groups = z.shape[0]
+    if g.numel() % groups or not torch.equal(g, torch.arange(g.numel()) // (g.numel() // groups)):
+        return None
+    return t[".scales"].float().t().contiguous(), z.float().t().contiguous(), g.numel() // groups
+
+
+def _awq_columns(packed: torch.Tensor) -> torch.Tensor:
+    inverse = torch.argsort(torch.tensor(AWQ_ORDER))
+    v = unpack_columns(packed, 4).reshape(packed.shape[0], -1, 8)
+    return v[:, :, inverse].reshape(packed.shape[0], -1)
+
+
+def awq_grid(t: Mapping[str, torch.Tensor], group_size: int) -> Int4Grid:
+    z = _awq_columns(t[".qzeros"]).float()
+    return t[".scales"].float().t().contiguous(), z.t().contiguous(), group_size
+
+
 def awq_dequantize(t: Mapping[str, torch.Tensor], group_size: int) -> torch.Tensor:
-    order = torch.tensor(AWQ_ORDER)
-    inverse = torch.argsort(order)
-
-    def columns(packed: torch.Tensor) -> torch.Tensor:
-        v = unpack_columns(packed, 4).reshape(packed.shape[0], -1, 8)
-        return v[:, :, inverse].reshape(packed.shape[0], -1)
-
+    columns = _awq_columns
     q, z, scales = columns(t[".qweight"]), columns(t[".qzeros"]), t[".scales"].float()
     g = torch.arange(q.shape[0]) // group_size
     if z.shape != scales.shape or q.shape[1] != scales.shape[1] or g[-1] >= z.shape[0]:

@@ -17,8 +17,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from truffula.errors import ModelLoadError
+from truffula.layers.linear import Linear
 from truffula.layers.parallel_linear import Group
-from truffula.model_store.prequantized import DequantizingSource
+from truffula.model_store.prequantized import DequantizingSource, Int4Grid
 from truffula.models.common import CausalLM
 from truffula.models.sharding import shard_model
 
@@ -46,7 +47,7 @@ def build_and_load(
     if random_weights:
         fill_random(model)
     else:
-        load_weights(model, folder, weights, quantization_config(config))
+        load_weights(model, folder, weights, quantization_config(config), shard is None)
     model.eval()
     return model
 
@@ -92,9 +93,12 @@ def load_weights(
     folder: Path,
     weights: Mapping[str, torch.Tensor] | None = None,
     qconfig: Mapping[str, Any] | None = None,
+    keep_grids: bool = True,
 ) -> None:
     """Load from the folder's safetensors files, or from ``weights`` (a HF-named state dict);
-    a pre-quantized checkpoint (``qconfig``) is read dequantized (``model_store.prequantized``)."""
+    a pre-quantized checkpoint (``qconfig``) is read dequantized (``model_store.prequantized``),
+    its 4-bit grids kept on the linears unless ``keep_grids`` is False (a tensor-parallel
+    shard, whose slices the grids do not follow)."""
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     if weights is not None:
@@ -107,7 +111,7 @@ def load_weights(
     if not files:
         raise ModelLoadError(f"no *.safetensors weights in {folder}")
     if qconfig:
-        _load_prequantized(model, params, files, qconfig, folder, loaded)
+        _load_prequantized(model, params, files, qconfig, folder, loaded, keep_grids)
         return
     for file in files:
         try:
@@ -128,6 +132,7 @@ def _load_prequantized(
     qconfig: Mapping[str, Any],
     folder: Path,
     loaded: set[str],
+    keep_grids: bool,
 ) -> None:
     with contextlib.ExitStack() as stack:
         try:
@@ -142,6 +147,21 @@ def _load_prequantized(
         for name in source.names:
             _load_one(model, params, name, source, loaded)
     _check_complete(params, loaded, folder)
+    if keep_grids:
+        _attach_grids(model, source.grids)
+
+
+def _attach_grids(model: CausalLM, grids: Mapping[str, Int4Grid]) -> None:
+    """Give each linear the 4-bit grids of the checkpoint projections it holds (by shard), for
+    ``--quantization int4`` to keep the checkpoint's integers (``Linear.quantize``)."""
+    for module, grid in grids.items():
+        mapped = model.checkpoint_name(module + ".weight")
+        if mapped is None:
+            continue
+        target, shard = mapped
+        owner = model.get_submodule(target.removesuffix(".weight"))
+        if isinstance(owner, Linear):
+            owner.int4_grids[shard] = grid
 
 
 def _check_complete(params: dict[str, torch.nn.Parameter], loaded: set[str], folder: Path) -> None:
