@@ -83,6 +83,8 @@ class ModelRunner:
         self.kernels = select_kernels(device, dtype)  # the one the model was loaded with
         if config.model.quantization:  # before packing: quantized linears are not packed
             quantize_linears(self.model, config.model.quantization, self.kernels)
+        for m in self.model.linear_modules():
+            m.int4_grids.clear()  # a 4-bit checkpoint's grids: used by int4 or not at all
         self.packed_linears = device.type == "cpu" and bool(
             pack_cpu_linears(self.model.linear_modules(), config.model.linear_kernel, dtype)
         )
