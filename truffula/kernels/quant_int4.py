@@ -83,12 +83,19 @@ def quantize_best(weight: torch.Tensor) -> Int4Weight | None:
     group = group_for(weight.shape[1])
     if group is None:
         return None
-    if group != 32 and weight.shape[1] % 32 == 0:
+    if group != 32 and weight.shape[1] % 32 == 0 and _exact_in_32(weight[:8]):
         fine = quantize(weight, 32)
-        step = fine.scale.repeat_interleave(32, dim=1)
-        if ((dequantize(fine) - weight.float()).abs() <= step * 1e-3).all():
+        if _exact_in_32(weight, fine):
             return fine
     return quantize(weight, group)
+
+
+def _exact_in_32(weight: torch.Tensor, fine: Int4Weight | None = None) -> bool:
+    """Whether groups of 32 hold ``weight`` to a thousandth of their step (``fine``: its
+    quantization in groups of 32, made here if not given)."""
+    fine = fine if fine is not None else quantize(weight, 32)
+    step = fine.scale.repeat_interleave(32, dim=1)
+    return bool(((dequantize(fine) - weight.float()).abs() <= step * 1e-3).all())
 
 
 def dequantize(w: Int4Weight) -> torch.Tensor:
