@@ -24,6 +24,7 @@ class Harness:
         num_blocks: int = 64,
         pack: bool = False,
         dtype: torch.dtype = torch.float32,
+        quantization: str | None = None,
     ):
         # the longest sequence the cache holds (a cache shorter than the model's context is an
         # error unless the maximum length is capped too)
@@ -32,6 +33,7 @@ class Harness:
             block_size=block_size,
             num_blocks=num_blocks,
             linear_kernel="packed" if pack else "torch",
+            quantization=quantization,
         )
         self.runner = ModelRunner(loaded, cfg, torch.device("cpu"), dtype)
         self.pool = BlockPool(self.runner.num_blocks)

@@ -277,8 +277,6 @@ def test_a_4bit_checkpoint_keeps_its_own_grid_with_int4(case: str, tmp_path: Pat
     weight dequantizes to exactly the dense weights transformers gets), in the checkpoint's
     group size; the engine's outputs stay those of the dense weights."""
     from truffula.kernels import quant_int4
-    from truffula.kernels.select import select_kernels
-    from truffula.layers.linear import quantize_linears
 
     pack, qconfig = (_gptq_pack if case == "gptq-4bit" else _awq_pack), CASES[case][1]
 
@@ -293,9 +291,8 @@ def test_a_4bit_checkpoint_keeps_its_own_grid_with_int4(case: str, tmp_path: Pat
     stored: dict[str, torch.Tensor] = {}
     for shard in sorted(folder.glob("*.safetensors")):
         stored |= load_file(str(shard))
-    h = Harness(folder)
+    h = Harness(folder, quantization="int4")  # the runner quantizes, then drops the grids
     model = h.runner.model
-    quantize_linears(model, "int4", select_kernels(torch.device("cpu"), torch.float32))
     attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
     hf_layer = hf.model.layers[1]  # type: ignore[attr-defined]
     checks = {
@@ -306,7 +303,7 @@ def test_a_4bit_checkpoint_keeps_its_own_grid_with_int4(case: str, tmp_path: Pat
     }
     for layer, names in checks.items():
         w4 = layer.int4
-        assert w4 is not None and w4.group == GROUP
+        assert w4 is not None and w4.group == GROUP and not layer.int4_grids
         scales = torch.cat([stored[f"model.layers.1.{n}.scales"].float().t() for n in names])
         assert torch.equal(w4.scale, scales)
         dense = torch.cat([hf_layer.get_submodule(n).weight for n in names])
