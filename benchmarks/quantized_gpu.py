@@ -55,6 +55,8 @@ from truffula.sampling.params import SamplingParams  # noqa: E402
 
 FP8_CANDIDATES = [(16, 512, 4, 3), (8, 1024, 8, 4), (4, 2048, 4, 4)]
 """fp8 GEMV tiles timed beside the 16-bit ones (twice the columns: as many bytes a step)."""
+INT4_CANDIDATES = [(8, 1, 4, 3), (8, 4, 4, 3), (16, 2, 4, 3), (16, 4, 8, 4), (32, 4, 8, 4)]
+"""int4 GEMV tiles (rows, groups of 128 a step, warps, stages) timed beside the chosen one."""
 
 
 def kernel_time_us(fn: Any, copies: int, iters: int = 48) -> float:
@@ -104,6 +106,10 @@ def one_shape(n: int, k: int, bw: float) -> dict[str, Any]:
     )
     row["fp8_roof_pct"] = 100 * (n * k / bw * 1e6) / row["fp8_chosen_us"]
     w4s = [quant_int4.quantize(w) for w in ws]
+    for cfg in INT4_CANDIDATES:
+        row[f"int4_{'x'.join(map(str, cfg))}_us"] = kernel_time_us(
+            lambda i, c=cfg: quant_int4_triton.linear(x, w4s[i], None, c), copies
+        )
     row["int4_us"] = kernel_time_us(lambda i: quant_int4_triton.linear(x, w4s[i], None), copies)
     int4_bytes = n * k / 2 + 2 * w4s[0].scale.numel() * 4
     row["int4_roof_pct"] = 100 * (int4_bytes / bw * 1e6) / row["int4_us"]
@@ -125,12 +131,12 @@ def linear_sweep(shape: dict[str, Any], bw: float) -> dict[str, Any]:
     for name, (n, k) in shapes.items():
         row = one_shape(n, k, bw)
         out[f"{name} {n}x{k}"] = row
-        configs = ", ".join(f"{c[4:-3]} {v:.1f}" for c, v in row.items() if c.count("x") >= 3)
+        configs = ", ".join(f"{c[:-3]} {v:.1f}" for c, v in row.items() if c.count("x") >= 3)
         print(
             f"(g) {name:8s} {n}x{k}: bf16 {row['bf16_us']:.1f} us ({row['bf16_roof_pct']:.0f}% "
             f"of roofline); fp8 {row['fp8_chosen_us']:.1f} us ({row['fp8_roof_pct']:.0f}%); "
             f"int4 {row['int4_us']:.1f} us ({row['int4_roof_pct']:.0f}%); "
-            f"fp8 configs (us): {configs}",
+            f"tiles (us): {configs}",
             flush=True,
         )
     return out

@@ -81,7 +81,13 @@ def test_cpu_int4pack_against_reference(rows: int) -> None:
 @pytest.mark.skipif(not TRITON, reason="needs CUDA (or TRITON_INTERPRET=1) and triton")
 @pytest.mark.parametrize(
     ("rows", "n_out", "n_in", "bias"),
-    [(1, 44, 256, False), (1, 72, 384, True), (3, 40, 256, True), (20, 72, 128, False)],
+    [
+        (1, 44, 256, False),  # 2 groups a step
+        (1, 72, 384, True),  # 1
+        (1, 40, 512, True),  # 4
+        (3, 40, 256, True),  # the GEMM
+        (20, 72, 128, False),
+    ],
 )
 def test_triton_int4_linear(rows: int, n_out: int, n_in: int, bias: bool) -> None:
     from truffula.kernels import quant_int4_triton
@@ -95,3 +101,24 @@ def test_triton_int4_linear(rows: int, n_out: int, n_in: int, bias: bool) -> Non
     assert got.shape == (rows, n_out) and got.dtype == dtype
     want = q4.reference(x.cpu(), iw, None if b is None else b.cpu())
     assert rel(got.cpu(), want) < (1e-5 if INTERPRET else 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not TRITON, reason="needs CUDA (or TRITON_INTERPRET=1) and triton")
+def test_triton_int4_gemv_tiles() -> None:
+    """Every tile shape the benchmark tries gives the same result; a step of groups that does
+    not divide the row is refused."""
+    from truffula.kernels import quant_int4_triton
+
+    iw = q4.quantize(weight(48, 512, seed=9))
+    dev = q4.Int4Weight(iw.packed.to(DEV), iw.scale.to(DEV), iw.low.to(DEV), iw.group)
+    dtype = torch.float32 if INTERPRET else torch.bfloat16
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(5)).to(dtype).to(DEV)
+    want = q4.reference(x.cpu(), iw, None)
+    for config in [(8, 1, 4, 3), (16, 2, 4, 3), (32, 4, 8, 4)]:
+        got = quant_int4_triton.linear(x, dev, None, config)
+        assert rel(got.cpu(), want) < (1e-5 if INTERPRET else 1e-2), config
+    iw3 = q4.quantize(weight(48, 384))
+    dev3 = q4.Int4Weight(iw3.packed.to(DEV), iw3.scale.to(DEV), iw3.low.to(DEV), iw3.group)
+    with pytest.raises(ValueError, match="2 groups a step do not divide"):
+        quant_int4_triton.linear(x[:, :384], dev3, None, (8, 2, 4, 3))

@@ -1,8 +1,8 @@
 """int4 linears on CUDA (layout and reference: ``kernels.quant_int4``).
 
-One row (batch-1 decode): a GEMV that streams the packed bytes, each tile one group of ``GROUP``
-columns of ``BLOCK_N`` rows: the low and high nibbles multiply the even and odd entries of x,
-and the group's scale and minimum apply to the tile's two sums
+One row (batch-1 decode): a GEMV that streams the packed bytes, each tile ``TILE_GROUPS``
+groups of ``GROUP`` columns of ``BLOCK_N`` rows: the low and high nibbles multiply the even and
+odd entries of x, and each group's scale and minimum apply to its two sums
 (``scale * sum(q * x) + low * sum(x)``), so no weight is dequantized element by element. More
 rows: a GEMM whose weight tiles are unpacked and dequantized to x's dtype in registers before
 ``tl.dot``, one group per K step.
@@ -30,27 +30,42 @@ def _gemv_kernel(
     n_groups,
     HAS_BIAS: tl.constexpr,
     GROUP: tl.constexpr,
+    TILE_GROUPS: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < n_out
-    half = tl.arange(0, GROUP // 2)
+    half = tl.arange(0, TILE_GROUPS * GROUP // 2)
     rows = p_ptr + n[:, None].to(tl.int64) * (n_in // 2)
+    grid_rows = n[:, None].to(tl.int64) * n_groups
     acc = tl.zeros([BLOCK_N], tl.float32)
-    for g in range(0, n_groups):
-        k0 = g * GROUP
+    for t in range(0, n_groups // TILE_GROUPS):
+        k0 = t * TILE_GROUPS * GROUP
         xe = tl.load(x_ptr + k0 + 2 * half).to(tl.float32)
         xo = tl.load(x_ptr + k0 + 2 * half + 1).to(tl.float32)
         b = tl.load(rows + (k0 // 2 + half)[None, :], mask=nmask[:, None], other=0)
-        lo = (b & 0xF).to(tl.float32)
-        hi = (b >> 4).to(tl.float32)
-        dot = tl.sum(lo * xe[None, :] + hi * xo[None, :], axis=1)
-        s = tl.load(s_ptr + n.to(tl.int64) * n_groups + g, mask=nmask, other=0.0)
-        m = tl.load(lo_ptr + n.to(tl.int64) * n_groups + g, mask=nmask, other=0.0)
-        acc += s * dot + m * (tl.sum(xe, axis=0) + tl.sum(xo, axis=0))
+        prod = (b & 0xF).to(tl.float32) * xe[None, :] + (b >> 4).to(tl.float32) * xo[None, :]
+        dots = tl.sum(tl.reshape(prod, [BLOCK_N, TILE_GROUPS, GROUP // 2]), axis=2)
+        xs = tl.sum(tl.reshape(xe + xo, [TILE_GROUPS, GROUP // 2]), axis=1)
+        g = t * TILE_GROUPS + tl.arange(0, TILE_GROUPS)
+        s = tl.load(s_ptr + grid_rows + g[None, :], mask=nmask[:, None], other=0.0)
+        m = tl.load(lo_ptr + grid_rows + g[None, :], mask=nmask[:, None], other=0.0)
+        acc += tl.sum(s * dots + m * xs[None, :], axis=1)
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
     tl.store(y_ptr + n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+GemvConfig = tuple[int, int, int, int]
+"""(BLOCK_N, TILE_GROUPS, num_warps, num_stages): rows a program owns, groups a K step reads."""
+
+
+def gemv_config(n_out: int, n_groups: int) -> GemvConfig:
+    """A first choice, not yet measured on a GPU (``benchmarks/quantized_gpu.py`` times the
+    candidates): 16 rows for the widest projections, else 8; as many groups a step as divide
+    the row (up to 4, 256 bytes of each row at group 128)."""
+    tile = next(t for t in (4, 2, 1) if n_groups % t == 0)
+    return (16 if n_out >= 16384 else 8), tile, 4, 3
 
 
 @triton.jit
@@ -103,9 +118,14 @@ def _gemm_kernel(
     )
 
 
-def linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor,
+    w: Int4Weight,
+    bias: torch.Tensor | None,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
     """x [..., K] (16-bit) -> [..., N] for the int4 weight ``w`` ([N, K], K a multiple of its
-    group)."""
+    group); ``config``: the GEMV's tiles for one row (``gemv_config`` by default)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
@@ -115,10 +135,13 @@ def linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None) -> torch.T
     groups = n_in // w.group
     b = bias if bias is not None else y
     if m == 1:
-        bn = 16 if n_out >= 16384 else 8
+        bn, tile, warps, stages = config or gemv_config(n_out, groups)
+        if groups % tile:
+            raise ValueError(f"{tile} groups a step do not divide the row's {groups} groups")
         _gemv_kernel[(triton.cdiv(n_out, bn),)](
             x2, w.packed, w.scale, w.low, b, y, n_out, n_in, groups,
-            HAS_BIAS=bias is not None, GROUP=w.group, BLOCK_N=bn, num_warps=4, num_stages=3,
+            HAS_BIAS=bias is not None, GROUP=w.group, TILE_GROUPS=tile, BLOCK_N=bn,
+            num_warps=warps, num_stages=stages,
         )  # fmt: skip
     else:
         bm = 16 if m <= 16 else 64
