@@ -55,3 +55,30 @@ def test_bad_load_format_names_the_field() -> None:
 
     with pytest.raises(ValueError, match="load_format must be auto or dummy"):
         EngineConfig.from_kwargs(load_format="npz")
+
+
+@pytest.mark.slow  # spawns a tensor-parallel rank
+def test_dummy_weights_under_tensor_parallelism(shape_only: Path) -> None:
+    """Each rank fills its own shard: a 2-rank engine serves the shape with no weights file,
+    its logprobs and prompt logprobs finite."""
+    from distributed.tiny import engine
+
+    from truffula.sampling.params import SamplingParams
+
+    llm = engine(shape_only, 2, load_format="dummy")
+    try:
+        params = SamplingParams(
+            max_new_tokens=3,
+            temperature=0,
+            ignore_eos=True,
+            return_k_alternatives=2,
+            prompt_k_alternatives=2,
+        )
+        out = llm.generate(["the quick brown"], params)[0]
+    finally:
+        llm.close()
+    assert len(out.token_ids) == 3
+    assert all(t.logprob is not None and math.isfinite(t.logprob) for t in out.tokens)
+    assert out.prompt_tokens and all(
+        p.logprob is None or math.isfinite(p.logprob) for p in out.prompt_tokens
+    )
