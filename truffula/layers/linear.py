@@ -102,7 +102,8 @@ class Linear(nn.Module):
 
     def _checkpoint_int4(self) -> quant_int4.Int4Weight | None:
         """The weight on its checkpoint's 4-bit grid (exact: the dense weight was made from
-        it), when the grids cover every row in one group size; else None."""
+        it), when the grids cover every row in one group size of ``quant_int4.GROUPS``; else
+        None (``quantize_best`` then rounds it anew)."""
         offsets = getattr(self, "shard_offsets", None) or {None: (0, self.out_features)}
         if set(self.int4_grids) != set(offsets):
             return None
@@ -111,6 +112,8 @@ class Linear(nn.Module):
         zero = torch.cat([self.int4_grids[s][1] for s in order])
         groups = {self.int4_grids[s][2] for s in order}
         if len(groups) != 1 or scale.shape[0] != self.out_features:
+            return None
+        if groups & set(quant_int4.GROUPS) != groups:  # the sizes the int4 kernels take
             return None
         group = groups.pop()
         s = scale.to(self.weight.device).repeat_interleave(group, dim=1)
