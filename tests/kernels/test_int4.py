@@ -55,6 +55,12 @@ def test_group_choice() -> None:
     assert torch.allclose(q4.dequantize(chosen), blocky, atol=1e-6)
     assert q4.quantize_best(weight(16, 192)).group == 64  # type: ignore[union-attr]
     assert q4.quantize_best(weight(16, 100)) is None
+    # the same 4-bit values rounded to bfloat16 (a model loaded in 16 bits): still groups of
+    # 32, within that rounding; plain bfloat16 weights are not taken for 4-bit ones
+    chosen16 = q4.quantize_best(blocky.to(torch.bfloat16))
+    assert chosen16 is not None and chosen16.group == 32
+    assert (q4.dequantize(chosen16) - blocky).abs().max() <= blocky.abs().max() * 2**-7
+    assert q4.quantize_best(w.to(torch.bfloat16)).group == 128  # type: ignore[union-attr]
 
 
 def test_from_integers_is_the_checkpoint_formula() -> None:

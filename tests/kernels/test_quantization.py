@@ -24,6 +24,13 @@ from truffula.layers.linear import Linear, quantize_linears
 
 CPU = select_kernels(torch.device("cpu"), torch.float32)
 MODULES = {"int8": quant_int8, "fp8": quant_fp8}
+TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes "
+    "Gutenberg combined movable metal type, oil-based ink and a screw press. Within fifty "
+    "years printers worked in more than two hundred European cities, and the price of books "
+    "fell sharply. Scholars could compare identical copies of a text for the first time, "
+    "which changed how knowledge was checked, corrected and shared across borders."
+)
 
 
 def round_trip(method: str, w: torch.Tensor) -> torch.Tensor:
@@ -102,14 +109,7 @@ def test_linear_layer_keeps_its_quantized_weight_and_skips_packing(method: str) 
 def test_default_model_quantized_agrees_with_fp32(model_dir: Path, method: str) -> None:
     from transformers import AutoTokenizer
 
-    text = (
-        "The history of the printing press begins in the fifteenth century, when Johannes "
-        "Gutenberg combined movable metal type, oil-based ink and a screw press. Within fifty "
-        "years printers worked in more than two hundred European cities, and the price of books "
-        "fell sharply. Scholars could compare identical copies of a text for the first time, "
-        "which changed how knowledge was checked, corrected and shared across borders."
-    )
-    ids = AutoTokenizer.from_pretrained(model_dir)(text).input_ids
+    ids = AutoTokenizer.from_pretrained(model_dir)(TEXT).input_ids
     ref = Harness(model_dir, block_size=16, num_blocks=16).step({"a": ids})["a"]
     h = Harness(model_dir, block_size=16, num_blocks=16)
     assert quantize_linears(h.runner.model, method, CPU) == 30 * 4  # qkv, o, gate_up, down
@@ -125,6 +125,27 @@ def test_default_model_quantized_agrees_with_fp32(model_dir: Path, method: str) 
     floor = {"int8": (0.95, 0.2), "fp8": (0.9, 0.4), "int4": (0.97, 0.05)}[method]
     assert agree >= floor[0]
     assert 0 < dlp < floor[1]
+
+
+def test_default_model_int4_in_bfloat16_keeps_its_blocks(model_dir: Path) -> None:
+    """Loaded in bfloat16, the default model's Q4_1 values are still recognised as 4-bit
+    groups of 32: int4 then agrees with fp32 as well as the bfloat16 model does, not as a
+    re-rounding to coarser groups would (65% top-1 in the fp32 test's measurement)."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(model_dir)(TEXT).input_ids
+    ref = Harness(model_dir, block_size=16, num_blocks=16).step({"a": ids})["a"]
+    bf16 = Harness(model_dir, block_size=16, num_blocks=16, dtype=torch.bfloat16)
+    h = Harness(model_dir, block_size=16, num_blocks=16, dtype=torch.bfloat16, quantization="int4")
+    assert {m.int4.group for m in h.runner.model.modules() if getattr(m, "int4", None)} == {32}
+
+    def top1(h: Harness) -> float:
+        got = h.step({"a": ids})["a"].float()
+        return (got[:-1].argmax(-1) == ref[:-1].argmax(-1)).float().mean().item()
+
+    plain, int4 = top1(bf16), top1(h)
+    print(f"top-1 against fp32 over {len(ids)} tokens: bf16 {plain:.3f}, bf16 + int4 {int4:.3f}")
+    assert int4 >= plain - 0.05
 
 
 @pytest.mark.parametrize("method", ["int8", "fp8", "int4"])

@@ -78,7 +78,8 @@ def from_integers(
 def quantize_best(weight: torch.Tensor) -> Int4Weight | None:
     """``quantize`` with the largest group of ``GROUPS`` that divides the input width, unless
     groups of 32 hold the weight exactly (weights dequantized from 4-bit 32-blocks, as
-    llama.cpp's Q4_0 and Q4_1 and the default model's GGUF): then those, losing nothing.
+    llama.cpp's Q4_0 and Q4_1 and the default model's GGUF, also once rounded to 16 bits):
+    then those, losing nothing but that rounding.
     None: no group divides the width."""
     group = group_for(weight.shape[1])
     if group is None:
@@ -91,11 +92,15 @@ def quantize_best(weight: torch.Tensor) -> Int4Weight | None:
 
 
 def _exact_in_32(weight: torch.Tensor, fine: Int4Weight | None = None) -> bool:
-    """Whether groups of 32 hold ``weight`` to a thousandth of their step (``fine``: its
-    quantization in groups of 32, made here if not given)."""
+    """Whether groups of 32 hold ``weight`` up to its own dtype's rounding (a 16-bit copy of
+    4-bit values, the group's extremes too, is off by up to half a unit in the last place of
+    the group's largest value) and a thousandth of their step (``fine``: its quantization in
+    groups of 32, made here if not given)."""
     fine = fine if fine is not None else quantize(weight, 32)
-    step = fine.scale.repeat_interleave(32, dim=1)
-    return bool(((dequantize(fine) - weight.float()).abs() <= step * 1e-3).all())
+    absmax = torch.maximum(fine.low.abs(), (fine.low + 15 * fine.scale).abs())
+    tol = fine.scale * 1e-3 + absmax * torch.finfo(weight.dtype).eps  # [out, groups]
+    err = (dequantize(fine) - weight.float()).abs().reshape(*fine.scale.shape, 32)
+    return bool((err <= tol[..., None]).all())
 
 
 def dequantize(w: Int4Weight) -> torch.Tensor:

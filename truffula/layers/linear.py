@@ -162,6 +162,9 @@ def quantize_linears(
             f"--quantization {method}: the model has no native linear layers to quantize "
             "(models served through transformers are not quantized)"
         )
+    groups = sorted({m.int4.group for m in model.modules() if isinstance(m, Linear) and m.int4})
+    detail = f" in groups of {'/'.join(map(str, groups))} input columns" if groups else ""
+    log.info("--quantization %s: %d linear layers quantized%s", method, count, detail)
     return count
 
 
