@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from distributed.tiny import PROMPTS, assert_same, engine, greedy, make_adapter, make_model
+from distributed.tiny import (
+    PROMPTS,
+    assert_same,
+    engine,
+    greedy,
+    make_adapter,
+    make_model,
+    seeded,
+)
 from truffula.sampling.params import SamplingParams
 
 
@@ -51,15 +59,7 @@ def test_mixed_batch_adapter_seeded_and_raw(pair) -> None:  # type: ignore[no-un
     params = [
         greedy(),
         greedy(adapter_id="a1"),
-        SamplingParams(
-            max_new_tokens=6,
-            temperature=0.9,
-            top_p=0.95,
-            seed=7,
-            ignore_eos=True,
-            return_k_alternatives=3,
-            adapter_id="a1",
-        ),
+        seeded(adapter_id="a1"),
         SamplingParams(
             max_new_tokens=6,
             temperature=0.7,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed.tiny import PROMPTS, assert_same, greedy, make_adapter, make_model
+from distributed.tiny import PROMPTS, assert_same, engine, greedy, make_adapter, make_model, seeded
 from truffula.sampling.params import SamplingParams
 
 pytestmark = pytest.mark.skipif(
@@ -20,19 +20,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def cuda_engine(folder: Path, tp: int, **options: object):  # type: ignore[no-untyped-def]
-    from truffula.engine.llm import LLM
-
-    return LLM(
-        str(folder),
-        progress=False,
-        device="cuda",
-        dtype="float32",
-        tensor_parallel_size=tp,
-        num_blocks=64,
-        block_size=16,
-        max_num_seqs=8,
-        adapter_root=str(folder / "adapters"),
-        **options,
+    return engine(
+        folder, tp, device="cuda", dtype="float32", block_size=16, max_num_seqs=8, **options
     )
 
 
@@ -44,19 +33,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def requests() -> tuple[list[str], list[SamplingParams]]:
-    params = [
-        greedy(),
-        greedy(adapter_id="a1"),
-        SamplingParams(
-            max_new_tokens=6,
-            temperature=0.9,
-            top_p=0.95,
-            seed=7,
-            ignore_eos=True,
-            return_k_alternatives=3,
-            adapter_id="a1",
-        ),
-    ]
+    params = [greedy(), greedy(adapter_id="a1"), seeded(adapter_id="a1")]
     return [PROMPTS[0], PROMPTS[1], PROMPTS[2]], params
 
 

@@ -106,10 +106,10 @@ def make_adapter(model: Path, out: Path, rank: int = 4, mlp: bool = True, seed: 
 
 
 def engine(folder: Path, tp: int, **options: object):  # type: ignore[no-untyped-def]
+    """An engine of ``tp`` ranks on the CPU; ``options`` add to or replace these settings."""
     from truffula.engine.llm import LLM
 
-    return LLM(
-        str(folder),
+    settings: dict[str, object] = dict(
         progress=False,
         device="cpu",
         tensor_parallel_size=tp,
@@ -117,8 +117,8 @@ def engine(folder: Path, tp: int, **options: object):  # type: ignore[no-untyped
         block_size=8,
         adapter_root=str(folder / "adapters"),
         linear_kernel="torch",
-        **options,
     )
+    return LLM(str(folder), **(settings | options))  # type: ignore[arg-type]
 
 
 def greedy(**extra: object) -> SamplingParams:
@@ -128,6 +128,19 @@ def greedy(**extra: object) -> SamplingParams:
         ignore_eos=True,
         return_k_alternatives=4,
         prompt_k_alternatives=3,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def seeded(**extra: object) -> SamplingParams:
+    """A seeded sampled request (temperature and top-p) with 3 alternatives."""
+    return SamplingParams(
+        max_new_tokens=6,
+        temperature=0.9,
+        top_p=0.95,
+        seed=7,
+        ignore_eos=True,
+        return_k_alternatives=3,
         **extra,  # type: ignore[arg-type]
     )
 

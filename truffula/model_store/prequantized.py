@@ -206,8 +206,8 @@ def awq_grid(t: Mapping[str, torch.Tensor], group_size: int) -> Int4Grid:
 
 
 def awq_dequantize(t: Mapping[str, torch.Tensor], group_size: int) -> torch.Tensor:
-    columns = _awq_columns
-    q, z, scales = columns(t[".qweight"]), columns(t[".qzeros"]), t[".scales"].float()
+    q, z = _awq_columns(t[".qweight"]), _awq_columns(t[".qzeros"])
+    scales = t[".scales"].float()
     g = torch.arange(q.shape[0]) // group_size
     if z.shape != scales.shape or q.shape[1] != scales.shape[1] or g[-1] >= z.shape[0]:
         raise ValueError(
