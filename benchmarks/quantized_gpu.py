@@ -113,6 +113,11 @@ def one_shape(n: int, k: int, bw: float) -> dict[str, Any]:
     row["int4_us"] = kernel_time_us(lambda i: quant_int4_triton.linear(x, w4s[i], None), copies)
     int4_bytes = n * k / 2 + 2 * w4s[0].scale.numel() * 4
     row["int4_roof_pct"] = 100 * (int4_bytes / bw * 1e6) / row["int4_us"]
+    x64 = torch.randn(64, k, device="cuda", dtype=torch.bfloat16)
+    row["rows64_bf16_us"] = kernel_time_us(lambda i: torch.nn.functional.linear(x64, ws[i]), copies)
+    row["rows64_int4_us"] = kernel_time_us(
+        lambda i: quant_int4_triton.linear(x64, w4s[i], None), copies
+    )
     return row
 
 
@@ -135,7 +140,8 @@ def linear_sweep(shape: dict[str, Any], bw: float) -> dict[str, Any]:
         print(
             f"(g) {name:8s} {n}x{k}: bf16 {row['bf16_us']:.1f} us ({row['bf16_roof_pct']:.0f}% "
             f"of roofline); fp8 {row['fp8_chosen_us']:.1f} us ({row['fp8_roof_pct']:.0f}%); "
-            f"int4 {row['int4_us']:.1f} us ({row['int4_roof_pct']:.0f}%); "
+            f"int4 {row['int4_us']:.1f} us ({row['int4_roof_pct']:.0f}%); 64 rows: bf16 "
+            f"{row['rows64_bf16_us']:.1f}, int4 {row['rows64_int4_us']:.1f} us; "
             f"tiles (us): {configs}",
             flush=True,
         )

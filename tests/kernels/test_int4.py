@@ -86,19 +86,22 @@ def test_cpu_int4pack_against_reference(rows: int) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not TRITON, reason="needs CUDA (or TRITON_INTERPRET=1) and triton")
 @pytest.mark.parametrize(
-    ("rows", "n_out", "n_in", "bias"),
+    ("rows", "n_out", "n_in", "bias", "group"),
     [
-        (1, 44, 256, False),  # 2 groups a step
-        (1, 72, 384, True),  # 1
-        (1, 40, 512, True),  # 4
-        (3, 40, 256, True),  # the GEMM
-        (20, 72, 128, False),
+        (1, 44, 256, False, 128),  # 2 groups a step
+        (1, 72, 384, True, 128),  # 1
+        (1, 40, 512, True, 128),  # 4
+        (1, 40, 576, False, 32),  # the default model's width and groups
+        (3, 40, 256, True, 128),  # the GEMM
+        (20, 72, 128, False, 128),
+        (5, 40, 576, True, 32),
+        (33, 24, 320, False, 64),
     ],
 )
-def test_triton_int4_linear(rows: int, n_out: int, n_in: int, bias: bool) -> None:
+def test_triton_int4_linear(rows: int, n_out: int, n_in: int, bias: bool, group: int) -> None:
     from truffula.kernels import quant_int4_triton
 
-    iw = q4.quantize(weight(n_out, n_in, seed=rows))
+    iw = q4.quantize(weight(n_out, n_in, seed=rows), group)
     dev = q4.Int4Weight(iw.packed.to(DEV), iw.scale.to(DEV), iw.low.to(DEV), iw.group)
     dtype = torch.float32 if INTERPRET else torch.bfloat16
     x = torch.randn(rows, n_in, generator=torch.Generator().manual_seed(4)).to(dtype).to(DEV)

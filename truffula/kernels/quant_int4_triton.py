@@ -108,7 +108,7 @@ def _gemm_kernel(
         s = tl.load(s_ptr + rn.to(tl.int64) * n_groups + g, mask=nmask, other=0.0)
         m = tl.load(lo_ptr + rn.to(tl.int64) * n_groups + g, mask=nmask, other=0.0)
         w = (q * s[:, None] + m[:, None]).to(x.dtype)
-        acc = tl.dot(x, tl.trans(w), acc)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     tl.store(
