@@ -19,15 +19,25 @@ class RMSNorm(nn.Module):
         self.offset = offset
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.kernel: RMSNormFn = norm_torch.add_rms_norm
+        self.scale: torch.Tensor | None = None
 
     def use_kernels(self, kernels: Kernels) -> None:
+        """Bound after the weights load: the torch kernel gets ``(w + offset)`` in float32
+        made once here, not per call (the same values; on a CPU a decode step runs two norms
+        a layer, each conversion a few µs)."""
         self.kernel = kernels.rms_norm
+        self.scale = None
+        if self.kernel is norm_torch.add_rms_norm and self.weight.device.type != "meta":
+            self.scale = self.weight.detach().float() + self.offset
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without ``residual``: norm(x). With it: (norm(x + residual), x + residual)."""
-        y, res = self.kernel(x, residual, self.weight, self.eps, self.offset)
+        if self.scale is not None:
+            y, res = self.kernel(x, residual, self.scale, self.eps, 0.0)
+        else:
+            y, res = self.kernel(x, residual, self.weight, self.eps, self.offset)
         return y if res is None else (y, res)
 
 
