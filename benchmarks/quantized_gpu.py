@@ -7,7 +7,7 @@ The Llama-3-8B shape of ``benchmarks/gpu.py`` (random bf16 weights; ``--quick``:
 (g) the linear kernels alone, one row, per 8B projection shape: microseconds and the share of
     the weight-read roofline (weight bytes over the measured copy bandwidth), bf16 against each
     quantized format (fp8; int4 in groups of 128), and the fp8 GEMV's tile configurations
-    side by side;
+    side by side; int4 against bf16 at 64 and 512 rows too;
 (a) batch-1 decode ms/token for bf16 and each ``--quantization`` method, each against its own
     weight roofline (fp8: one byte per projection weight; the LM head and norms stay bf16);
 (b) 64 concurrent requests, 512 in / 128 out: output tok/s and the ratio to bf16.
@@ -113,11 +113,14 @@ def one_shape(n: int, k: int, bw: float) -> dict[str, Any]:
     row["int4_us"] = kernel_time_us(lambda i: quant_int4_triton.linear(x, w4s[i], None), copies)
     int4_bytes = n * k / 2 + 2 * w4s[0].scale.numel() * 4
     row["int4_roof_pct"] = 100 * (int4_bytes / bw * 1e6) / row["int4_us"]
-    x64 = torch.randn(64, k, device="cuda", dtype=torch.bfloat16)
-    row["rows64_bf16_us"] = kernel_time_us(lambda i: torch.nn.functional.linear(x64, ws[i]), copies)
-    row["rows64_int4_us"] = kernel_time_us(
-        lambda i: quant_int4_triton.linear(x64, w4s[i], None), copies
-    )
+    for m in (64, 512):  # decode of 64 (the in-register GEMM), a prefill chunk (dequantized)
+        xm = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        row[f"rows{m}_bf16_us"] = kernel_time_us(
+            lambda i, xm=xm: torch.nn.functional.linear(xm, ws[i]), copies, iters=8
+        )
+        row[f"rows{m}_int4_us"] = kernel_time_us(
+            lambda i, xm=xm: quant_int4_triton.linear(xm, w4s[i], None), copies, iters=8
+        )
     return row
 
 
@@ -140,8 +143,9 @@ def linear_sweep(shape: dict[str, Any], bw: float) -> dict[str, Any]:
         print(
             f"(g) {name:8s} {n}x{k}: bf16 {row['bf16_us']:.1f} us ({row['bf16_roof_pct']:.0f}% "
             f"of roofline); fp8 {row['fp8_chosen_us']:.1f} us ({row['fp8_roof_pct']:.0f}%); "
-            f"int4 {row['int4_us']:.1f} us ({row['int4_roof_pct']:.0f}%); 64 rows: bf16 "
-            f"{row['rows64_bf16_us']:.1f}, int4 {row['rows64_int4_us']:.1f} us; "
+            f"int4 {row['int4_us']:.1f} us ({row['int4_roof_pct']:.0f}%); 64 / 512 rows: bf16 "
+            f"{row['rows64_bf16_us']:.1f} / {row['rows512_bf16_us']:.1f}, int4 "
+            f"{row['rows64_int4_us']:.1f} / {row['rows512_int4_us']:.1f} us; "
             f"tiles (us): {configs}",
             flush=True,
         )

@@ -96,6 +96,8 @@ def test_cpu_int4pack_against_reference(rows: int) -> None:
         (20, 72, 128, False, 128),
         (5, 40, 576, True, 32),
         (33, 24, 320, False, 64),
+        (130, 40, 256, True, 128),  # dequantized whole, then a matmul
+        (128, 24, 576, False, 32),
     ],
 )
 def test_triton_int4_linear(rows: int, n_out: int, n_in: int, bias: bool, group: int) -> None:
