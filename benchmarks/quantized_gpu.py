@@ -57,6 +57,8 @@ FP8_CANDIDATES = [(16, 512, 4, 3), (8, 1024, 8, 4), (4, 2048, 4, 4)]
 """fp8 GEMV tiles timed beside the 16-bit ones (twice the columns: as many bytes a step)."""
 INT4_CANDIDATES = [(8, 1, 4, 3), (8, 4, 4, 3), (16, 2, 4, 3), (16, 4, 8, 4), (32, 4, 8, 4)]
 """int4 GEMV tiles (rows, groups of 128 a step, warps, stages) timed beside the chosen one."""
+INT4_GEMM_CANDIDATES = [(64, 4, 3), (32, 4, 3), (32, 4, 4), (16, 2, 4), (16, 4, 3)]
+"""int4 GEMM tiles (weight rows a program, warps, stages) timed at 64 rows of x."""
 
 
 def kernel_time_us(fn: Any, copies: int, iters: int = 48) -> float:
@@ -113,6 +115,13 @@ def one_shape(n: int, k: int, bw: float) -> dict[str, Any]:
     row["int4_us"] = kernel_time_us(lambda i: quant_int4_triton.linear(x, w4s[i], None), copies)
     int4_bytes = n * k / 2 + 2 * w4s[0].scale.numel() * 4
     row["int4_roof_pct"] = 100 * (int4_bytes / bw * 1e6) / row["int4_us"]
+    x64 = torch.randn(64, k, device="cuda", dtype=torch.bfloat16)
+    for gemm in INT4_GEMM_CANDIDATES:
+        row[f"rows64_int4_{'x'.join(map(str, gemm))}_us"] = kernel_time_us(
+            lambda i, c=gemm: quant_int4_triton.linear(x64, w4s[i], None, gemm_config=c),
+            copies,
+            iters=8,
+        )
     for m in (64, 512):  # decode of 64 (the in-register GEMM), a prefill chunk (dequantized)
         xm = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         row[f"rows{m}_bf16_us"] = kernel_time_us(
