@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from engine.gpu_models import PROMPTS, TEXTS, cuda_logsoftmax, hf
+from truffula.engine.output import TokenInfo
 
 pytestmark = [
     pytest.mark.gpu,
@@ -65,6 +66,62 @@ def fp8_reference(folder: Path):  # type: ignore[no-untyped-def]
     return model, act
 
 
+Compared = tuple[list[float], list[tuple[TokenInfo, torch.Tensor]]]
+
+
+def quantized_against(
+    folder: Path,
+    dtype: str,
+    quantization: str,
+    ref_model,  # type: ignore[no-untyped-def]
+    k: int,
+    act: list[int] | None = None,
+) -> Compared:
+    """The engine with ``--quantization`` (decode graphs) on one long prompt alone, then with
+    the four short ones, beside ``ref_model``'s log-softmax: |Δ logprob| of every prompt and
+    generated position, and (token record, reference row) of every generated token.
+    ``act``: set, per request, to the positions the reference quantizes as the engine's steps
+    do (fp8's W8A8: a prompt alone; everything when five requests decode together)."""
+    from truffula.engine.llm import LLM
+    from truffula.sampling.params import SamplingParams
+
+    llm = LLM(
+        str(folder),
+        progress=False,
+        device="cuda",
+        dtype=dtype,
+        quantization=quantization,
+        kv_cache_memory="256MiB",
+    )
+    p = SamplingParams(
+        max_new_tokens=10,
+        temperature=0,
+        ignore_eos=True,
+        decoder_input_details=True,
+        return_k_alternatives=k,
+    )
+    text = " ".join(TEXTS[:3])
+    diffs: list[float] = []
+    tokens: list[tuple[TokenInfo, torch.Tensor]] = []
+    for prompts in ([text], [text, *PROMPTS]):
+        for out in llm.generate(prompts, p):
+            ids = out.prompt_token_ids + out.token_ids
+            n = len(out.prompt_token_ids)
+            if act is not None:
+                act[0] = n if len(prompts) == 1 else len(ids)
+            with torch.no_grad():
+                ref = cuda_logsoftmax(ref_model, ids)
+            diffs += [
+                abs(out.prompt_tokens[pos].logprob - ref[pos - 1, ids[pos]].item())
+                for pos in range(1, n)
+            ]
+            for i, t in enumerate(out.tokens):
+                row = ref[n - 1 + i]
+                diffs.append(abs(t.logprob - row[t.id].item()))
+                tokens.append((t, row))
+    return diffs, tokens
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
     reason="needs fp8 (compute capability 8.9+)",
@@ -84,43 +141,9 @@ def test_fp8_on_cuda_follows_its_reference(tiny: Path, dtype: str) -> None:
     scheme emulated on CPU matches this reference within 2e-6. The bounds below catch wrong
     scales, layouts or schemes (errors of whole units), while the kernels are held to their
     references in tests/kernels/test_triton_kernels.py."""
-    from truffula.engine.llm import LLM
-    from truffula.sampling.params import SamplingParams
-
-    llm = LLM(
-        str(tiny),
-        progress=False,
-        device="cuda",
-        dtype=dtype,
-        quantization="fp8",
-        kv_cache_memory="256MiB",
-    )
     ref_model, act = fp8_reference(tiny)
-    p = SamplingParams(
-        max_new_tokens=10,
-        temperature=0,
-        ignore_eos=True,
-        decoder_input_details=True,
-        return_k_alternatives=1,
-    )
-    text = " ".join(TEXTS[:3])
-    diffs: list[float] = []
-    agree: list[bool] = []
-    for prompts in ([text], [text, *PROMPTS]):
-        for out in llm.generate(prompts, p):
-            ids = out.prompt_token_ids + out.token_ids
-            n = len(out.prompt_token_ids)
-            with torch.no_grad():
-                act[0] = n if len(prompts) == 1 else len(ids)
-                ref = cuda_logsoftmax(ref_model, ids)
-            diffs += [
-                abs(out.prompt_tokens[pos].logprob - ref[pos - 1, ids[pos]].item())
-                for pos in range(1, n)
-            ]
-            for i, t in enumerate(out.tokens):
-                row = ref[n - 1 + i]
-                diffs.append(abs(t.logprob - row[t.id].item()))
-                agree.append(t.id == row.argmax().item())
+    diffs, tokens = quantized_against(tiny, dtype, "fp8", ref_model, 1, act)
+    agree = [t.id == row.argmax().item() for t, row in tokens]
     mean = sum(diffs) / len(diffs)
     print(
         f"fp8 {dtype}: mean |dlogprob| {mean:.4f}, max {max(diffs):.4f}, argmax {sum(agree)}/{len(agree)}"
@@ -139,18 +162,8 @@ def test_int4_on_cuda_follows_its_reference(tiny: Path, dtype: str) -> None:
     fp32 holding the same dequantized weights: weight-only, so in float32 the logprobs agree
     to float32 rounding and every token is the reference's argmax; in bfloat16 within the
     bounds of 16-bit activations."""
-    from truffula.engine.llm import LLM
     from truffula.kernels import quant_int4
-    from truffula.sampling.params import SamplingParams
 
-    llm = LLM(
-        str(tiny),
-        progress=False,
-        device="cuda",
-        dtype=dtype,
-        quantization="int4",
-        kv_cache_memory="256MiB",
-    )
     ref_model = hf(tiny, torch.float32)
     with torch.no_grad():
         for name, m in ref_model.named_modules():
@@ -158,32 +171,12 @@ def test_int4_on_cuda_follows_its_reference(tiny: Path, dtype: str) -> None:
                 w4 = quant_int4.quantize_best(m.weight)
                 assert w4 is not None
                 m.weight.copy_(quant_int4.dequantize(w4))
-    p = SamplingParams(
-        max_new_tokens=10,
-        temperature=0,
-        ignore_eos=True,
-        decoder_input_details=True,
-        return_k_alternatives=3,
-    )
-    text = " ".join(TEXTS[:3])
-    diffs: list[float] = []
-    for prompts in ([text], [text, *PROMPTS]):
-        for out in llm.generate(prompts, p):
-            ids = out.prompt_token_ids + out.token_ids
-            n = len(out.prompt_token_ids)
-            with torch.no_grad():
-                ref = cuda_logsoftmax(ref_model, ids)
-            diffs += [
-                abs(out.prompt_tokens[pos].logprob - ref[pos - 1, ids[pos]].item())
-                for pos in range(1, n)
-            ]
-            for i, t in enumerate(out.tokens):
-                row = ref[n - 1 + i]
-                diffs.append(abs(t.logprob - row[t.id].item()))
-                if dtype == "float32":
-                    assert t.id == row.argmax().item()
-                    want = row.topk(3).indices.tolist()
-                    assert [a.id for a in t.alternatives] == want
+    diffs, tokens = quantized_against(tiny, dtype, "int4", ref_model, 3)
+    if dtype == "float32":
+        for t, row in tokens:
+            assert t.id == row.argmax().item()
+            want = row.topk(3).indices.tolist()
+            assert [a.id for a in t.alternatives or ()] == want
     mean = sum(diffs) / len(diffs)
     print(f"int4 {dtype}: mean |dlogprob| {mean:.5f}, max {max(diffs):.5f}")
     # bfloat16, measured on an H200: mean 0.065-0.097, max 0.31 (16-bit activations over a

@@ -62,8 +62,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         choices=QUANTIZATIONS,
         help="int8: weight-only int8 linears, per-output-channel scales; fp8: e4m3 weights with "
         "per-output-channel scales (CUDA 8.9+: W8A8 with per-token activation scales; "
-        "weight-only elsewhere); int4: weight-only 4-bit groups of 128 input columns (Triton "
-        "GEMV/GEMM on CUDA); LoRA factors stay 16/32-bit",
+        "weight-only elsewhere); int4: weight-only 4-bit groups of 128, 64 or 32 input columns "
+        "(torch's int4 matmul on CPU, Triton on CUDA); LoRA factors stay 16/32-bit",
     )
     g.add_argument(
         "--load-format",

@@ -63,11 +63,26 @@ GemvConfig = tuple[int, int, int, int]
 
 
 def gemv_config(n_out: int, n_groups: int) -> GemvConfig:
-    """A first choice, not yet measured on a GPU (``benchmarks/quantized_gpu.py`` times the
-    candidates): 16 rows for the widest projections, else 8; as many groups a step as divide
-    the row (up to 4, 256 bytes of each row at group 128)."""
+    """16 rows for the widest projections, else 8; as many groups a step as divide the row (up
+    to 4, 256 bytes of each row at group 128). On an H200 (8B shapes, ``benchmarks/
+    quantized_gpu.py``) the fastest tiles of those it times beside them, or within 3%."""
     tile = next(t for t in (4, 2, 1) if n_groups % t == 0)
     return (16 if n_out >= 16384 else 8), tile, 4, 3
+
+
+@triton.jit
+def _group_tile(p_ptr, s_ptr, lo_ptr, rn, nmask, g, n_in, n_groups, GROUP: tl.constexpr):
+    """Rows ``rn`` of group ``g``, dequantized: float32 [rows, GROUP] (masked rows: 0)."""
+    half = tl.arange(0, GROUP // 2)
+    b = tl.load(
+        p_ptr + rn[:, None].to(tl.int64) * (n_in // 2) + (g * (GROUP // 2) + half)[None, :],
+        mask=nmask[:, None],
+        other=0,
+    )
+    q = tl.interleave(b & 0xF, b >> 4).to(tl.float32)
+    s = tl.load(s_ptr + rn.to(tl.int64) * n_groups + g, mask=nmask, other=0.0)
+    m = tl.load(lo_ptr + rn.to(tl.int64) * n_groups + g, mask=nmask, other=0.0)
+    return q * s[:, None] + m[:, None]
 
 
 @triton.jit
@@ -91,7 +106,6 @@ def _gemm_kernel(
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask, nmask = rm < m_rows, rn < n_out
-    half = tl.arange(0, GROUP // 2)
     k = tl.arange(0, GROUP)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for g in range(0, n_groups):
@@ -101,15 +115,7 @@ def _gemm_kernel(
             mask=mmask[:, None],
             other=0.0,
         )
-        b = tl.load(
-            p_ptr + rn[:, None].to(tl.int64) * (n_in // 2) + (k0 // 2 + half)[None, :],
-            mask=nmask[:, None],
-            other=0,
-        )
-        q = tl.interleave(b & 0xF, b >> 4).to(tl.float32)  # [BLOCK_N, GROUP]
-        s = tl.load(s_ptr + rn.to(tl.int64) * n_groups + g, mask=nmask, other=0.0)
-        m = tl.load(lo_ptr + rn.to(tl.int64) * n_groups + g, mask=nmask, other=0.0)
-        w = (q * s[:, None] + m[:, None]).to(x.dtype)
+        w = _group_tile(p_ptr, s_ptr, lo_ptr, rn, nmask, g, n_in, n_groups, GROUP).to(x.dtype)
         acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -135,16 +141,7 @@ def _dequant_kernel(
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.program_id(1)
     nmask = rn < n_out
-    half = tl.arange(0, GROUP // 2)
-    b = tl.load(
-        p_ptr + rn[:, None].to(tl.int64) * (n_in // 2) + (g * (GROUP // 2) + half)[None, :],
-        mask=nmask[:, None],
-        other=0,
-    )
-    q = tl.interleave(b & 0xF, b >> 4).to(tl.float32)
-    s = tl.load(s_ptr + rn.to(tl.int64) * n_groups + g, mask=nmask, other=0.0)
-    m = tl.load(lo_ptr + rn.to(tl.int64) * n_groups + g, mask=nmask, other=0.0)
-    w = q * s[:, None] + m[:, None]
+    w = _group_tile(p_ptr, s_ptr, lo_ptr, rn, nmask, g, n_in, n_groups, GROUP)
     k = g * GROUP + tl.arange(0, GROUP)
     tl.store(
         w_ptr + rn[:, None].to(tl.int64) * n_in + k[None, :],
@@ -191,6 +188,8 @@ def linear(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m, (n_out, n_in) = x2.shape[0], w.shape
+    if m >= DEQUANT_ROWS:
+        return F.linear(x2, dequantize(w, x2.dtype), bias).reshape(*shape[:-1], -1)
     y = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
     groups = n_in // w.group
     b = bias if bias is not None else y
@@ -203,8 +202,6 @@ def linear(
             HAS_BIAS=bias is not None, GROUP=w.group, TILE_GROUPS=tile, BLOCK_N=bn,
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
-    elif m >= DEQUANT_ROWS:
-        return F.linear(x2, dequantize(w, x2.dtype), bias).reshape(*shape[:-1], -1)
     else:
         bm = 16 if m <= 16 else 64
         bn, warps, stages = gemm_config or GEMM_CONFIG
