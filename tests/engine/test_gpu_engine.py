@@ -269,6 +269,56 @@ def test_steps_with_prefill_chunks_replay_graphs_and_match_hf(tiny: Path) -> Non
             assert abs(out.prompt_tokens[pos].logprob - ref[pos - 1, ids[pos]].item()) < 1e-4
 
 
+def test_long_prompts_prefilled_in_chunks_match_hf(tiny: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Prompts of several step budgets, run eagerly: every chunk after the first attends to
+    the cached ones through the prefill-chunk kernel (``chunk_attention``); prompt and generated
+    logprobs, ranks and alternatives match HF (fp32)."""
+    from truffula.engine.llm import LLM
+    from truffula.kernels import attention_triton
+    from truffula.sampling.params import SamplingParams
+
+    calls = []
+    kernel = attention_triton.chunk_attention
+
+    def counted(q, k, v, scale):  # type: ignore[no-untyped-def]
+        calls.append((q.shape[0], k.shape[0]))
+        return kernel(q, k, v, scale)
+
+    monkeypatch.setattr(attention_triton, "chunk_attention", counted)
+    llm = LLM(
+        str(tiny),
+        progress=False,
+        device="cuda",
+        dtype="float32",
+        cuda_graphs=False,
+        max_num_seqs=4,
+        max_num_batched_tokens=48,
+    )
+    ref_model = hf(tiny, torch.float32)
+    prompts = [" ".join(TEXTS[i : i + 10 + 4 * i]) for i in range(3)]
+    p = SamplingParams(
+        max_new_tokens=5,
+        temperature=0,
+        ignore_eos=True,
+        return_k_alternatives=4,
+        decoder_input_details=True,
+    )
+    outs = llm.generate(prompts, p)
+    assert any(kv > q for q, kv in calls), calls
+    for out in outs:
+        ids = out.prompt_token_ids + out.token_ids
+        with torch.no_grad():
+            ref = cuda_logsoftmax(ref_model, ids)
+        n = len(out.prompt_token_ids)
+        assert n > 2 * 48
+        assert out.token_ids == ref[n - 1 : -1].argmax(-1).tolist()
+        for i, t in enumerate(out.tokens):
+            assert abs(t.logprob - ref[n - 1 + i, t.id].item()) < 1e-4
+            assert [a.id for a in t.alternatives] == ref[n - 1 + i].topk(4).indices.tolist()
+        for pos in range(1, n):
+            assert abs(out.prompt_tokens[pos].logprob - ref[pos - 1, ids[pos]].item()) < 1e-4
+
+
 def test_prefix_cache_hits_on_cuda_match_hf_for_base_and_adapter(
     tiny: Path, tmp_path: Path
 ) -> None:

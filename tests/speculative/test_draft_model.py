@@ -137,6 +137,25 @@ def test_the_default_model_drafting_for_itself(llm, self_draft, hf_tokenizer) ->
     assert drafter.num_states == 0  # every request finished: nothing kept
 
 
+def test_prompts_caught_up_over_several_forwards(
+    llm, self_draft, hf_tokenizer, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Prompts longer than a catch-up forward's budget: each request's first draft comes from
+    the forward that fed its last prompt token, which differs between requests of different
+    lengths; the drafts stay the target's own (nearly all accepted, outputs unchanged)."""
+    from truffula.speculative import draft_model
+
+    monkeypatch.setattr(draft_model, "CATCH_UP_TOKENS", 24)
+    p = SamplingParams(max_new_tokens=12, temperature=0, return_k_alternatives=2, details=True)
+    prompts = chat(hf_tokenizer, ASKS)
+    drafter = self_draft.engine.drafter
+    d0, a0 = drafter.drafted, drafter.accepted
+    spec = self_draft.generate(prompts, p)
+    assert_same(llm.generate(prompts, p), spec)
+    drafted, kept = drafter.drafted - d0, drafter.accepted - a0
+    assert drafted > 0 and kept >= 0.9 * drafted, (drafted, kept)
+
+
 def test_a_disagreeing_draft_in_a_mixed_batch_changes_nothing(shallow, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
     """Drafted and plain requests, adapter requests (drafted from the base), a stop sequence
     and preemption (5 requests of ~100 tokens over a 192-token cache) in one batch: the same

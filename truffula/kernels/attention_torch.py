@@ -14,12 +14,17 @@ Keys and values of the step's own tokens are written to their cache slots first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 
 from truffula.forward import AttentionMetadata
+
+ChunkAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+"""(q [Lq, H, d], k [Lk, Hkv, d], v, scale) -> [Lq, H, d], query i seeing keys up to
+Lk - Lq + i (``kernels.attention_prefill_triton.chunk_attention``)."""
 
 
 def write_kv(
@@ -90,8 +95,11 @@ def prefill_attention(
     sliding_window: int | None,
     softcap: float | None,
     flash_prefill: bool,
+    chunk_kernel: ChunkAttentionFn | None = None,
 ) -> None:
-    """The multi-token sequences of the step (after the decodes), one at a time, into ``out``."""
+    """The multi-token sequences of the step (after the decodes), one at a time, into ``out``.
+    ``chunk_kernel``: the attention of a chunk after cached tokens (no window, no softcap),
+    in place of the dense mask."""
     starts = meta.query_start_loc_cpu
     for s in range(meta.num_decodes, meta.num_seqs):
         qs, qe, kv_len = starts[s], starts[s + 1], meta.seq_lens_cpu[s]
@@ -101,6 +109,9 @@ def prefill_attention(
         else:
             slots = _seq_slots(meta, s, kv_len)
             ks, vs = _gather(k_cache, slots), _gather(v_cache, slots)
+        if chunk_kernel is not None and kv_len != ql and sliding_window is None and softcap is None:
+            out[qs:qe] = chunk_kernel(q[qs:qe], ks, vs, scale)
+            continue
         qp = q[qs:qe].transpose(0, 1).unsqueeze(0)  # [1, H, ql, d]
         kp = ks.transpose(0, 1).unsqueeze(0)
         vp = vs.transpose(0, 1).unsqueeze(0)

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from truffula.forward import AttentionMetadata
+from truffula.kernels.attention_prefill_triton import chunk_attention
 from truffula.kernels.attention_torch import prefill_attention, write_kv
 from truffula.kernels.attention_varlen_triton import varlen_attention
 from truffula.kernels.rotary_triton import rotary_into_cache
@@ -261,7 +262,8 @@ def paged_attention(
     (graph-capturable: it reads lengths and block tables from device tensors). Head dimensions
     are powers of two (the kernel tiles them so); ``select`` keeps the others on torch. With a
     tile map (``meta.tiles``: a graph of a step with prefill chunks), every query token goes
-    through ``varlen_attention``."""
+    through ``varlen_attention``; without one, a prefill chunk after cached tokens goes through
+    ``chunk_attention`` (a whole prompt through SDPA's flash kernel)."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     if meta.tiles is not None:
         return varlen_attention(
@@ -303,7 +305,9 @@ def paged_attention(
             sliding_window,
             softcap,
         )
-    prefill_attention(out, q, k, v, k_cache, v_cache, meta, scale, sliding_window, softcap, True)
+    prefill_attention(
+        out, q, k, v, k_cache, v_cache, meta, scale, sliding_window, softcap, True, chunk_attention
+    )
     return out
 
 

@@ -167,24 +167,23 @@ class DraftModel:
             rows.append((rid, seq, list(tokens[len(seq.tokens) :]), room))
         if not rows:
             return {}
-        drafts = {rid: [tok] for rid, tok in self._catch_up(rows).items()}
-        # each further draft: one single-token step fed the last one's argmax on the device,
-        # so the steps queue up without waiting; rows by room, most first, so each step's rows
-        # are the first of the step before
+        # rows by room, most first, so each single-token step's rows are the first of the step
+        # before; every step is fed the last one's argmax on the device, so the catch-up and
+        # the steps queue up without waiting, and one read at the end brings all drafts back
         rows.sort(key=lambda row: -row[3])
-        last = host_tensor([drafts[rid][0] for rid, *_ in rows], torch.long, self.device)
-        steps: list[torch.Tensor] = []
+        last = self._catch_up(rows)
+        outs = [last]
         for i in range(1, rows[0][3]):
             live = [seq for _, seq, _, room in rows if room > i]
             last = self._forward([(seq, [PLACEHOLDER]) for seq in live], last[: len(live)])
-            steps.append(last)
-        if steps:
-            flat = iter(torch.cat(steps).tolist())
-            for i in range(1, rows[0][3]):
-                for rid, seq, _, room in rows:
-                    if room > i:
-                        seq.tokens[len(seq.tokens) - room + i] = drafts[rid][-1]  # fed
-                        drafts[rid].append(next(flat))
+            outs.append(last)
+        flat = iter(torch.cat(outs).tolist())
+        drafts = {rid: [next(flat)] for rid, *_ in rows}
+        for i in range(1, rows[0][3]):
+            for rid, seq, _, room in rows:
+                if room > i:
+                    seq.tokens[len(seq.tokens) - room + i] = drafts[rid][-1]  # fed
+                    drafts[rid].append(next(flat))
         return drafts
 
     def _sync(self, request_id: str, tokens: Sequence[int]) -> DraftSeq:
@@ -201,26 +200,39 @@ class DraftModel:
         seq.confirmed = len(tokens)  # every known token will be in the cache after this call
         return seq
 
-    def _catch_up(self, rows: list[tuple[str, DraftSeq, list[int], int]]) -> dict[str, int]:
+    def _catch_up(self, rows: list[tuple[str, DraftSeq, list[int], int]]) -> torch.Tensor:
         """Feed each row's unseen tokens (in forwards of at most ``CATCH_UP_TOKENS`` tokens);
-        the argmax after each row's last token."""
-        pending = {rid: (seq, new) for rid, seq, new, _ in rows}
-        first: dict[str, int] = {}
+        the argmax after each row's last token, in ``rows``' order, on the device."""
+        pending = {i: (seq, new) for i, (_, seq, new, _) in enumerate(rows)}
+        first: torch.Tensor | None = None
         while pending:
             budget = CATCH_UP_TOKENS
-            feed: list[tuple[str, DraftSeq, list[int]]] = []
-            for rid, (seq, new) in pending.items():
+            feed: list[tuple[int, DraftSeq, list[int]]] = []
+            for i, (seq, new) in pending.items():
                 take = max(1, min(len(new), budget))
                 budget -= take
-                feed.append((rid, seq, new[:take]))
-            argmax = self._forward([(seq, part) for _, seq, part in feed]).tolist()
-            for (rid, seq, part), tok in zip(feed, argmax, strict=True):
-                rest = pending[rid][1][len(part) :]
+                feed.append((i, seq, new[:take]))
+            argmax = self._forward([(seq, part) for _, seq, part in feed])
+            done: list[tuple[int, int]] = []  # (row, its place in this forward)
+            for j, (i, seq, part) in enumerate(feed):
+                rest = pending[i][1][len(part) :]
                 if rest:
-                    pending[rid] = (seq, rest)
+                    pending[i] = (seq, rest)
                 else:
-                    del pending[rid]
-                    first[rid] = tok
+                    del pending[i]
+                    done.append((i, j))
+            if first is None and len(done) == len(rows):  # all in one forward, in order
+                return argmax
+            if first is None:
+                first = torch.empty(len(rows), dtype=argmax.dtype, device=self.device)
+            if done:
+                at, of = ([d[x] for d in done] for x in (0, 1))
+                first.index_copy_(
+                    0,
+                    host_tensor(at, torch.long, self.device),
+                    argmax[host_tensor(of, torch.long, self.device)],
+                )
+        assert first is not None
         return first
 
     def _forward(
