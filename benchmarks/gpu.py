@@ -9,6 +9,8 @@
 (c) k = 0 / 5 / 20 alternatives for all 64 requests: throughput ratios.
 (d) 64 requests over 1, 16 and 64 distinct rank-16 adapters on all projections: ratio to base.
 (e) A Llama-3.2-1B-shaped model: batch-1 ms/token.
+(f) One prompt of 2k to 32k tokens: time to first token and MFU against HF's forward
+    (``benchmarks/prefill.py``).
 Also a throughput-vs-concurrency sweep; PNG plots and a JSON of every number go to --out.
 """
 
@@ -237,7 +239,9 @@ def main() -> None:
         return
 
     if args.profile:
-        profile(out_dir)
+        import gpu_profile
+
+        gpu_profile.profile(out_dir)
         return
     n_req = 16 if args.quick else 64
     new = 32 if args.quick else 128
@@ -311,75 +315,14 @@ def main() -> None:
             f"(d) {distinct} distinct rank-16 adapters: {res['d'][distinct]:.2f}x base throughput",
             flush=True,
         )
+    del core, hf8
+    torch.cuda.empty_cache()
+    if not args.quick:  # (f) one long prompt at a time, beside HF's forward
+        import prefill
+
+        res["f_prefill"] = prefill.run(prefill.LENGTHS, 3)
     (out_dir / "gpu.json").write_text(json.dumps(res, indent=2))
     plot(res, out_dir)
-
-
-def profile(out_dir: Path) -> None:
-    """Kernel and host time of 8B decode steps: batch 1, batch 64 with k = 0 / 20, 64 adapters."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    hf8, f8 = build(LLAMA3_8B)
-    core = engine_8b(f8, hf8)
-    del hf8
-    torch.cuda.empty_cache()
-    keys = random_adapters(core.adapters, 64, 16, 0.01, "cuda", torch.bfloat16)
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(10, 128000, (512,), generator=gen).tolist() for _ in range(64)]
-    report = []
-    base = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
-    cases = {
-        "b1": ([prompts[0]], [base]),
-        "b64_k0": (prompts, [base] * 64),
-        "b64_k20": (prompts, [base.with_updates(return_k_alternatives=20)] * 64),
-        "b64_lora64": (prompts, [base.with_updates(adapter_id=keys[i]) for i in range(64)]),
-        "b64_lora1": (prompts, [base.with_updates(adapter_id=keys[0])] * 64),
-    }
-    runner = core.runner
-    for name, (ps, qs) in cases.items():
-        for p, q in zip(ps, qs, strict=True):
-            core.add_request(p, q)
-        while any(r.num_pending > 1 for r in core.scheduler.running) or core.scheduler.waiting:
-            core.step()
-        for _ in range(5):
-            core.step()
-        t_launch: list[float] = []
-        t_collect: list[float] = []
-        t_step: list[float] = []
-        originals = {"launch": runner.launch, "collect": runner.collect}
-
-        def timer(fn, acc):  # type: ignore[no-untyped-def]
-            def timed(*args):  # type: ignore[no-untyped-def]
-                t = time.perf_counter()
-                out = fn(*args)
-                acc.append(time.perf_counter() - t)
-                return out
-
-            return timed
-
-        runner.launch = timer(runner.launch, t_launch)  # type: ignore[method-assign]
-        runner.collect = timer(runner.collect, t_collect)  # type: ignore[method-assign]
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                t = time.perf_counter()
-                core.step()
-                t_step.append(time.perf_counter() - t)
-        runner.launch, runner.collect = originals["launch"], originals["collect"]  # type: ignore[method-assign]
-        for rid in list(core.requests):
-            core.abort(rid)
-        core.step()
-        table = prof.key_averages().table(
-            sort_by="device_time_total", row_limit=14, max_name_column_width=60
-        )
-        line = (
-            f"== {name}: step {1e3 * statistics.median(t_step):.2f} ms, runner.launch "
-            f"{1e3 * statistics.median(t_launch):.2f} ms, runner.collect (waits for the "
-            f"previous step) {1e3 * statistics.median(t_collect):.2f} ms"
-        )
-        print(line, flush=True)
-        report += [line, table]
-    (out_dir / "profile.txt").write_text("\n".join(report))
 
 
 def plot(res: dict[str, Any], out_dir: Path) -> None:

@@ -28,6 +28,7 @@ from truffula.config import EngineConfig
 from truffula.engine.core import EngineCore
 from truffula.sampling.params import SamplingParams
 
+LENGTHS = (2048, 8192, 16384, 32768)
 PEAK_TFLOPS = 989.0
 """H100/H200 SXM bf16 dense peak."""
 
@@ -101,16 +102,24 @@ def sweep(hf: torch.nn.Module, folder: Path, lengths: list[int], repeats: int) -
     return res
 
 
+def run(lengths: tuple[int, ...] | list[int], repeats: int) -> dict[str, Any]:
+    """The 8B shape built to hold the longest prompt, then ``sweep``."""
+    hf, folder = gpu.build(dict(gpu.LLAMA3_8B, max_position_embeddings=max(lengths) + 16))
+    res = sweep(hf, folder, list(lengths), repeats)
+    del hf
+    torch.cuda.empty_cache()
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", default="2048,8192,16384,32768")
+    ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench-out")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
-    hf, folder = gpu.build(dict(gpu.LLAMA3_8B, max_position_embeddings=max(lengths) + 16))
     res = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
-    res.update(sweep(hf, folder, lengths, args.repeats))
+    res.update(run(lengths, args.repeats))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "prefill.json").write_text(json.dumps(res, indent=2) + "\n")

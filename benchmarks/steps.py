@@ -50,6 +50,7 @@ def main() -> None:
         kv_cache_memory=16 << 30,
         max_num_batched_tokens=8192,
         async_scheduling="off",
+        enable_prefix_caching=False,  # arrivals repeat a token: cache hits would skip prefill
     )
     keep = SamplingParams(max_new_tokens=3000, temperature=0, ignore_eos=True)
     for i in range(64):

@@ -1,5 +1,7 @@
 """The prefill-chunk attention kernel (``kernels.attention_prefill_triton``) against the torch
-reference: chunks after cached keys, a whole prompt, grouped heads, lengths off the tiles."""
+reference: chunks after cached keys, a whole prompt, grouped heads, lengths off the tiles; keys
+and values read with plain loads and through TMA tensor descriptors (Hopper-class GPUs, and
+Triton's interpreter)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ pytestmark = [
 ]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32] if INTERPRET else [torch.float32, torch.bfloat16]
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+TMA = [False, True] if INTERPRET or HOPPER else [False]
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -36,6 +40,7 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     return torch.matmul(s.softmax(-1), vv).transpose(0, 1)  # [Lq, H, D]
 
 
+@pytest.mark.parametrize("tma", TMA)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("n_q", "n_kv", "heads", "kv_heads", "dim"),
@@ -47,7 +52,9 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
         (200, 200 + 128, 32, 8, 128),  # the 8B layout, a cache of exactly two tiles
     ],
 )
-def test_chunk_attention(dtype, n_q: int, n_kv: int, heads: int, kv_heads: int, dim: int) -> None:
+def test_chunk_attention(
+    dtype, n_q: int, n_kv: int, heads: int, kv_heads: int, dim: int, tma: bool
+) -> None:
     from truffula.kernels.attention_prefill_triton import chunk_attention
 
     if INTERPRET and dim == 128:
@@ -58,7 +65,7 @@ def test_chunk_attention(dtype, n_q: int, n_kv: int, heads: int, kv_heads: int, 
     k = torch.randn(n_kv, kv_heads + 1, dim, generator=g).to(dtype).to(DEV)[:, 1:]
     v = torch.randn(n_kv, kv_heads + 1, dim, generator=g).to(dtype).to(DEV)[:, :-1]
     scale = dim**-0.5
-    got = chunk_attention(q, k, v, scale)
+    got = chunk_attention(q, k, v, scale, tma=tma)
     want = reference(q, k, v, scale)
     err = ((got.double() - want).norm() / want.norm()).item()
     assert err < (2e-5 if dtype == torch.float32 else 1e-2), err

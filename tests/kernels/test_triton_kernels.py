@@ -53,7 +53,9 @@ def test_add_rms_norm(dtype, rows: int, n: int, offset: float) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("heads", "dim", "rot"), [(3, 64, 64), (12, 128, 128), (4, 80, 40)])
+@pytest.mark.parametrize(
+    ("heads", "dim", "rot"), [(3, 64, 64), (12, 128, 128), (4, 80, 40), (40, 64, 64)]
+)
 def test_rotary(dtype, heads: int, dim: int, rot: int) -> None:
     from truffula.kernels.rotary_torch import rotate_half
     from truffula.kernels.rotary_triton import rotary

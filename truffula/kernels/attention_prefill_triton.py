@@ -8,8 +8,9 @@ and its masked path runs at about 240 TFLOP/s on an H200 where flash runs at 600
 is the flash algorithm for the bottom-right case. One program per (BLOCK_M queries, query head)
 walks the keys in BLOCK_N blocks with an online softmax (exp2, the scale folded in): first
 every key the whole tile sees, without a mask, then the diagonal blocks, masked. Tiles are
-issued longest first. Keys and values are contiguous [keys, kv_heads, head_dim] (the caller
-gathers the cached ones); grouped query heads read their kv head.
+issued longest first. Keys and values are rows [keys, kv_heads, head_dim] (the caller gathers
+the cached ones); grouped query heads read their kv head. On Hopper-class GPUs the key and
+value blocks come through TMA tensor descriptors (``TMA``), 1.2x the plain loads' speed.
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ import torch
 import triton
 import triton.language as tl
 
-CONFIG = (128, 64, 8, 3)
-"""(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+CONFIG = (128, 128, 8, 3)
+"""(BLOCK_M, BLOCK_N, num_warps, num_stages) with keys and values read through tensor
+descriptors (TMA): 579 TFLOP/s on an H200 for 8,192 queries after 24,576 cached keys, 539 for
+2,048 after 6,144 (SDPA's flash kernel: 590-650 for a whole prompt)."""
+
+CONFIG_NO_TMA = (128, 64, 8, 3)
+"""The same with plain loads (pre-Hopper GPUs, unaligned rows): 469 and 380 TFLOP/s there."""
 
 
 @triton.jit
@@ -62,9 +68,11 @@ def _prefill_kernel(
     qk_scale,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    KV_WIDTH: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest key ranges first
     h = tl.program_id(1)
@@ -84,22 +92,38 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     k_base = k_ptr + kvh * stride_kh
     v_base = v_ptr + kvh * stride_vh
+    if TMA:  # rows of [keys, kv_heads x head_dim]; blocks past the last key read zeros
+        k_desc = tl.make_tensor_descriptor(
+            k_ptr, [n_kv, KV_WIDTH], [stride_kt, 1], [BLOCK_N, HEAD_DIM]
+        )
+        v_desc = tl.make_tensor_descriptor(
+            v_ptr, [n_kv, KV_WIDTH], [stride_vt, 1], [BLOCK_N, HEAD_DIM]
+        )
     cols = tl.arange(0, BLOCK_N)
     # keys every row of the tile sees, in whole blocks: no mask
     full = (offset + tile * BLOCK_M) // BLOCK_N * BLOCK_N
     for n0 in range(0, full, BLOCK_N):
-        n = (n0 + cols).to(tl.int64)
-        k_blk = tl.load(k_base + n[:, None] * stride_kt + d[None, :])
-        v_blk = tl.load(v_base + n[:, None] * stride_vt + d[None, :])
+        if TMA:
+            k_blk = k_desc.load([n0, kvh * HEAD_DIM])
+            v_blk = v_desc.load([n0, kvh * HEAD_DIM])
+        else:
+            n = (n0 + cols).to(tl.int64)
+            k_blk = tl.load(k_base + n[:, None] * stride_kt + d[None, :])
+            v_blk = tl.load(v_base + n[:, None] * stride_vt + d[None, :])
         m_i, l_i, acc = _softmax_block(q, k_blk, v_blk, m_i, l_i, acc, None, False, IEEE)
     # the diagonal: up to the tile's last query, masked causally and at the end of the keys
     end = tl.minimum(offset + (tile + 1) * BLOCK_M, n_kv)
     for n0 in range(full, end, BLOCK_N):
         n = n0 + cols
         ok = n < n_kv
-        n64 = n.to(tl.int64)
-        k_blk = tl.load(k_base + n64[:, None] * stride_kt + d[None, :], mask=ok[:, None], other=0.0)
-        v_blk = tl.load(v_base + n64[:, None] * stride_vt + d[None, :], mask=ok[:, None], other=0.0)
+        if TMA:
+            k_blk = k_desc.load([n0, kvh * HEAD_DIM])
+            v_blk = v_desc.load([n0, kvh * HEAD_DIM])
+        else:
+            n64 = n.to(tl.int64)
+            kv_off = n64[:, None] * stride_kt + d[None, :]
+            k_blk = tl.load(k_base + kv_off, mask=ok[:, None], other=0.0)
+            v_blk = tl.load(v_base + n64[:, None] * stride_vt + d[None, :], mask=ok[:, None])
         keep = ok[None, :] & (n[None, :] <= (offset + rows)[:, None])
         m_i, l_i, acc = _softmax_block(q, k_blk, v_blk, m_i, l_i, acc, keep, True, IEEE)
     l_i = tl.where(row_ok, l_i, 1.0)
@@ -108,19 +132,42 @@ def _prefill_kernel(
     tl.store(o, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
+def _tma_fits(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether keys and values can be read through tensor descriptors: a Hopper-class GPU,
+    16-bit rows of adjacent heads, 16-byte aligned."""
+    if not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
+        return False
+    return all(
+        t.dtype in (torch.bfloat16, torch.float16)
+        and t.stride(1) == t.shape[2]
+        and (t.stride(0) * t.element_size()) % 16 == 0
+        and t.data_ptr() % 16 == 0
+        for t in (k, v)
+    )
+
+
 def chunk_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float,
     config: tuple[int, int, int, int] | None = None,
+    tma: bool | None = None,
 ) -> torch.Tensor:
     """q [Lq, H, D]; k, v [Lk, Hkv, D] with Lk >= Lq, unit stride in D -> [Lq, H, D]: query i
-    attends to keys 0 .. Lk - Lq + i. D a power of two."""
+    attends to keys 0 .. Lk - Lq + i. D a power of two. ``tma``: read keys and values
+    through tensor descriptors (default: where ``_tma_fits``)."""
     n_q, h, d = q.shape
     n_kv, hkv = k.shape[0], k.shape[1]
     out = torch.empty_like(q)
-    bm, bn, warps, stages = config or CONFIG
+    if tma is None:
+        tma = _tma_fits(k, v)
+    if tma:  # the descriptors' memory
+        dev = q.device
+        triton.set_allocator(
+            lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=dev)
+        )
+    bm, bn, warps, stages = config or (CONFIG if tma else CONFIG_NO_TMA)
     if q.dtype == torch.float32:  # the registers of fp32 tiles
         bm, bn, warps, stages = min(bm, 64), min(bn, 32), 4, 1
     _prefill_kernel[(triton.cdiv(n_q, bm), h)](
@@ -141,9 +188,11 @@ def chunk_attention(
         scale * math.log2(math.e),
         GROUP=h // hkv,
         HEAD_DIM=d,
+        KV_WIDTH=hkv * d,
         BLOCK_M=bm,
         BLOCK_N=bn,
         IEEE=q.dtype == torch.float32,
+        TMA=tma,
         num_warps=warps,
         num_stages=stages,
     )

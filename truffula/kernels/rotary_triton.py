@@ -65,6 +65,47 @@ def _rotary_kernel(
         tl.store(out + d, y.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
+@triton.jit
+def _rotary_rows_kernel(
+    x_ptr,
+    pos_ptr,
+    cos_ptr,
+    sin_ptr,
+    out_ptr,
+    stride_t,
+    stride_h,
+    n_heads,
+    HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr,
+    ROT: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """``BLOCK_H`` heads of one token per program, rotated into ``out`` (cos and sin read once
+    for them): a prefill's many tokens in few, wide programs."""
+    t = tl.program_id(0).to(tl.int64)
+    hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    h_ok = hs < n_heads
+    base = x_ptr + t * stride_t + hs[:, None] * stride_h
+    x = tl.load(base + d[None, :], mask=h_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+    partner = tl.where(d < HALF, d + HALF, d - HALF)
+    xp = tl.load(base + partner[None, :], mask=h_ok[:, None] & (d < ROT)[None, :], other=0.0)
+    cos = tl.load(cos_ptr + pos * ROT + d, mask=d < ROT, other=1.0)
+    sin = tl.load(sin_ptr + pos * ROT + d, mask=d < ROT, other=0.0)
+    xf = x.to(tl.float32)
+    xpf = xp.to(tl.float32)
+    rotated = tl.where((d < HALF)[None, :], -xpf, xpf)
+    y = tl.where((d < ROT)[None, :], xf * cos[None, :] + rotated * sin[None, :], xf)
+    out = out_ptr + (t * n_heads + hs[:, None]) * HEAD_DIM + d[None, :]
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & (d < HEAD_DIM)[None, :])
+
+
+ROWS_HEADS = 16
+"""Heads per program of ``_rotary_rows_kernel``."""
+
+
 def rotary(
     x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot_dim: int
 ) -> torch.Tensor:
@@ -74,27 +115,21 @@ def rotary(
         x = x.contiguous()
     t, h, d = x.shape
     out = torch.empty((t, h, d), dtype=x.dtype, device=x.device)
-    _rotary_kernel[(t, h)](
+    bh = min(ROWS_HEADS, next_pow2(h))
+    _rotary_rows_kernel[(t, triton.cdiv(h, bh))](
         x,
         positions,
         cos,
         sin,
         out,
-        positions,
-        out,
-        out,
         x.stride(0),
         x.stride(1),
         h,
-        h,
-        0,
-        0,
-        0,
         HEAD_DIM=d,
         HALF=rot_dim // 2,
         ROT=rot_dim,
         BLOCK_D=next_pow2(d),
-        WRITE_CACHE=False,
+        BLOCK_H=bh,
     )
     return out
 
