@@ -7,9 +7,12 @@ longest prompt). For each length L: one prompt of L tokens with ``max_new_tokens
 an engine with the default step budget (8,192 tokens on CUDA, so prompts past it are prefilled
 in chunks that attend to the cache), timed from ``add_request`` to its output; HF: one forward
 of the whole prompt (``sdpa`` attention, logits of the last position only). Medians of
-``--repeats``. MFU counts the FLOPs of the layers' linears (2 x L x their parameters) and of
-causal attention (2 x L^2 x heads x head_dim per layer: half of QK^T and PV's square) against
-the bf16 dense peak (``PEAK_TFLOPS``); the LM head of one position is left out of both.
+``--repeats``. MFU is model FLOPs over time against the bf16 dense peak (``PEAK_TFLOPS``):
+2 x L x the parameters of every linear layer including the LM head (the usual count of model
+FLOPs per token, though both truffula and HF compute the logits of the last position only),
+plus causal attention, 2 x L^2 x heads x head_dim per layer (half of QK^T's and PV's square).
+Without the LM head's share (1/14 of the linears' at this shape) every MFU is 0.93x as large;
+the ratio to HF does not depend on the count.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ PEAK_TFLOPS = 989.0
 def flops(hf: torch.nn.Module, length: int) -> float:
     layers = hf.model.layers
     params = sum(p.numel() for p in layers.parameters() if p.dim() == 2)
+    params += hf.lm_head.weight.numel()
     cfg = hf.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     attn = 2 * length * length * cfg.num_attention_heads * head_dim * len(layers)
