@@ -1,5 +1,6 @@
-"""Where 8B decode steps spend their time on CUDA: the torch profiler's kernel table and the
-runner's host time for batch 1, batch 64 with k = 0 / 20 and 64 distinct adapters.
+"""Reports of ``benchmarks/gpu.py``: where 8B decode steps spend their time on CUDA (the torch
+profiler's kernel table and the runner's host time for batch 1, batch 64 with k = 0 / 20 and 64
+distinct adapters), and the plots of a run.
 
     python benchmarks/gpu.py --profile [--out DIR]   # writes profile.txt to --out
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from common import random_adapters
@@ -82,3 +84,27 @@ def profile(out_dir: Path) -> None:
         print(line, flush=True)
         report += [line, table]
     (out_dir / "profile.txt").write_text("\n".join(report))
+
+
+def plot(res: dict[str, Any], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    conc = sorted(res["concurrency_tok_s"], key=int)
+    a.plot([int(c) for c in conc], [res["concurrency_tok_s"][c] for c in conc], "o-")
+    a.set_xlabel("concurrent requests (512 in / 128 out)")
+    a.set_ylabel("output tokens / s")
+    a.set_title("Llama-3-8B shape, bf16")
+    d = sorted(res["d"], key=int)
+    b.plot([int(x) for x in d], [res["d"][x] for x in d], "o-")
+    b.axhline(1.0, color="gray", lw=0.8)
+    b.set_xscale("log", base=2)
+    b.set_xlabel("distinct rank-16 adapters in 64 requests")
+    b.set_ylabel("throughput / base model")
+    b.set_ylim(0, 1.1)
+    fig.suptitle(f"truffula on {res['device']} ({res['date']})")
+    fig.tight_layout()
+    fig.savefig(out_dir / "gpu.png", dpi=120)
