@@ -6,16 +6,22 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from truffula.kernels import activation_torch
 from truffula.kernels.activation_torch import Activation
-from truffula.kernels.triton_support import next_pow2
+from truffula.kernels.triton_support import next_pow2, pdl
 
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 
 
 @triton.jit
-def _act_mul_kernel(x_ptr, out_ptr, n, stride_x, GELU: tl.constexpr, BLOCK: tl.constexpr):
+def _act_mul_kernel(
+    x_ptr, out_ptr, n, stride_x, GELU: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
+    if PDL:  # launched while the kernel before finishes: wait for it before touching memory
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
@@ -35,8 +41,9 @@ def act_and_mul(x: torch.Tensor, gelu: bool) -> torch.Tensor:
     x2 = x.reshape(-1, 2 * n)
     out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
     block = min(1024, next_pow2(n))
+    dependent = pdl(x.device)
     _act_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](
-        x2, out, n, x2.stride(0), GELU=gelu, BLOCK=block
+        x2, out, n, x2.stride(0), GELU=gelu, BLOCK=block, PDL=dependent, launch_pdl=dependent
     )
     return out.view(*x.shape[:-1], n)
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from truffula.forward import AttentionMetadata
 from truffula.kernels.attention_prefill_triton import chunk_attention
 from truffula.kernels.attention_torch import prefill_attention, write_kv
 from truffula.kernels.attention_varlen_triton import varlen_attention
 from truffula.kernels.rotary_triton import rotary_into_cache
-from truffula.kernels.triton_support import next_pow2
+from truffula.kernels.triton_support import next_pow2, pdl
 
 SMS_TARGET = 264  # about two programs per SM of an H100/H200
 
@@ -58,7 +59,11 @@ def _decode_kernel(
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     IEEE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # launched while the kernel before finishes: wait for it before touching memory
+        gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -214,6 +219,7 @@ def decode_attention(
     part = torch.empty(
         b * h * splits * (d + 2) if splits > 1 else 1, dtype=torch.float32, device=q.device
     )
+    dependent = pdl(q.device)
     _decode_kernel[(b, hkv, splits)](
         q,
         k_cache,
@@ -243,6 +249,8 @@ def decode_attention(
         HAS_WINDOW=window is not None,
         HAS_SOFTCAP=softcap is not None,
         IEEE=q.dtype == torch.float32,
+        PDL=dependent,
+        launch_pdl=dependent,
     )
     return out
 

@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from truffula.kernels.triton_support import pdl
 
 
 @triton.jit
@@ -34,7 +37,11 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # launched while the kernel before finishes: wait for it before touching memory
+        gdc_wait()
+        gdc_launch_dependents()
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < n_out
     rows = w_ptr + n[:, None].to(tl.int64) * stride_w
@@ -85,6 +92,7 @@ def gemv(
     x = x.contiguous()
     y = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
     bn, bk, warps, stages = config or _config(n_out)
+    dependent = pdl(x.device)
     _gemv_kernel[(triton.cdiv(n_out, bn),)](
         x,
         weight,
@@ -99,8 +107,10 @@ def gemv(
         BLOCK_N=bn,
         BLOCK_K=bk,
         EVEN=n_out % bn == 0 and n_in % bk == 0,
+        PDL=dependent,
         num_warps=warps,
         num_stages=stages,
+        launch_pdl=dependent,
     )
     return y
 

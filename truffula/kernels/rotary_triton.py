@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from truffula.kernels.triton_support import next_pow2
+from truffula.kernels.triton_support import next_pow2, pdl
 
 
 @triton.jit
@@ -33,10 +34,14 @@ def _rotary_kernel(
     ROT: tl.constexpr,
     BLOCK_D: tl.constexpr,
     WRITE_CACHE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Heads [0, n_heads) are rotated into ``out``. With WRITE_CACHE the row is a whole qkv
     projection: heads past n_heads are keys (rotated) then values (copied), written to
     their cache slot instead."""
+    if PDL:  # launched while the kernel before finishes: wait for it before touching memory
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -150,6 +155,7 @@ def rotary_into_cache(
     of the caches ([slots, Hkv, D]); one launch instead of rotary + two cache writes."""
     t, _, d = qkv.shape
     out = torch.empty((t, n_heads, d), dtype=qkv.dtype, device=qkv.device)
+    dependent = pdl(qkv.device)
     _rotary_kernel[(t, n_heads + 2 * n_kv_heads)](
         qkv,
         positions,
@@ -171,5 +177,7 @@ def rotary_into_cache(
         ROT=rot_dim,
         BLOCK_D=next_pow2(d),
         WRITE_CACHE=True,
+        PDL=dependent,
+        launch_pdl=dependent,
     )
     return out

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 try:
     import triton  # noqa: F401
 
@@ -18,6 +20,26 @@ except ImportError:  # CPU-only installs
 
 ENABLED = AVAILABLE and os.environ.get("TRUFFULA_KERNELS", "auto") != "torch"
 """``TRUFFULA_KERNELS=torch`` keeps the torch reference on CUDA too (for comparisons)."""
+
+_PDL: dict[int, bool] = {}
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether the kernels of a decode step launch with programmatic dependent launch on
+    ``device`` (Hopper and later, not through Triton's interpreter; ``TRUFFULA_PDL=0`` turns
+    it off): each such kernel is launched while the one before it finishes, and waits for it
+    (``gdc_wait``) before touching memory, so the launch gaps between the many small kernels of
+    a decode step overlap the kernels before them, in CUDA graphs too."""
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PDL:
+        _PDL[index] = (
+            os.environ.get("TRUFFULA_PDL", "1") != "0"
+            and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(index)[0] >= 9
+        )
+    return _PDL[index]
 
 
 def next_pow2(n: int) -> int:
