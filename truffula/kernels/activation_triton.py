@@ -41,7 +41,7 @@ def act_and_mul(x: torch.Tensor, gelu: bool) -> torch.Tensor:
     x2 = x.reshape(-1, 2 * n)
     out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
     block = min(1024, next_pow2(n))
-    dependent = pdl(x.device)
+    dependent = pdl(x.device, x2.shape[0])
     _act_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](
         x2, out, n, x2.stride(0), GELU=gelu, BLOCK=block, PDL=dependent, launch_pdl=dependent
     )

@@ -219,7 +219,7 @@ def decode_attention(
     part = torch.empty(
         b * h * splits * (d + 2) if splits > 1 else 1, dtype=torch.float32, device=q.device
     )
-    dependent = pdl(q.device)
+    dependent = pdl(q.device, b)
     _decode_kernel[(b, hkv, splits)](
         q,
         k_cache,

@@ -92,7 +92,7 @@ def gemv(
     x = x.contiguous()
     y = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
     bn, bk, warps, stages = config or _config(n_out)
-    dependent = pdl(x.device)
+    dependent = pdl(x.device, 1)
     _gemv_kernel[(triton.cdiv(n_out, bn),)](
         x,
         weight,

@@ -53,7 +53,7 @@ def add_rms_norm(
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(out) if residual is not None else out
     r2 = residual.reshape(-1, n) if residual is not None else x2
-    dependent = pdl(x.device)
+    dependent = pdl(x.device, x2.shape[0])
     _add_rms_norm_kernel[(x2.shape[0],)](
         x2,
         r2,

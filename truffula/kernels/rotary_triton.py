@@ -155,7 +155,7 @@ def rotary_into_cache(
     of the caches ([slots, Hkv, D]); one launch instead of rotary + two cache writes."""
     t, _, d = qkv.shape
     out = torch.empty((t, n_heads, d), dtype=qkv.dtype, device=qkv.device)
-    dependent = pdl(qkv.device)
+    dependent = pdl(qkv.device, t)
     _rotary_kernel[(t, n_heads + 2 * n_kv_heads)](
         qkv,
         positions,
