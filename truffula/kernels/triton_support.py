@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from truffula.envs import TRUFFULA_KERNELS, TRUFFULA_PDL
+
 try:
     import triton  # noqa: F401
 
@@ -18,7 +20,7 @@ try:
 except ImportError:  # CPU-only installs
     AVAILABLE = False
 
-ENABLED = AVAILABLE and os.environ.get("TRUFFULA_KERNELS", "auto") != "torch"
+ENABLED = AVAILABLE and os.environ.get(TRUFFULA_KERNELS, "auto") != "torch"
 """``TRUFFULA_KERNELS=torch`` keeps the torch reference on CUDA too (for comparisons)."""
 
 _PDL: dict[int, bool] = {}
@@ -39,7 +41,7 @@ def pdl(device: torch.device, rows: int) -> bool:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _PDL:
         _PDL[index] = (
-            os.environ.get("TRUFFULA_PDL", "1") != "0"
+            os.environ.get(TRUFFULA_PDL, "1") != "0"
             and os.environ.get("TRITON_INTERPRET") != "1"
             and torch.cuda.get_device_capability(index)[0] >= 9
         )
