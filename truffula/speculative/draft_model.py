@@ -226,12 +226,9 @@ class DraftModel:
             if first is None:
                 first = torch.empty(len(rows), dtype=argmax.dtype, device=self.device)
             if done:
-                at, of = ([d[x] for d in done] for x in (0, 1))
-                first.index_copy_(
-                    0,
-                    host_tensor(at, torch.long, self.device),
-                    argmax[host_tensor(of, torch.long, self.device)],
-                )
+                rows_done = host_tensor([i for i, _ in done], torch.long, self.device)
+                places = host_tensor([j for _, j in done], torch.long, self.device)
+                first.index_copy_(0, rows_done, argmax[places])
         assert first is not None
         return first
 
