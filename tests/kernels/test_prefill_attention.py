@@ -50,6 +50,7 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
         (33, 161, 6, 6, 32),  # no grouping, lengths off every tile
         (1, 90, 4, 1, 64),  # one query
         (200, 200 + 128, 32, 8, 128),  # the 8B layout, a cache of exactly two tiles
+        (40, 170, 2, 1, 256),  # Gemma's head dimension: smaller tiles
     ],
 )
 def test_chunk_attention(
@@ -57,7 +58,7 @@ def test_chunk_attention(
 ) -> None:
     from truffula.kernels.attention_prefill_triton import chunk_attention
 
-    if INTERPRET and dim == 128:
+    if INTERPRET and heads == 32:
         pytest.skip("the 8B layout is slow through the interpreter")
     g = torch.Generator().manual_seed(n_q * 7 + n_kv)
     q = torch.randn(n_q, heads, dim, generator=g).to(dtype).to(DEV)
@@ -69,3 +70,15 @@ def test_chunk_attention(
     want = reference(q, k, v, scale)
     err = ((got.double() - want).norm() / want.norm()).item()
     assert err < (2e-5 if dtype == torch.float32 else 1e-2), err
+
+
+def test_tiles_fit_shared_memory() -> None:
+    """The measured tiles stand where they fit; a head dimension of 256 gets smaller ones."""
+    from truffula.kernels.attention_prefill_triton import CONFIG, fit_tiles
+
+    h200 = 232_448  # shared memory a program may claim on an H100/H200
+    bm, bn, _, stages = CONFIG
+    assert fit_tiles(bm, bn, stages, 128, 2, h200) == (bm, bn, stages)
+    for d, limit in ((256, h200), (256, 166_912), (128, 101_376)):
+        m, n, st = fit_tiles(bm, bn, stages, d, 2, limit)
+        assert (m + 2 * st * n) * d * 2 <= limit and m * d <= 128 * 128, (d, m, n, st)

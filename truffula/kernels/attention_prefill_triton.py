@@ -15,6 +15,7 @@ value blocks come through TMA tensor descriptors (``TMA``), 1.2x the plain loads
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -132,6 +133,35 @@ def _prefill_kernel(
     tl.store(o, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
+def fit_tiles(bm: int, bn: int, stages: int, d: int, elem: int, limit: int) -> tuple[int, int, int]:
+    """The tiles shrunk until a program fits: query blocks so that the fp32 accumulator holds
+    at most 128 x 128 values, then stages (to 2), key blocks and query blocks (to 32) until the
+    query tile and ``stages`` key and value tiles fit ``limit`` bytes of shared memory. Head
+    dimensions of 256 (Gemma) need half the 128's tiles."""
+
+    def smem(bm: int, bn: int, stages: int) -> int:
+        return (bm + 2 * stages * bn) * d * elem
+
+    bm = min(bm, max(32, 128 * 128 // d))  # the fp32 accumulator, bm x d, in registers
+    while smem(bm, bn, stages) > limit:
+        if stages > 2:
+            stages -= 1
+        elif bn > 32:
+            bn //= 2
+        elif bm > 32:
+            bm //= 2
+        else:
+            break
+    return bm, bn, stages
+
+
+@functools.cache
+def _smem(device: torch.device) -> int:
+    """Shared memory a program may claim on ``device`` (bytes)."""
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024)
+
+
 def _tma_fits(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether keys and values can be read through tensor descriptors: a Hopper-class GPU,
     16-bit rows of adjacent heads, 16-byte aligned."""
@@ -170,6 +200,8 @@ def chunk_attention(
     bm, bn, warps, stages = config or (CONFIG if tma else CONFIG_NO_TMA)
     if q.dtype == torch.float32:  # the registers of fp32 tiles
         bm, bn, warps, stages = min(bm, 64), min(bn, 32), 4, 1
+    if q.is_cuda:
+        bm, bn, stages = fit_tiles(bm, bn, stages, d, q.element_size(), _smem(q.device))
     _prefill_kernel[(triton.cdiv(n_q, bm), h)](
         q,
         k,
