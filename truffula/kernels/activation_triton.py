@@ -6,11 +6,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from truffula.kernels import activation_torch
 from truffula.kernels.activation_torch import Activation
-from truffula.kernels.triton_support import next_pow2, pdl
+from truffula.kernels.triton_support import (
+    gdc_launch_dependents,
+    gdc_wait,
+    next_pow2,
+    pdl,
+    pdl_launch,
+)
 
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 
@@ -43,7 +48,7 @@ def act_and_mul(x: torch.Tensor, gelu: bool) -> torch.Tensor:
     block = min(1024, next_pow2(n))
     dependent = pdl(x.device, x2.shape[0])
     _act_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](
-        x2, out, n, x2.stride(0), GELU=gelu, BLOCK=block, PDL=dependent, launch_pdl=dependent
+        x2, out, n, x2.stride(0), GELU=gelu, BLOCK=block, PDL=dependent, **pdl_launch(dependent)
     )
     return out.view(*x.shape[:-1], n)
 

@@ -9,7 +9,8 @@ is the flash algorithm for the bottom-right case. One program per (BLOCK_M queri
 walks the keys in BLOCK_N blocks with an online softmax (exp2, the scale folded in): first
 every key the whole tile sees, without a mask, then the diagonal blocks, masked. Tiles are
 issued longest first. Keys and values are rows [keys, kv_heads, head_dim] (the caller gathers
-the cached ones); grouped query heads read their kv head. On Hopper-class GPUs the key and
+the cached ones); grouped query heads read their kv head. On Hopper-class GPUs (and a Triton
+with tensor descriptors) the key and
 value blocks come through TMA tensor descriptors (``TMA``), 1.2x the plain loads' speed.
 """
 
@@ -21,6 +22,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from truffula.kernels.triton_support import HAS_DESCRIPTORS
 
 CONFIG = (128, 128, 8, 3)
 """(BLOCK_M, BLOCK_N, num_warps, num_stages) with keys and values read through tensor
@@ -165,7 +168,7 @@ def _smem(device: torch.device) -> int:
 def _tma_fits(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether keys and values can be read through tensor descriptors: a Hopper-class GPU,
     16-bit rows of adjacent heads, 16-byte aligned."""
-    if not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
+    if not (HAS_DESCRIPTORS and k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
         return False
     return all(
         t.dtype in (torch.bfloat16, torch.float16)

@@ -17,14 +17,19 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from truffula.forward import AttentionMetadata
 from truffula.kernels.attention_prefill_triton import chunk_attention
 from truffula.kernels.attention_torch import prefill_attention, write_kv
 from truffula.kernels.attention_varlen_triton import varlen_attention
 from truffula.kernels.rotary_triton import rotary_into_cache
-from truffula.kernels.triton_support import next_pow2, pdl
+from truffula.kernels.triton_support import (
+    gdc_launch_dependents,
+    gdc_wait,
+    next_pow2,
+    pdl,
+    pdl_launch,
+)
 
 SMS_TARGET = 264  # about two programs per SM of an H100/H200
 
@@ -250,7 +255,7 @@ def decode_attention(
         HAS_SOFTCAP=softcap is not None,
         IEEE=q.dtype == torch.float32,
         PDL=dependent,
-        launch_pdl=dependent,
+        **pdl_launch(dependent),
     )
     return out
 

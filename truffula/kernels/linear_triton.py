@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from truffula.kernels.triton_support import pdl
+from truffula.kernels.triton_support import gdc_launch_dependents, gdc_wait, pdl, pdl_launch
 
 
 @triton.jit
@@ -110,7 +109,7 @@ def gemv(
         PDL=dependent,
         num_warps=warps,
         num_stages=stages,
-        launch_pdl=dependent,
+        **pdl_launch(dependent),
     )
     return y
 

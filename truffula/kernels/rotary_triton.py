@@ -7,9 +7,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from truffula.kernels.triton_support import next_pow2, pdl
+from truffula.kernels.triton_support import (
+    gdc_launch_dependents,
+    gdc_wait,
+    next_pow2,
+    pdl,
+    pdl_launch,
+)
 
 
 @triton.jit
@@ -178,6 +183,6 @@ def rotary_into_cache(
         BLOCK_D=next_pow2(d),
         WRITE_CACHE=True,
         PDL=dependent,
-        launch_pdl=dependent,
+        **pdl_launch(dependent),
     )
     return out

@@ -20,6 +20,21 @@ try:
 except ImportError:  # CPU-only installs
     AVAILABLE = False
 
+HAS_DESCRIPTORS = False
+"""This Triton makes tensor descriptors (TMA loads on Hopper): 3.4 and later."""
+HAS_PDL = False
+"""This Triton launches kernels as programmatic dependent launches (``launch_pdl``, ``gdc_*``)."""
+if AVAILABLE:
+    import triton.language as _tl
+
+    HAS_DESCRIPTORS = hasattr(_tl, "make_tensor_descriptor")
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+        HAS_PDL = True
+    except ImportError:  # older Triton: the kernels' ``if PDL:`` branches are never compiled
+        gdc_wait = gdc_launch_dependents = None
+
 ENABLED = AVAILABLE and os.environ.get(TRUFFULA_KERNELS, "auto") != "torch"
 """``TRUFFULA_KERNELS=torch`` keeps the torch reference on CUDA too (for comparisons)."""
 
@@ -36,7 +51,7 @@ def pdl(device: torch.device, rows: int) -> bool:
     it off): such a kernel is launched while the one before it finishes, and waits for it
     (``gdc_wait``) before touching memory, so the launch gaps between a one-token step's many
     small kernels overlap the kernels before them, in CUDA graphs too."""
-    if device.type != "cuda" or rows > PDL_ROWS:
+    if not HAS_PDL or device.type != "cuda" or rows > PDL_ROWS:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _PDL:
@@ -60,3 +75,8 @@ VARLEN_ROWS = 64
 def varlen_block_q(num_heads: int, num_kv_heads: int) -> int:
     """Query tokens per tile of ``attention_varlen_triton`` for this head layout (at least 1)."""
     return max(1, VARLEN_ROWS // next_pow2(num_heads // num_kv_heads))
+
+
+def pdl_launch(dependent: bool) -> dict[str, bool]:
+    """The launch option of a dependent launch (none otherwise, which any Triton accepts)."""
+    return {"launch_pdl": True} if dependent else {}
