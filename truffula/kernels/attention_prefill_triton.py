@@ -9,9 +9,9 @@ is the flash algorithm for the bottom-right case. One program per (BLOCK_M queri
 walks the keys in BLOCK_N blocks with an online softmax (exp2, the scale folded in): first
 every key the whole tile sees, without a mask, then the diagonal blocks, masked. Tiles are
 issued longest first. Keys and values are rows [keys, kv_heads, head_dim] (the caller gathers
-the cached ones); grouped query heads read their kv head. On Hopper-class GPUs (and a Triton
-with tensor descriptors) the key and
-value blocks come through TMA tensor descriptors (``TMA``), 1.2x the plain loads' speed.
+the cached ones); grouped query heads read their kv head. On Hopper-class GPUs, with a Triton
+that has tensor descriptors, the key and value blocks come through TMA (``TMA``), 1.2x the
+plain loads' speed. Tiles shrink to fit the device (``fit_tiles``).
 """
 
 from __future__ import annotations
