@@ -125,9 +125,11 @@ def _prefill_kernel(
             v_blk = v_desc.load([n0, kvh * HEAD_DIM])
         else:
             n64 = n.to(tl.int64)
-            kv_off = n64[:, None] * stride_kt + d[None, :]
-            k_blk = tl.load(k_base + kv_off, mask=ok[:, None], other=0.0)
-            v_blk = tl.load(v_base + n64[:, None] * stride_vt + d[None, :], mask=ok[:, None])
+            k_off = n64[:, None] * stride_kt + d[None, :]
+            v_off = n64[:, None] * stride_vt + d[None, :]
+            # zeros past the end: their weight is 0, and 0 x a stray NaN would not be
+            k_blk = tl.load(k_base + k_off, mask=ok[:, None], other=0.0)
+            v_blk = tl.load(v_base + v_off, mask=ok[:, None], other=0.0)
         keep = ok[None, :] & (n[None, :] <= (offset + rows)[:, None])
         m_i, l_i, acc = _softmax_block(q, k_blk, v_blk, m_i, l_i, acc, keep, True, IEEE)
     l_i = tl.where(row_ok, l_i, 1.0)
