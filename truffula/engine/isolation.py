@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from truffula.engine.messages import EngineOutput
+from truffula.envs import TRUFFULA_FAULT_INJECT
 from truffula.errors import RequestValidationError
 from truffula.scheduler.output import SchedulerOutput
 
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("truffula.engine")
 
-FAULT_ENV = "TRUFFULA_FAULT_INJECT"
+FAULT_ENV = TRUFFULA_FAULT_INJECT
 
 
 @dataclass(eq=False)
