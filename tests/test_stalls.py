@@ -91,7 +91,10 @@ def test_a_late_turn_and_a_paused_stream_are_logged(
             clock.end()
         got = asyncio.run(consume())
     assert got == [b"a", b"b", b"c"]
-    lines = [r.getMessage() for r in caplog.records]
+    # a turn of no work is logged only when the host pauses this test itself (a busy machine)
+    lines = [
+        r.getMessage() for r in caplog.records if not r.getMessage().startswith("outputs turn")
+    ]
     assert len(lines) == 3, lines
     assert lines[0].startswith("outputs came 3")
     first, second = (
