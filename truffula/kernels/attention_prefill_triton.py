@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from truffula.kernels.triton_support import HAS_DESCRIPTORS
+from truffula.kernels.triton_support import HAS_DESCRIPTORS, fit_tiles
 
 CONFIG = (128, 128, 8, 3)
 """(BLOCK_M, BLOCK_N, num_warps, num_stages) with keys and values read through tensor
@@ -136,28 +136,6 @@ def _prefill_kernel(
     out = acc / l_i[:, None]
     o = o_ptr + rows[:, None].to(tl.int64) * stride_ot + h * stride_oh + d[None, :]
     tl.store(o, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
-
-
-def fit_tiles(bm: int, bn: int, stages: int, d: int, elem: int, limit: int) -> tuple[int, int, int]:
-    """The tiles shrunk until a program fits: query blocks so that the fp32 accumulator holds
-    at most 128 x 128 values, then stages (to 2), key blocks and query blocks (to 32) until the
-    query tile and ``stages`` key and value tiles fit ``limit`` bytes of shared memory. Head
-    dimensions of 256 (Gemma) need half the 128's tiles."""
-
-    def smem(bm: int, bn: int, stages: int) -> int:
-        return (bm + 2 * stages * bn) * d * elem
-
-    bm = min(bm, max(32, 128 * 128 // d))  # the fp32 accumulator, bm x d, in registers
-    while smem(bm, bn, stages) > limit:
-        if stages > 2:
-            stages -= 1
-        elif bn > 32:
-            bn //= 2
-        elif bm > 32:
-            bm //= 2
-        else:
-            break
-    return bm, bn, stages
 
 
 @functools.cache

@@ -1,4 +1,5 @@
-"""Whether the Triton kernels can run here. Importing this module never needs Triton or CUDA.
+"""Whether the Triton kernels can run here, and what is decided about them without Triton (tile
+sizes, dependent launches). Importing this module never needs Triton or CUDA.
 
 The ``*_triton.py`` modules import Triton at the top; ``truffula.kernels.select`` imports them
 only when it picks the Triton kernels (a CUDA device with Triton installed and enabled).
@@ -43,6 +44,29 @@ _PDL: dict[int, bool] = {}
 PDL_ROWS = 1
 """Rows up to which a launch is dependent: on an H200 (8B shape) batch-1 decode took 4.18
 against 4.33 ms/token with it, and a decode step of 64 rows 5.96 against 5.86 ms."""
+
+
+def fit_tiles(bm: int, bn: int, stages: int, d: int, elem: int, limit: int) -> tuple[int, int, int]:
+    """The prefill-chunk kernel's tiles (``attention_prefill_triton``) shrunk until a program
+    fits: query blocks so that the fp32 accumulator holds
+    at most 128 x 128 values, then stages (to 2), key blocks and query blocks (to 32) until the
+    query tile and ``stages`` key and value tiles fit ``limit`` bytes of shared memory. Head
+    dimensions of 256 (Gemma) need half the 128's tiles."""
+
+    def smem(bm: int, bn: int, stages: int) -> int:
+        return (bm + 2 * stages * bn) * d * elem
+
+    bm = min(bm, max(32, 128 * 128 // d))  # the fp32 accumulator, bm x d, in registers
+    while smem(bm, bn, stages) > limit:
+        if stages > 2:
+            stages -= 1
+        elif bn > 32:
+            bn //= 2
+        elif bm > 32:
+            bm //= 2
+        else:
+            break
+    return bm, bn, stages
 
 
 def pdl(device: torch.device, rows: int) -> bool:
