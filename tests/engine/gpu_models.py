@@ -55,6 +55,21 @@ def cuda_logsoftmax(model, ids: list[int]) -> torch.Tensor:  # type: ignore[no-u
     return model(torch.tensor([ids], device="cuda")).logits[0].float().log_softmax(-1).cpu()
 
 
+def assert_fp32_matches_hf(out, ref_model, k: int) -> None:  # type: ignore[no-untyped-def]
+    """One fp32 output against the HF model on its own tokens: greedy tokens, generated and
+    prompt logprobs within 1e-4, each generated token's ``k`` alternatives HF's top k."""
+    ids = out.prompt_token_ids + out.token_ids
+    with torch.no_grad():
+        ref = cuda_logsoftmax(ref_model, ids)
+    n = len(out.prompt_token_ids)
+    assert out.token_ids == ref[n - 1 : -1].argmax(-1).tolist()
+    for i, t in enumerate(out.tokens):
+        assert abs(t.logprob - ref[n - 1 + i, t.id].item()) < 1e-4
+        assert [a.id for a in t.alternatives] == ref[n - 1 + i].topk(k).indices.tolist()
+    for pos in range(1, n):
+        assert abs(out.prompt_tokens[pos].logprob - ref[pos - 1, ids[pos]].item()) < 1e-4
+
+
 def hf(folder: Path, dtype: torch.dtype):  # type: ignore[no-untyped-def]
     from transformers import AutoModelForCausalLM
 

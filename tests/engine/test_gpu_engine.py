@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.gpu_models import PROMPTS, TEXTS, cuda_logsoftmax, hf
+from engine.gpu_models import PROMPTS, TEXTS, assert_fp32_matches_hf, cuda_logsoftmax, hf
 
 pytestmark = [
     pytest.mark.gpu,
@@ -59,16 +59,7 @@ def test_fp32_cuda_matches_hf(tiny: Path, graphs: bool) -> None:
     )
     outs = llm.generate(PROMPTS, p)
     for out in outs:
-        ids = out.prompt_token_ids + out.token_ids
-        with torch.no_grad():
-            ref = cuda_logsoftmax(ref_model, ids)
-        n = len(out.prompt_token_ids)
-        assert out.token_ids == ref[n - 1 : -1].argmax(-1).tolist()
-        for i, t in enumerate(out.tokens):
-            assert abs(t.logprob - ref[n - 1 + i, t.id].item()) < 1e-4
-            assert [a.id for a in t.alternatives] == ref[n - 1 + i].topk(5).indices.tolist()
-        for pos in range(1, n):
-            assert abs(out.prompt_tokens[pos].logprob - ref[pos - 1, ids[pos]].item()) < 1e-4
+        assert_fp32_matches_hf(out, ref_model, 5)
     if graphs:
         assert llm.engine.runner.graphs.graphs  # decode steps replayed captured graphs
 
@@ -257,16 +248,7 @@ def test_steps_with_prefill_chunks_replay_graphs_and_match_hf(tiny: Path) -> Non
     outs = llm.generate(prompts, params)
     assert any(replays), "no step with a prefill chunk was replayed from a graph"
     for out in outs:
-        ids = out.prompt_token_ids + out.token_ids
-        with torch.no_grad():
-            ref = cuda_logsoftmax(ref_model, ids)
-        n = len(out.prompt_token_ids)
-        assert out.token_ids == ref[n - 1 : -1].argmax(-1).tolist()
-        for i, t in enumerate(out.tokens):
-            assert abs(t.logprob - ref[n - 1 + i, t.id].item()) < 1e-4
-            assert [a.id for a in t.alternatives] == ref[n - 1 + i].topk(4).indices.tolist()
-        for pos in range(1, n):
-            assert abs(out.prompt_tokens[pos].logprob - ref[pos - 1, ids[pos]].item()) < 1e-4
+        assert_fp32_matches_hf(out, ref_model, 4)
 
 
 def test_long_prompts_prefilled_in_chunks_match_hf(tiny: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -306,17 +288,8 @@ def test_long_prompts_prefilled_in_chunks_match_hf(tiny: Path, monkeypatch) -> N
     outs = llm.generate(prompts, p)
     assert any(kv > q for q, kv in calls), calls
     for out in outs:
-        ids = out.prompt_token_ids + out.token_ids
-        with torch.no_grad():
-            ref = cuda_logsoftmax(ref_model, ids)
-        n = len(out.prompt_token_ids)
-        assert n > 2 * 48
-        assert out.token_ids == ref[n - 1 : -1].argmax(-1).tolist()
-        for i, t in enumerate(out.tokens):
-            assert abs(t.logprob - ref[n - 1 + i, t.id].item()) < 1e-4
-            assert [a.id for a in t.alternatives] == ref[n - 1 + i].topk(4).indices.tolist()
-        for pos in range(1, n):
-            assert abs(out.prompt_tokens[pos].logprob - ref[pos - 1, ids[pos]].item()) < 1e-4
+        assert len(out.prompt_token_ids) > 2 * 48
+        assert_fp32_matches_hf(out, ref_model, 4)
 
 
 def test_prefix_cache_hits_on_cuda_match_hf_for_base_and_adapter(

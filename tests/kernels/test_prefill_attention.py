@@ -5,23 +5,12 @@ Triton's interpreter)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from truffula.kernels import triton_support
+from kernels.triton_marks import DEV, DTYPES, INTERPRET, MARKS
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not triton_support.AVAILABLE, reason="triton is not installed"),
-    pytest.mark.skipif(
-        not (torch.cuda.is_available() or INTERPRET), reason="needs CUDA (or TRITON_INTERPRET=1)"
-    ),
-]
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32] if INTERPRET else [torch.float32, torch.bfloat16]
+pytestmark = MARKS
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 TMA = [False, True] if INTERPRET or HOPPER else [False]
 

@@ -6,23 +6,12 @@ same checks on the CPU through Triton's interpreter (fp32 only, slowly).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from truffula.kernels import triton_support
+from kernels.triton_marks import DEV, DTYPES, INTERPRET, MARKS
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not triton_support.AVAILABLE, reason="triton is not installed"),
-    pytest.mark.skipif(
-        not (torch.cuda.is_available() or INTERPRET), reason="needs CUDA (or TRITON_INTERPRET=1)"
-    ),
-]
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32] if INTERPRET else [torch.float32, torch.bfloat16]
+pytestmark = MARKS
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

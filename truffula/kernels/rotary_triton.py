@@ -38,12 +38,11 @@ def _rotary_kernel(
     HALF: tl.constexpr,
     ROT: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    WRITE_CACHE: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """Heads [0, n_heads) are rotated into ``out``. With WRITE_CACHE the row is a whole qkv
-    projection: heads past n_heads are keys (rotated) then values (copied), written to
-    their cache slot instead."""
+    """One head of one token's whole qkv projection per program: heads [0, n_heads) are queries,
+    rotated into ``out``; past them come keys (rotated) and values (copied), written to their
+    cache slot."""
     if PDL:  # launched while the kernel before finishes: wait for it before touching memory
         gdc_wait()
         gdc_launch_dependents()
@@ -60,17 +59,14 @@ def _rotary_kernel(
     rotated = tl.where(d < HALF, -xp, xp)
     y = tl.where((d < ROT) & (h < n_rot_heads), x * cos + rotated * sin, x)
     out = out_ptr + (t * n_heads + h) * HEAD_DIM
-    if WRITE_CACHE:
-        if h >= n_heads:
-            slot = tl.load(slot_ptr + t).to(tl.int64)
-            kv = h - n_heads
-            if kv < n_kv_heads:
-                dst = k_cache_ptr + slot * stride_cs + kv * stride_ch
-            else:
-                dst = v_cache_ptr + slot * stride_cs + (kv - n_kv_heads) * stride_ch
-            tl.store(dst + d, y.to(k_cache_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+    if h >= n_heads:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        kv = h - n_heads
+        if kv < n_kv_heads:
+            dst = k_cache_ptr + slot * stride_cs + kv * stride_ch
         else:
-            tl.store(out + d, y.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+            dst = v_cache_ptr + slot * stride_cs + (kv - n_kv_heads) * stride_ch
+        tl.store(dst + d, y.to(k_cache_ptr.dtype.element_ty), mask=d < HEAD_DIM)
     else:
         tl.store(out + d, y.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
@@ -181,7 +177,6 @@ def rotary_into_cache(
         HALF=rot_dim // 2,
         ROT=rot_dim,
         BLOCK_D=next_pow2(d),
-        WRITE_CACHE=True,
         PDL=dependent,
         **pdl_launch(dependent),
     )

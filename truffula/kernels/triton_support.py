@@ -48,10 +48,10 @@ against 4.33 ms/token with it, and a decode step of 64 rows 5.96 against 5.86 ms
 
 def fit_tiles(bm: int, bn: int, stages: int, d: int, elem: int, limit: int) -> tuple[int, int, int]:
     """The prefill-chunk kernel's tiles (``attention_prefill_triton``) shrunk until a program
-    fits: query blocks so that the fp32 accumulator holds
-    at most 128 x 128 values, then stages (to 2), key blocks and query blocks (to 32) until the
-    query tile and ``stages`` key and value tiles fit ``limit`` bytes of shared memory. Head
-    dimensions of 256 (Gemma) need half the 128's tiles."""
+    fits: query blocks so that the fp32 accumulator holds at most 128 x 128 values, then
+    stages (to 2), key blocks and query blocks (to 32) until the query tile and ``stages`` key
+    and value tiles fit ``limit`` bytes of shared memory. Head dimensions of 256 (Gemma) need
+    half the 128's tiles."""
 
     def smem(bm: int, bn: int, stages: int) -> int:
         return (bm + 2 * stages * bn) * d * elem
