@@ -276,6 +276,8 @@ def eight_b(res: dict[str, Any], sections: str, bw: float, n_req: int, new: int)
     core = engine_8b(f8, hf8)
     if "a" in sections:
         batch_one(res, hf8, core, wbytes, bw, 64 if n_req < 64 else 128)
+    if not set(sections) & set("bcd"):  # (b) is what (c) and (d) compare with
+        return
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, 128000, (512,), generator=gen).tolist() for _ in range(n_req)]
     base = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)

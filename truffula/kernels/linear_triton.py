@@ -22,6 +22,22 @@ from truffula.kernels.triton_support import gdc_launch_dependents, gdc_wait, pdl
 
 
 @triton.jit
+def _tile(rows, k, nmask, n_in, EVEN: tl.constexpr):
+    """Columns ``k`` of the program's weight rows (unmasked loads when the shape is even)."""
+    if EVEN:
+        return tl.load(rows + k[None, :])
+    return tl.load(rows + k[None, :], mask=nmask[:, None] & (k < n_in)[None, :], other=0.0)
+
+
+@triton.jit
+def _xs(x_ptr, k, n_in, EVEN: tl.constexpr):
+    """Entries ``k`` of x in float32."""
+    if EVEN:
+        return tl.load(x_ptr + k).to(tl.float32)
+    return tl.load(x_ptr + k, mask=k < n_in, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,
     w_ptr,
@@ -37,24 +53,25 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     EVEN: tl.constexpr,
     PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
-    if PDL:  # launched while the kernel before finishes: wait for it before touching memory
-        gdc_wait()
-        gdc_launch_dependents()
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < n_out
     rows = w_ptr + n[:, None].to(tl.int64) * stride_w
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, n_in, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        if EVEN:
-            x = tl.load(x_ptr + k).to(tl.float32)
-            w = tl.load(rows + k[None, :])
-        else:
-            kmask = k < n_in
-            x = tl.load(x_ptr + k, mask=kmask, other=0.0).to(tl.float32)
-            w = tl.load(rows + k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
+    k = tl.arange(0, BLOCK_K)
+    start = 0
+    if PDL:  # launched while the kernel before finishes: wait for it before touching x
+        if PREFETCH:  # the weight does not depend on it: the first tile streams in meanwhile
+            w0 = _tile(rows, k, nmask, n_in, EVEN)
+        gdc_wait()
+        gdc_launch_dependents()
+        if PREFETCH:
+            acc += w0.to(tl.float32) * _xs(x_ptr, k, n_in, EVEN)[None, :]
+            start = BLOCK_K
+    for k0 in range(start, n_in, BLOCK_K):
+        w = _tile(rows, k0 + k, nmask, n_in, EVEN)
+        acc += w.to(tl.float32) * _xs(x_ptr, k0 + k, n_in, EVEN)[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_SCALE:
         y *= tl.load(s_ptr + n, mask=nmask, other=0.0).to(tl.float32)
@@ -62,6 +79,12 @@ def _gemv_kernel(
         y += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
     tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=nmask)
 
+
+PREFETCH = True
+"""A dependent launch loads its first weight tile before it waits for the kernel before it (whose
+output is x): on an H200 (8B shape) batch-1 decode took 4.08 against 4.21 ms/token, and fp8
+weights 2.84 against 2.90; two tiles (4.25) and prefetching further into L2 (4.44-5.16) were
+slower."""
 
 Config = tuple[int, int, int, int]
 """(BLOCK_N, BLOCK_K, num_warps, num_stages)."""
@@ -107,6 +130,7 @@ def gemv(
         BLOCK_K=bk,
         EVEN=n_out % bn == 0 and n_in % bk == 0,
         PDL=dependent,
+        PREFETCH=PREFETCH and dependent,
         num_warps=warps,
         num_stages=stages,
         **pdl_launch(dependent),

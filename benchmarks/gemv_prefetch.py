@@ -1,0 +1,81 @@
+"""The one-row GEMV's weight prefetch on CUDA, on and off in one process: batch-1 decode of the
+Llama-3-8B shape (random weights) in bf16 and with ``--quantization fp8``.
+
+    python benchmarks/gemv_prefetch.py [--repeats 3] [--out DIR]
+
+A dependent launch (Hopper) of the GEMV loads its first weight tile before it waits for the
+kernel before it (``kernels.linear_triton.PREFETCH``). One engine per setting, built with it (the
+setting is compiled into the captured graphs); engines alternate, each measured ``--repeats``
+times; the greedy tokens of every engine are checked equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from gpu import batch1_ms_per_token, build_8b, engine_for, measure_bandwidth, weight_bytes
+
+from truffula.kernels import linear_triton
+from truffula.sampling.params import SamplingParams
+
+
+def tokens(core) -> list[int]:  # type: ignore[no-untyped-def]
+    core.add_request(
+        [3, 1, 4, 1, 5, 9, 2, 6], SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+    )
+    got: list[int] = []
+    while core.has_work():
+        for o in core.step():
+            got += [t.id for t in o.tokens]
+    return got
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    hf, folder = build_8b()
+    roof = 1e3 * weight_bytes(hf) / measure_bandwidth()
+    res: dict[str, object] = {"bf16_roofline_ms": roof}
+    for quant in (None, "fp8"):
+        label = quant or "bf16"
+        engines = {}
+        for on in (False, True):
+            linear_triton.PREFETCH = on
+            engines[on] = engine_for(
+                folder,
+                hf,
+                enable_prefix_caching=False,
+                max_num_seqs=8,
+                kv_cache_memory=2 << 30,
+                quantization=quant,
+            )
+        same = tokens(engines[False]) == tokens(engines[True])
+        ms: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(args.repeats):
+            for on, core in engines.items():
+                linear_triton.PREFETCH = on
+                ms[on].append(batch1_ms_per_token(core))
+        off, on = statistics.median(ms[False]), statistics.median(ms[True])
+        res[label] = {"off_ms": ms[False], "on_ms": ms[True], "same_tokens": same}
+        print(
+            f"{label}: prefetch off {off:.3f} ms/token, on {on:.3f} ({off / on:.3f}x; "
+            f"{100 * roof / on:.1f}% of the bf16 roofline {roof:.2f} ms); same tokens: {same}",
+            flush=True,
+        )
+        engines.clear()
+        gc.collect()
+        torch.cuda.empty_cache()
+    linear_triton.PREFETCH = True
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "gemv-prefetch.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
