@@ -86,12 +86,16 @@ FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
         (1, 20000, 1024, True),
         (1, 300, 1000, False),
         (3, 4096, 2048, True),
+        (5, 300, 1000, True),
         (64, 6144, 4096, False),
+        (64, 28672, 512, False),
+        (65, 4096, 2048, True),
     ],
 )
 def test_fp8_linear(rows: int, n_out: int, n_in: int, bias: bool) -> None:
     """fp8 linears against the float32 reference: weight-only for one row (the GEMV), W8A8 with
-    per-row activation scales for more (``_scaled_mm``)."""
+    per-row activation scales for more (the Triton GEMM up to 64 rows, uneven shapes too;
+    ``_scaled_mm`` above)."""
     from truffula.kernels import quant_fp8, quant_fp8_triton
 
     g = torch.Generator().manual_seed(n_out + rows)
