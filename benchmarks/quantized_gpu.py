@@ -7,7 +7,8 @@ The Llama-3-8B shape of ``benchmarks/gpu.py`` (random bf16 weights; ``--quick``:
 (g) the linear kernels alone, one row, per 8B projection shape: microseconds and the share of
     the weight-read roofline (weight bytes over the measured copy bandwidth), bf16 against each
     quantized format (fp8; int4 in groups of 128), and the fp8 GEMV's tile configurations
-    side by side; int4 against bf16 at 64 and 512 rows too;
+    side by side; int4 against bf16 at 64 and 512 rows too, and fp8 at 64 rows (the Triton
+    GEMM's tiles and ``_scaled_mm``, each with the activations' quantization);
 (a) batch-1 decode ms/token for bf16 and each ``--quantization`` method, each against its own
     weight roofline (fp8: one byte per projection weight; the LM head and norms stay bf16);
 (b) 64 concurrent requests, 512 in / 128 out: output tok/s and the ratio to bf16.
@@ -59,6 +60,9 @@ INT4_CANDIDATES = [(8, 1, 4, 3), (8, 4, 4, 3), (16, 2, 4, 3), (16, 4, 8, 4), (32
 """int4 GEMV tiles (rows, groups of 128 a step, warps, stages) timed beside the chosen one."""
 INT4_GEMM_CANDIDATES = [(64, 4, 3), (32, 4, 3), (32, 4, 4), (16, 2, 4), (16, 4, 3)]
 """int4 GEMM tiles (weight rows a program, warps, stages) timed at 64 rows of x."""
+FP8_GEMM_CANDIDATES = [(32, 128, 4, 4), (64, 128, 4, 4), (32, 256, 4, 3), (16, 256, 4, 4)]
+"""fp8 GEMM tiles (weight rows a program, columns a step, warps, stages) timed at 64 rows of
+x, the activations' quantization included."""
 
 
 def kernel_time_us(fn: Any, copies: int, iters: int = 48) -> float:
@@ -122,6 +126,27 @@ def one_shape(n: int, k: int, bw: float) -> dict[str, Any]:
             copies,
             iters=8,
         )
+    for c in FP8_GEMM_CANDIDATES:
+        row[f"rows64_fp8_{'x'.join(map(str, c))}_us"] = kernel_time_us(
+            lambda i, c=c: quant_fp8_triton.gemm(
+                *quant_fp8_triton.quantize_rows(x64), qs[i][0], qs[i][1], None, x64.dtype, c
+            ),
+            copies,
+            iters=8,
+        )
+    row["rows64_fp8_us"] = kernel_time_us(
+        lambda i: quant_fp8_triton.linear(x64, qs[i][0], qs[i][1], qs[i][1][None], None),
+        copies,
+        iters=8,
+    )
+
+    def scaled_mm(i: int) -> torch.Tensor:  # the path above 64 rows, at 64
+        xq, xs = quant_fp8_triton.quantize_rows(x64)
+        return torch._scaled_mm(
+            xq, qs[i][0].t(), scale_a=xs, scale_b=qs[i][1][None], out_dtype=x64.dtype
+        )
+
+    row["rows64_fp8_scaled_mm_us"] = kernel_time_us(scaled_mm, copies, iters=8)
     for m in (64, 512):  # decode of 64 (the in-register GEMM), a prefill chunk (dequantized)
         xm = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         row[f"rows{m}_bf16_us"] = kernel_time_us(
@@ -154,7 +179,8 @@ def linear_sweep(shape: dict[str, Any], bw: float) -> dict[str, Any]:
             f"of roofline); fp8 {row['fp8_chosen_us']:.1f} us ({row['fp8_roof_pct']:.0f}%); "
             f"int4 {row['int4_us']:.1f} us ({row['int4_roof_pct']:.0f}%); 64 / 512 rows: bf16 "
             f"{row['rows64_bf16_us']:.1f} / {row['rows512_bf16_us']:.1f}, int4 "
-            f"{row['rows64_int4_us']:.1f} / {row['rows512_int4_us']:.1f} us; "
+            f"{row['rows64_int4_us']:.1f} / {row['rows512_int4_us']:.1f} us; 64 rows fp8 "
+            f"{row['rows64_fp8_us']:.1f} us (_scaled_mm {row['rows64_fp8_scaled_mm_us']:.1f}); "
             f"tiles (us): {configs}",
             flush=True,
         )
