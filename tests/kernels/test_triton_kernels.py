@@ -113,6 +113,29 @@ def test_fp8_linear(rows: int, n_out: int, n_in: int, bias: bool) -> None:
         assert rel(want, quant_fp8.reference(x, q, s, b, activations=False)) > 1e-3
 
 
+@pytest.mark.skipif(not (FP8 or INTERPRET), reason="needs a GPU with fp8 (or the interpreter)")
+@pytest.mark.parametrize(
+    ("rows", "n_out", "n_in", "bias"), [(5, 48, 512, True), (3, 40, 300, False)]
+)
+def test_fp8_gemm_reads_a_weight_view(rows: int, n_out: int, n_in: int, bias: bool) -> None:
+    """The decode-step fp8 GEMM over a weight whose rows are a view of wider ones (the row
+    stride is the weight's, not its width), uneven tiles, against the float32 W8A8 reference."""
+    from truffula.kernels import quant_fp8, quant_fp8_triton
+
+    g = torch.Generator().manual_seed(n_out)
+    q, s = quant_fp8.quantize(torch.randn(n_out, n_in, generator=g) * 0.05)
+    wide = torch.zeros(n_out, n_in + 16, dtype=q.dtype)
+    wide[:, :n_in] = q
+    q = wide[:, :n_in].to(DEV)
+    s = s.to(DEV)
+    x = torch.randn(rows, n_in, generator=g).to(torch.bfloat16).to(DEV)
+    b = torch.randn(n_out, generator=g).to(torch.bfloat16).to(DEV) if bias else None
+    xq, xs = quant_fp8.quantize_rows(x)
+    got = quant_fp8_triton.gemm(xq, xs, q, s, b, torch.bfloat16, (16, 128, 4, 1))
+    assert got.shape == (rows, n_out) and got.dtype == torch.bfloat16
+    assert rel(got, quant_fp8.reference(x, q, s, b, activations=True)) < 1e-2
+
+
 @pytest.mark.skipif(not FP8, reason="needs a GPU with fp8 (compute capability 8.9+)")
 @pytest.mark.parametrize("n", [64, 1000, 14336])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

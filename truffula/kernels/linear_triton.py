@@ -82,9 +82,9 @@ def _gemv_kernel(
 
 PREFETCH = True
 """A dependent launch loads its first weight tile before it waits for the kernel before it (whose
-output is x): on an H200 (8B shape) batch-1 decode took 4.08 against 4.21 ms/token, and fp8
-weights 2.84 against 2.90; two tiles (4.25) and prefetching further into L2 (4.44-5.16) were
-slower."""
+output is x): on an H200 (8B shape, ``benchmarks/gemv_prefetch.py`` and earlier A/B runs)
+batch-1 decode took 4.05-4.08 against 4.12-4.21 ms/token, and fp8 weights 2.82-2.89 against
+2.90-2.93; two tiles (4.25) and prefetching further into L2 (4.44-5.16) were slower."""
 
 Config = tuple[int, int, int, int]
 """(BLOCK_N, BLOCK_K, num_warps, num_stages)."""

@@ -64,20 +64,21 @@ def _gemm_kernel(
     m_rows,
     n_out,
     n_in,
+    stride_w,
     HAS_BIAS: tl.constexpr,
     EVEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """y = (xq wq^T) * xs * ws (+ b): fp8 x [M, K] and w [N, K] (unit column stride), fp32
-    accumulation."""
+    """y = (xq wq^T) * xs * ws (+ b): fp8 x [M, K] (contiguous) and w [N, K] (unit column
+    stride), fp32 accumulation."""
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     mmask, nmask = rm < m_rows, rn < n_out
     xp = x_ptr + rm[:, None].to(tl.int64) * n_in + rk[None, :]
-    wp = w_ptr + rn[:, None].to(tl.int64) * n_in + rk[None, :]
+    wp = w_ptr + rn[:, None].to(tl.int64) * stride_w + rk[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, n_in, BLOCK_K):
         if EVEN:
@@ -130,14 +131,15 @@ def gemm(
     dtype: torch.dtype,
     config: GemmConfig | None = None,
 ) -> torch.Tensor:
-    """fp8 ``xq`` [M, K] with float32 row scales ``xs`` [M, 1] times the fp8 weight ``q`` [N, K]
-    with float32 ``scale`` [N] (+ ``bias``) -> [M, N] in ``dtype``."""
+    """fp8 ``xq`` [M, K] (contiguous) with float32 row scales ``xs`` [M, 1] times the fp8 weight
+    ``q`` [N, K] (unit column stride) with float32 ``scale`` [N] (+ ``bias``) -> [M, N] in
+    ``dtype``."""
     m, n_in = xq.shape
     n_out = q.shape[0]
     y = torch.empty(m, n_out, dtype=dtype, device=xq.device)
     bn, bk, warps, stages = config or gemm_config(n_out)
     _gemm_kernel[(triton.cdiv(n_out, bn), triton.cdiv(m, 64))](
-        xq, xs, q, scale, bias if bias is not None else y, y, m, n_out, n_in,
+        xq, xs, q, scale, bias if bias is not None else y, y, m, n_out, n_in, q.stride(0),
         HAS_BIAS=bias is not None, EVEN=n_out % bn == 0 and n_in % bk == 0,
         BLOCK_M=64, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )  # fmt: skip
