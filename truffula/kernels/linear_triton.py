@@ -90,15 +90,16 @@ Config = tuple[int, int, int, int]
 """(BLOCK_N, BLOCK_K, num_warps, num_stages)."""
 
 
-def _config(n_out: int) -> Config:
-    """The fastest measured for each 8B shape class on an H200: many rows -> short wide
-    tiles; few rows -> 4 rows x 1024 columns per step. The same tiles are the fastest of
-    those measured for fp8 weights too (benchmarks/quantized_gpu.py)."""
+def _config(n_out: int, elem: int = 2) -> Config:
+    """The fastest measured for each 8B shape class on an H200 (``benchmarks/gemv_tiles.py``,
+    batch-1 decode in the engine): many rows -> short wide tiles; few rows -> 4 rows x 1024
+    columns a step for 16-bit weights, 4 x 2048 (as many bytes) with 8 warps for fp8 (``elem``:
+    bytes a weight)."""
     if n_out >= 16384:
         return 16, 256, 4, 3
     if n_out > 4096:
-        return 8, 512, 8, 4
-    return 4, 1024, 4, 4
+        return (8, 512, 4, 4) if elem == 2 else (8, 512, 8, 4)
+    return (4, 1024, 4, 4) if elem == 2 else (4, 2048, 8, 4)
 
 
 def gemv(
@@ -113,7 +114,7 @@ def gemv(
     n_out, n_in = weight.shape
     x = x.contiguous()
     y = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
-    bn, bk, warps, stages = config or _config(n_out)
+    bn, bk, warps, stages = config or _config(n_out, weight.element_size())
     dependent = pdl(x.device, 1)
     _gemv_kernel[(triton.cdiv(n_out, bn),)](
         x,

@@ -2,8 +2,10 @@
 
 One row (batch-1 decode): a GEMV that streams the packed bytes, each tile ``TILE_GROUPS``
 groups of ``GROUP`` columns of ``BLOCK_N`` rows: the low and high nibbles multiply the even and
-odd entries of x, and each group's scale and minimum apply to its two sums
-(``scale * sum(q * x) + low * sum(x)``), so no weight is dequantized element by element. Up to
+odd entries of x, each byte's two products are scaled by its group's scale and the group's
+minimum times the two entries of x is added (``s * (q_e x_e + q_o x_o) + low * (x_e + x_o)``),
+into one float32 sum per byte of the tile, reduced once after the last step. A dependent
+launch (PDL) reads its first tile before it waits for x. Up to
 ``DEQUANT_ROWS`` rows: a GEMM whose weight tiles are unpacked and dequantized to x's dtype in
 registers before ``tl.dot``, one group per K step; from there (prefill) the weight dequantized
 whole, then cuBLAS.
@@ -17,6 +19,29 @@ import triton
 import triton.language as tl
 
 from truffula.kernels.quant_int4 import Int4Weight
+from truffula.kernels.triton_support import gdc_launch_dependents, gdc_wait, pdl, pdl_launch
+
+
+@triton.jit
+def _gemv_tile(rows3, nmask, t, GROUP: tl.constexpr, TILE_GROUPS: tl.constexpr, EVEN: tl.constexpr):
+    """Step ``t``'s packed bytes [BLOCK_N, TILE_GROUPS, GROUP / 2] (rows past the end: 0)."""
+    if EVEN:
+        return tl.load(rows3 + t * (TILE_GROUPS * GROUP // 2))
+    return tl.load(rows3 + t * (TILE_GROUPS * GROUP // 2), mask=nmask[:, None, None], other=0)
+
+
+@triton.jit
+def _gemv_step(acc, b, x_ptr, s_ptr, lo_ptr, srow, col, nmask, t,
+               GROUP: tl.constexpr, TILE_GROUPS: tl.constexpr):  # fmt: skip
+    """``acc`` plus step ``t``'s terms ``s * (q_even x_even + q_odd x_odd) + low * (x_even +
+    x_odd)`` for each byte, kept apart by byte (reduced once, after the last step)."""
+    two = tl.arange(0, 2)
+    x2 = tl.load(x_ptr + t * (TILE_GROUPS * GROUP) + (2 * col)[:, :, None] + two[None, None, :])
+    xe, xo = tl.split(x2.to(tl.float32))
+    s = tl.load(s_ptr + srow + t * TILE_GROUPS, mask=nmask[:, None], other=0.0)
+    m = tl.load(lo_ptr + srow + t * TILE_GROUPS, mask=nmask[:, None], other=0.0)
+    q = (b & 0xF).to(tl.float32) * xe[None] + (b >> 4).to(tl.float32) * xo[None]
+    return acc + s[:, :, None] * q + m[:, :, None] * (xe + xo)[None]
 
 
 @triton.jit
@@ -34,28 +59,29 @@ def _gemv_kernel(
     GROUP: tl.constexpr,
     TILE_GROUPS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    EVEN: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < n_out
-    half = tl.arange(0, TILE_GROUPS * GROUP // 2)
-    rows = p_ptr + n[:, None].to(tl.int64) * (n_in // 2)
-    grid_rows = n[:, None].to(tl.int64) * n_groups
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    for t in range(0, n_groups // TILE_GROUPS):
-        k0 = t * TILE_GROUPS * GROUP
-        xe = tl.load(x_ptr + k0 + 2 * half).to(tl.float32)
-        xo = tl.load(x_ptr + k0 + 2 * half + 1).to(tl.float32)
-        b = tl.load(rows + (k0 // 2 + half)[None, :], mask=nmask[:, None], other=0)
-        prod = (b & 0xF).to(tl.float32) * xe[None, :] + (b >> 4).to(tl.float32) * xo[None, :]
-        dots = tl.sum(tl.reshape(prod, [BLOCK_N, TILE_GROUPS, GROUP // 2]), axis=2)
-        xs = tl.sum(tl.reshape(xe + xo, [TILE_GROUPS, GROUP // 2]), axis=1)
-        g = t * TILE_GROUPS + tl.arange(0, TILE_GROUPS)
-        s = tl.load(s_ptr + grid_rows + g[None, :], mask=nmask[:, None], other=0.0)
-        m = tl.load(lo_ptr + grid_rows + g[None, :], mask=nmask[:, None], other=0.0)
-        acc += tl.sum(s * dots + m * xs[None, :], axis=1)
+    col = tl.arange(0, TILE_GROUPS)[:, None] * (GROUP // 2) + tl.arange(0, GROUP // 2)[None, :]
+    rows3 = p_ptr + n[:, None, None].to(tl.int64) * (n_in // 2) + col[None, :, :]
+    srow = n[:, None].to(tl.int64) * n_groups + tl.arange(0, TILE_GROUPS)[None, :]
+    acc = tl.zeros([BLOCK_N, TILE_GROUPS, GROUP // 2], tl.float32)
+    start = 0
+    if PDL:  # launched while the kernel before (x's writer) finishes: its first bytes meanwhile
+        b0 = _gemv_tile(rows3, nmask, 0, GROUP, TILE_GROUPS, EVEN)
+        gdc_wait()
+        gdc_launch_dependents()
+        acc = _gemv_step(acc, b0, x_ptr, s_ptr, lo_ptr, srow, col, nmask, 0, GROUP, TILE_GROUPS)
+        start = 1
+    for t in range(start, n_groups // TILE_GROUPS):
+        b = _gemv_tile(rows3, nmask, t, GROUP, TILE_GROUPS, EVEN)
+        acc = _gemv_step(acc, b, x_ptr, s_ptr, lo_ptr, srow, col, nmask, t, GROUP, TILE_GROUPS)
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
+        y += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
 GemvConfig = tuple[int, int, int, int]
@@ -63,11 +89,12 @@ GemvConfig = tuple[int, int, int, int]
 
 
 def gemv_config(n_out: int, n_groups: int) -> GemvConfig:
-    """16 rows for the widest projections, else 8; as many groups a step as divide the row (up
-    to 4, 256 bytes of each row at group 128). On an H200 (8B shapes, ``benchmarks/
-    quantized_gpu.py``) the fastest tiles of those it times beside them, or within 3%."""
-    tile = next(t for t in (4, 2, 1) if n_groups % t == 0)
-    return (16 if n_out >= 16384 else 8), tile, 4, 3
+    """8 rows a program, 4 warps, 3 stages, and as many groups a step as divide the row, up to
+    8 (512 bytes of each row at group 128) for the 4,096-row projections and 4 for wider ones:
+    the fastest of the tables tried on an H200 (8B shape, batch-1 decode in the engine,
+    ``benchmarks/gemv_tiles.py``)."""
+    tiles = (4, 2, 1) if n_out > 4096 else (8, 4, 2, 1)
+    return 8, next(t for t in tiles if n_groups % t == 0), 4, 3
 
 
 @triton.jit
@@ -197,10 +224,11 @@ def linear(
         bn, tile, warps, stages = config or gemv_config(n_out, groups)
         if groups % tile:
             raise ValueError(f"{tile} groups a step do not divide the row's {groups} groups")
+        dependent = pdl(x.device, 1)
         _gemv_kernel[(triton.cdiv(n_out, bn),)](
             x2, w.packed, w.scale, w.low, b, y, n_out, n_in, groups,
             HAS_BIAS=bias is not None, GROUP=w.group, TILE_GROUPS=tile, BLOCK_N=bn,
-            num_warps=warps, num_stages=stages,
+            EVEN=n_out % bn == 0, PDL=dependent, num_warps=warps, num_stages=stages, **pdl_launch(dependent),
         )  # fmt: skip
     else:
         bm = 16 if m <= 16 else 64
