@@ -1,12 +1,15 @@
-"""The one-row GEMV's weight prefetch on CUDA, on and off in one process: batch-1 decode of the
+"""A switch of the one-row GEMV on CUDA, on and off in one process: batch-1 decode of the
 Llama-3-8B shape (random weights) in bf16 and with ``--quantization fp8``.
 
-    python benchmarks/gemv_prefetch.py [--repeats 3] [--out DIR]
+    python benchmarks/gemv_prefetch.py [--switch prefetch|gated] [--repeats 3] [--out DIR]
 
-A dependent launch (Hopper) of the GEMV loads its first weight tile before it waits for the
-kernel before it (``kernels.linear_triton.PREFETCH``). One engine per setting, built with it (the
-setting is compiled into the captured graphs); engines alternate, each measured ``--repeats``
-times; the greedy tokens of every engine are checked equal.
+``prefetch``: a dependent launch (Hopper) of the GEMV loads its first weight tile before it
+waits for the kernel before it (``kernels.linear_triton.PREFETCH``). ``gated``: the gate/up
+projection applies SiLU * up in its epilogue instead of a kernel after it
+(``kernels.linear_triton.GATED_ROWS``). One engine per setting, built with it (the setting is
+compiled into the captured graphs); engines alternate, each measured ``--repeats`` times; the
+greedy tokens are compared (the prefetch changes no arithmetic; the gated epilogue skips the
+16-bit rounding of gate and up, so its tokens may differ).
 """
 
 from __future__ import annotations
@@ -37,9 +40,11 @@ def tokens(core) -> list[int]:  # type: ignore[no-untyped-def]
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--switch", choices=("prefetch", "gated"), default="prefetch")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
+    flag = {"prefetch": "PREFETCH", "gated": "GATED_ROWS"}[args.switch]
     hf, folder = build_8b()
     roof = 1e3 * weight_bytes(hf) / measure_bandwidth()
     res: dict[str, object] = {"bf16_roofline_ms": roof}
@@ -47,7 +52,7 @@ def main() -> None:
         label = quant or "bf16"
         engines = {}
         for on in (False, True):
-            linear_triton.PREFETCH = on
+            setattr(linear_triton, flag, on)
             engines[on] = engine_for(
                 folder,
                 hf,
@@ -60,21 +65,21 @@ def main() -> None:
         ms: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(args.repeats):
             for on, core in engines.items():
-                linear_triton.PREFETCH = on
+                setattr(linear_triton, flag, on)
                 ms[on].append(batch1_ms_per_token(core))
         off, on = statistics.median(ms[False]), statistics.median(ms[True])
         res[label] = {"off_ms": ms[False], "on_ms": ms[True], "same_tokens": same}
         print(
-            f"{label}: prefetch off {off:.3f} ms/token, on {on:.3f} ({off / on:.3f}x; "
+            f"{label}: {args.switch} off {off:.3f} ms/token, on {on:.3f} ({off / on:.3f}x; "
             f"{100 * roof / on:.1f}% of the bf16 roofline {roof:.2f} ms); same tokens: {same}",
             flush=True,
         )
         engines.clear()
         gc.collect()
         torch.cuda.empty_cache()
-    linear_triton.PREFETCH = True
+    setattr(linear_triton, flag, True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "gemv-prefetch.json").write_text(json.dumps(res, indent=1))
+    (Path(args.out) / f"gemv-{args.switch}.json").write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -61,6 +61,13 @@ def _gelu_tanh_mul(x: torch.Tensor) -> torch.Tensor:
     return act_and_mul(x, True)
 
 
+def glu_mode(act_name: str) -> int:
+    """``linear_triton.gemv``'s ``glu`` for the activation (0: none it computes)."""
+    from truffula.kernels.linear_triton import GLU_GELU, GLU_SILU
+
+    return GLU_SILU if act_name == "silu" else GLU_GELU if act_name in _GELU_TANH else 0
+
+
 def gated(act_name: str) -> Activation:
     """The kernel for SiLU and the tanh-GELUs; torch for the other activations."""
     if act_name == "silu":

@@ -54,9 +54,16 @@ def _gemv_kernel(
     EVEN: tl.constexpr,
     PDL: tl.constexpr,
     PREFETCH: tl.constexpr,
+    GLU: tl.constexpr = 0,
 ):
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < n_out
+    if GLU:  # rows [gate | up]: half the program's rows from each half, act(gate) * up out
+        i = tl.arange(0, BLOCK_N)
+        j = tl.program_id(0) * (BLOCK_N // 2) + i % (BLOCK_N // 2)
+        n = tl.where(i < BLOCK_N // 2, j, n_out // 2 + j)
+        nmask = j < n_out // 2
+    else:
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < n_out
     rows = w_ptr + n[:, None].to(tl.int64) * stride_w
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     k = tl.arange(0, BLOCK_K)
@@ -77,7 +84,22 @@ def _gemv_kernel(
         y *= tl.load(s_ptr + n, mask=nmask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=nmask)
+    if GLU:
+        gate, up = tl.split(tl.permute(tl.reshape(y, [2, BLOCK_N // 2]), [1, 0]))
+        o = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        y = _act(gate, GLU) * up
+        tl.store(y_ptr + o, y.to(y_ptr.dtype.element_ty), mask=o < n_out // 2)
+    else:
+        tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _act(g, GLU: tl.constexpr):
+    """SiLU (``GLU`` 1) or tanh-GELU (2) of float32 ``g``, as ``activation_triton`` computes."""
+    if GLU == 2:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        return 0.5 * g * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
+    return g * tl.sigmoid(g)
 
 
 PREFETCH = True
@@ -85,6 +107,15 @@ PREFETCH = True
 output is x): on an H200 (8B shape, ``benchmarks/gemv_prefetch.py`` and earlier A/B runs)
 batch-1 decode took 4.05-4.08 against 4.12-4.21 ms/token, and fp8 weights 2.82-2.89 against
 2.90-2.93; two tiles (4.25) and prefetching further into L2 (4.44-5.16) were slower."""
+
+GATED_ROWS = True
+"""One-row [gate | up] projections apply the gated activation in the GEMV's epilogue
+(``gated_row``) instead of a separate kernel after it: on an H200 (8B shape, ``benchmarks/
+gemv_prefetch.py --switch gated``) batch-1 decode took 3.98 against 4.01 ms/token, fp8 2.66
+against 2.69."""
+
+GLU_SILU, GLU_GELU = 1, 2
+"""``gemv``'s gated outputs: SiLU or tanh-GELU of the gate times up."""
 
 Config = tuple[int, int, int, int]
 """(BLOCK_N, BLOCK_K, num_warps, num_stages)."""
@@ -108,15 +139,17 @@ def gemv(
     bias: torch.Tensor | None,
     scale: torch.Tensor | None = None,
     config: Config | None = None,
+    glu: int = 0,
 ) -> torch.Tensor:
     """x [1, K] -> [1, N] = x @ weight^T (* scale) (+ bias); ``weight`` [N, K] with unit column
-    stride (16-bit, or fp8 with ``scale`` [N] per row)."""
+    stride (16-bit, or fp8 with ``scale`` [N] per row). ``glu`` (``GLU_SILU``, ``GLU_GELU``):
+    the rows are [gate | up], and the result [1, N / 2] is act(gate) * up."""
     n_out, n_in = weight.shape
     x = x.contiguous()
-    y = torch.empty(1, n_out, dtype=x.dtype, device=x.device)
+    y = torch.empty(1, n_out // 2 if glu else n_out, dtype=x.dtype, device=x.device)
     bn, bk, warps, stages = config or _config(n_out, weight.element_size())
     dependent = pdl(x.device, 1)
-    _gemv_kernel[(triton.cdiv(n_out, bn),)](
+    _gemv_kernel[(triton.cdiv(y.shape[1], bn // 2 if glu else bn),)](
         x,
         weight,
         bias if bias is not None else y,
@@ -129,9 +162,10 @@ def gemv(
         HAS_SCALE=scale is not None,
         BLOCK_N=bn,
         BLOCK_K=bk,
-        EVEN=n_out % bn == 0 and n_in % bk == 0,
+        EVEN=(n_out // 2 % (bn // 2) if glu else n_out % bn) == 0 and n_in % bk == 0,
         PDL=dependent,
         PREFETCH=PREFETCH and dependent,
+        GLU=glu,
         num_warps=warps,
         num_stages=stages,
         **pdl_launch(dependent),
@@ -151,6 +185,23 @@ def weight_fits(weight: torch.Tensor) -> bool:
 def one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """x is one row of ``weight``'s dtype."""
     return x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype
+
+
+def gated_row(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    glu: int,
+) -> torch.Tensor | None:
+    """act(gate) * up [1, N / 2] for one row ``x`` and a [gate | up] ``weight`` that ``gemv``
+    reads (16-bit of x's dtype, or fp8 with its row ``scale``); None for other inputs."""
+    if x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2 or weight.stride(1) != 1:
+        return None
+    fp8 = scale is not None and weight.element_size() == 1 and weight.is_floating_point()
+    if not (fp8 or (scale is None and weight.dtype == x.dtype and weight_fits(weight))):
+        return None
+    return gemv(x, weight, bias, scale, glu=glu)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -43,6 +43,12 @@ RotaryFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int
 LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 """(x, weight, bias) -> ``F.linear(x, weight, bias)``."""
 
+GatedRowFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor | None
+]
+"""(x, weight [gate | up], bias, fp8 row scale or None) -> act(gate) * up for one row in one
+kernel (``linear_triton.gated_row``), or None where that kernel does not read the weight."""
+
 
 class RotaryAttentionFn(Protocol):
     """A decode-only step from the qkv projection: rotary, cache write and attention in one
@@ -99,6 +105,11 @@ class Kernels:
     def gated_activation(self, act_name: str) -> Activation:
         """act(x[..., :d]) * x[..., d:] for a fused [gate | up] projection."""
         return activation_torch.gated(act_name)
+
+    def gated_row(self, act_name: str) -> GatedRowFn | None:
+        """A one-row [gate | up] projection with ``act_name``'s gated activation in its
+        epilogue; None: the projection, then ``gated_activation``."""
+        return None
 
     def rotary(self, rope_type: str) -> RotaryFn | None:
         """A kernel looking cos/sin up by position; None: torch, with the step's cos/sin from
@@ -162,6 +173,14 @@ class TritonKernels(Kernels):
         from truffula.kernels import activation_triton
 
         return activation_triton.gated(act_name)
+
+    def gated_row(self, act_name: str) -> GatedRowFn | None:
+        from truffula.kernels import activation_triton, linear_triton
+
+        glu = activation_triton.glu_mode(act_name)
+        if not (glu and linear_triton.GATED_ROWS):
+            return None
+        return functools.partial(linear_triton.gated_row, glu=glu)
 
     def rotary(self, rope_type: str) -> RotaryFn | None:
         if rope_type == "longrope":  # long or short factors per sequence: see layers.rotary

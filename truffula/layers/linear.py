@@ -19,7 +19,7 @@ from torch import nn
 
 from truffula.envs import cache_dir
 from truffula.kernels import linear_cpu, quant_fp8, quant_int4, quant_int8
-from truffula.kernels.select import Kernels, LinearFn
+from truffula.kernels.select import GatedRowFn, Kernels, LinearFn
 from truffula.model_store.prequantized import Int4Grid
 
 log = logging.getLogger("truffula.layers")
@@ -120,6 +120,16 @@ class Linear(nn.Module):
         z = zero.to(self.weight.device).repeat_interleave(group, dim=1)
         q = torch.round(self.weight.data.float() / s.clamp(min=1e-30) + z).clamp(0, 15)
         return quant_int4.from_integers(q, scale.to(s.device), zero.to(s.device), group)
+
+    def gated_row(self, x: torch.Tensor, fn: GatedRowFn) -> torch.Tensor | None:
+        """act(gate) * up of this [gate | up] layer for one row ``x`` through ``fn`` (the
+        kernels' ``gated_row``), or None where ``fn`` does not read this layer's weight (int4,
+        int8, oneDNN-packed)."""
+        if self.int4 is not None or self.packed is not None:
+            return None
+        if self.qweight is None:
+            return fn(x, self.weight, self.bias, None)
+        return fn(x, self.qweight, self.bias, self.qscale)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x, self.weight, self.bias)

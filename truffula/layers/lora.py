@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from truffula.forward import get_forward_context
-from truffula.kernels.select import LoRABackend, select_kernels
+from truffula.kernels.select import GatedRowFn, LoRABackend, select_kernels
 from truffula.layers.linear import Linear
 
 Factors = dict[str | None, tuple[torch.Tensor, torch.Tensor]]
@@ -94,6 +94,10 @@ class LoRALinear(nn.Module):
             )
             for b, bt in zip(b_rows, self.bts, strict=True):
                 b[slot * rank : (slot + 1) * rank] = bt[slot]
+
+    def gated_row(self, x: torch.Tensor, fn: GatedRowFn) -> torch.Tensor | None:
+        """The base layer's ``gated_row`` when the step applies no adapter; else None."""
+        return None if get_forward_context().lora is not None else self.base.gated_row(x, fn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lora = get_forward_context().lora

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from truffula.kernels.activation_torch import Activation, gated
-from truffula.kernels.select import Kernels
+from truffula.kernels.select import GatedRowFn, Kernels
 from truffula.layers.attention import Attention
 from truffula.layers.linear import Linear, MergedLinear
 from truffula.layers.norm import RMSNorm
@@ -90,11 +90,18 @@ class GatedMLP(nn.Module):
         self.act = act
         self.act_and_mul: Activation = gated(act)
         """act(gate) * up on the fused [gate | up] output, as the bound kernels compute it."""
+        self.gated_row: GatedRowFn | None = None
+        """One row's gate/up projection and activation in one kernel, where there is one."""
 
     def use_kernels(self, kernels: Kernels) -> None:
         self.act_and_mul = kernels.gated_activation(self.act)
+        self.gated_row = kernels.gated_row(self.act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated_row is not None and x.shape[0] == 1:
+            y = self.gate_up_proj.gated_row(x, self.gated_row)
+            if y is not None:
+                return self.down_proj(y)
         return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
