@@ -285,3 +285,41 @@ def test_cli_reports_a_cache_too_small_without_a_traceback(tiny, capsys) -> None
     rc = main(["generate", "hi", "--model", str(tiny), "--kv-cache-memory", "64KiB"])
     err = capsys.readouterr().err
     assert rc == 2 and "--kv-cache-memory" in err and "Traceback" not in err
+
+
+def test_bf16_on_cpu_caches_float32_and_changes_nothing(tiny, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A 16-bit model on CPU keeps its keys and values in a float32 cache (decode attention runs
+    in float32 there and reads it in place); its tokens, logprobs, ranks and alternatives equal
+    those of a bf16 cache exactly: decodes, prompt logprobs, and prompts prefilled in chunks after
+    cached tokens (a 16-token step budget; the second round hits the prefix cache)."""
+    from truffula.engine.llm import LLM
+    from truffula.runner import kv_cache
+    from truffula.sampling.params import SamplingParams
+
+    params = SamplingParams(
+        max_new_tokens=10,
+        temperature=0,
+        ignore_eos=True,
+        details=True,
+        return_k_alternatives=3,
+        prompt_k_alternatives=2,
+    )
+    base = [(7 * i) % 4000 + 10 for i in range(40)]
+    prompts = [base, [*base[:24], 11, 12, 13, 14, 15, 16, 17, 18, 19]]
+
+    def records(llm: LLM) -> list[object]:
+        got: list[object] = []
+        for _ in range(2):
+            for out in llm.generate(prompts, params):
+                for t in [*(out.prompt_tokens or []), *out.tokens]:
+                    alts = [(a.id, a.logprob) for a in t.alternatives or ()]
+                    got.append((t.id, t.logprob, t.rank, t.entropy, alts))
+        return got
+
+    opts = {"dtype": "bfloat16", "progress": False, "max_num_batched_tokens": 16}
+    wide = LLM(str(tiny), **opts)  # type: ignore[arg-type]
+    assert wide.engine.runner.kv_cache.dtype == torch.float32
+    monkeypatch.setattr(kv_cache, "cache_dtype", lambda device, dtype: dtype)
+    narrow = LLM(str(tiny), **opts)  # type: ignore[arg-type]
+    assert narrow.engine.runner.kv_cache.dtype == torch.bfloat16
+    assert records(wide) == records(narrow)

@@ -69,7 +69,8 @@ def paged_attention(
         qd = q[:nd]
         if q.device.type == "cpu" and q.dtype != torch.float32:
             # CPU SDPA in 16-bit types is slower than in fp32 for decode shapes (87 against
-            # 48 us a layer, batch 1): attend in fp32 (the contiguous gathers converted)
+            # 48 us a layer, batch 1): attend in fp32 (the cache is float32 on CPU, see
+            # ``runner.kv_cache.cache_dtype``; a 16-bit one is converted here)
             qd, kd, vd = qd.float(), kd.float(), vd.float()
         kd, vd = kd.transpose(1, 2), vd.transpose(1, 2)  # [nd, Hkv, max_kv, d]
         qd = qd.unsqueeze(2)  # [nd, H, 1, d]
@@ -106,9 +107,9 @@ def prefill_attention(
         ql = qe - qs
         if kv_len == ql:  # whole sequence in this step: use the fresh keys, no gather
             ks, vs = k[qs:qe], v[qs:qe]
-        else:
+        else:  # a chunk after cached tokens (a float32 cache on CPU: back to q's dtype, exactly)
             slots = _seq_slots(meta, s, kv_len)
-            ks, vs = _gather(k_cache, slots), _gather(v_cache, slots)
+            ks, vs = _gather(k_cache, slots).to(q.dtype), _gather(v_cache, slots).to(q.dtype)
         if chunk_kernel is not None and kv_len != ql and sliding_window is None and softcap is None:
             out[qs:qe] = chunk_kernel(q[qs:qe], ks, vs, scale)
             continue

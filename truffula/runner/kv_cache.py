@@ -18,8 +18,17 @@ from truffula.runner.sizing import (
 )
 
 
+def cache_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The cache's dtype for a model computing in ``dtype``: its own, but float32 on CPU, where
+    a 16-bit model's decode attention runs in float32 (CPU SDPA is faster there): a float32
+    cache holds the same values (16-bit ones widen exactly) and is attended in place, without a
+    conversion of every cached key and value at every layer of every step."""
+    return torch.float32 if device.type == "cpu" and dtype.is_floating_point else dtype
+
+
 class KVCache:
-    """One [slots, kv_heads, head_dim] key and value tensor per attention layer, bound to it."""
+    """One [slots, kv_heads, head_dim] key and value tensor per attention layer, bound to it
+    (``cache_dtype`` of the model's dtype)."""
 
     def __init__(
         self,
@@ -31,7 +40,7 @@ class KVCache:
         self.attn_layers = attn_layers
         self.block_size = block_size
         self.device = device
-        self.dtype = dtype
+        self.dtype = cache_dtype(device, dtype)
 
     @property
     def bytes_per_token(self) -> int:
