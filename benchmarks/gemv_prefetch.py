@@ -18,7 +18,9 @@ import argparse
 import gc
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from gpu import batch1_ms_per_token, build_8b, engine_for, measure_bandwidth, weight_bytes
@@ -38,6 +40,35 @@ def tokens(core) -> list[int]:  # type: ignore[no-untyped-def]
     return got
 
 
+def alternate(
+    folder: Path, hf: Any, quant: str | None, setting: Callable[[bool], None], repeats: int
+) -> tuple[dict[bool, list[float]], bool]:
+    """Batch-1 ms/token of one engine per value of a switch (``setting(value)`` applied before
+    the engine is built, so its graphs capture it, and before each measurement), the engines
+    alternating ``repeats`` times; and whether their greedy tokens agree."""
+    engines = {}
+    for on in (False, True):
+        setting(on)
+        engines[on] = engine_for(
+            folder,
+            hf,
+            enable_prefix_caching=False,
+            max_num_seqs=8,
+            kv_cache_memory=2 << 30,
+            quantization=quant,
+        )
+    same = tokens(engines[False]) == tokens(engines[True])
+    ms: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(repeats):
+        for on, core in engines.items():
+            setting(on)
+            ms[on].append(batch1_ms_per_token(core))
+    engines.clear()
+    gc.collect()
+    torch.cuda.empty_cache()
+    return ms, same
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--switch", choices=("prefetch", "gated"), default="prefetch")
@@ -50,23 +81,9 @@ def main() -> None:
     res: dict[str, object] = {"bf16_roofline_ms": roof}
     for quant in (None, "fp8"):
         label = quant or "bf16"
-        engines = {}
-        for on in (False, True):
-            setattr(linear_triton, flag, on)
-            engines[on] = engine_for(
-                folder,
-                hf,
-                enable_prefix_caching=False,
-                max_num_seqs=8,
-                kv_cache_memory=2 << 30,
-                quantization=quant,
-            )
-        same = tokens(engines[False]) == tokens(engines[True])
-        ms: dict[bool, list[float]] = {False: [], True: []}
-        for _ in range(args.repeats):
-            for on, core in engines.items():
-                setattr(linear_triton, flag, on)
-                ms[on].append(batch1_ms_per_token(core))
+        ms, same = alternate(
+            folder, hf, quant, lambda on: setattr(linear_triton, flag, on), args.repeats
+        )
         off, on = statistics.median(ms[False]), statistics.median(ms[True])
         res[label] = {"off_ms": ms[False], "on_ms": ms[True], "same_tokens": same}
         print(
@@ -74,9 +91,6 @@ def main() -> None:
             f"{100 * roof / on:.1f}% of the bf16 roofline {roof:.2f} ms); same tokens: {same}",
             flush=True,
         )
-        engines.clear()
-        gc.collect()
-        torch.cuda.empty_cache()
     setattr(linear_triton, flag, True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"gemv-{args.switch}.json").write_text(json.dumps(res, indent=1))

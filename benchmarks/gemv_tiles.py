@@ -12,15 +12,13 @@ Different tiles sum in a different order, so the greedy tokens are reported, not
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 from pathlib import Path
 from typing import Any
 
-import torch
-from gemv_prefetch import tokens
-from gpu import batch1_ms_per_token, build_8b, engine_for, measure_bandwidth, weight_bytes
+from gemv_prefetch import alternate
+from gpu import build_8b, measure_bandwidth, weight_bytes
 
 from truffula.kernels import linear_triton, quant_int4_triton
 
@@ -59,33 +57,16 @@ def main() -> None:
     res: dict[str, Any] = {"bf16_roofline_ms": roof}
     for quant in (None, "fp8", "int4"):
         label = quant or "bf16"
-        engines = {}
-        for previous in (True, False):
-            use(quant, previous)
-            engines[previous] = engine_for(
-                folder,
-                hf,
-                enable_prefix_caching=False,
-                max_num_seqs=8,
-                kv_cache_memory=2 << 30,
-                quantization=quant,
-            )
-        same = tokens(engines[True]) == tokens(engines[False])
-        ms: dict[bool, list[float]] = {True: [], False: []}
-        for _ in range(args.repeats):
-            for previous, core in engines.items():
-                use(quant, previous)
-                ms[previous].append(batch1_ms_per_token(core))
-        before, after = statistics.median(ms[True]), statistics.median(ms[False])
-        res[label] = {"previous_ms": ms[True], "chosen_ms": ms[False], "same_tokens": same}
+        ms, same = alternate(
+            folder, hf, quant, lambda chosen, q=quant: use(q, not chosen), args.repeats
+        )
+        before, after = statistics.median(ms[False]), statistics.median(ms[True])
+        res[label] = {"previous_ms": ms[False], "chosen_ms": ms[True], "same_tokens": same}
         print(
             f"{label}: previous tiles {before:.3f} ms/token, chosen {after:.3f} "
             f"({before / after:.3f}x; bf16 roofline {roof:.2f} ms); same tokens: {same}",
             flush=True,
         )
-        engines.clear()
-        gc.collect()
-        torch.cuda.empty_cache()
     use(None, False)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gemv-tiles.json").write_text(json.dumps(res, indent=1))

@@ -55,7 +55,8 @@ from truffula.layers.linear import Linear  # noqa: E402
 from truffula.sampling.params import SamplingParams  # noqa: E402
 
 FP8_CANDIDATES = [(16, 512, 4, 3), (8, 1024, 8, 4), (4, 2048, 4, 4), (8, 512, 4, 4)]
-"""fp8 GEMV tiles timed beside the 16-bit ones (twice the columns: as many bytes a step)."""
+"""fp8 GEMV tiles timed beside the chosen one: three with twice the 16-bit tiles' columns (as
+many bytes a step), and the 16-bit tile of the 6,144-row class."""
 INT4_CANDIDATES = [(8, 4, 4, 3), (8, 8, 4, 3), (16, 4, 4, 3), (16, 8, 8, 3), (32, 2, 8, 3)]
 """int4 GEMV tiles (rows, groups of 128 a step, warps, stages) timed beside the chosen one."""
 INT4_GEMM_CANDIDATES = [(64, 4, 3), (32, 4, 3), (32, 4, 4), (16, 2, 4), (16, 4, 3)]

@@ -383,13 +383,14 @@ def test_gemv_gated(dtype, half: int, n_in: int, bias: bool, glu: int) -> None:
     """The GEMV over a [gate | up] weight with the gated activation in its epilogue against
     ``F.linear`` in fp64 then the torch activation (SiLU, tanh-GELU); uneven halves."""
     from truffula.kernels import activation_torch, linear_triton
+    from truffula.kernels.activation_triton import GLU_SILU
 
     g = torch.Generator().manual_seed(half + glu)
     w = (torch.randn(2 * half, n_in, generator=g) * 0.05).to(dtype).to(DEV)
     x = torch.randn(1, n_in, generator=g).to(dtype).to(DEV)
     b = torch.randn(2 * half, generator=g).to(dtype).to(DEV) if bias else None
     y = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
-    act = activation_torch.gated("silu" if glu == linear_triton.GLU_SILU else "gelu_pytorch_tanh")
+    act = activation_torch.gated("silu" if glu == GLU_SILU else "gelu_pytorch_tanh")
     want = act(y)
     got = linear_triton.gemv(x, w, b, glu=glu)
     assert got.shape == (1, half) and got.dtype == dtype

@@ -20,6 +20,20 @@ from truffula.kernels.triton_support import (
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 
 
+GLU_SILU, GLU_GELU = 1, 2
+"""``linear_triton.gemv``'s gated outputs: SiLU or tanh-GELU of the gate times up."""
+
+
+@triton.jit
+def gate_act(g, GELU: tl.constexpr):
+    """SiLU, or with ``GELU`` tanh-GELU, of float32 ``g`` (this kernel's and the GEMV's
+    gated epilogue's)."""
+    if GELU:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        return 0.5 * g * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
+    return g * tl.sigmoid(g)
+
+
 @triton.jit
 def _act_mul_kernel(
     x_ptr, out_ptr, n, stride_x, GELU: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr
@@ -32,11 +46,7 @@ def _act_mul_kernel(
     mask = cols < n
     g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + row * stride_x + n + cols, mask=mask, other=0.0).to(tl.float32)
-    if GELU:
-        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        a = 0.5 * g * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
-    else:
-        a = g * tl.sigmoid(g)
+    a = gate_act(g, GELU)
     tl.store(out_ptr + row * n + cols, (a * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -63,8 +73,6 @@ def _gelu_tanh_mul(x: torch.Tensor) -> torch.Tensor:
 
 def glu_mode(act_name: str) -> int:
     """``linear_triton.gemv``'s ``glu`` for the activation (0: none it computes)."""
-    from truffula.kernels.linear_triton import GLU_GELU, GLU_SILU
-
     return GLU_SILU if act_name == "silu" else GLU_GELU if act_name in _GELU_TANH else 0
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from truffula.kernels.activation_triton import gate_act
 from truffula.kernels.triton_support import gdc_launch_dependents, gdc_wait, pdl, pdl_launch
 
 
@@ -87,19 +88,10 @@ def _gemv_kernel(
     if GLU:
         gate, up = tl.split(tl.permute(tl.reshape(y, [2, BLOCK_N // 2]), [1, 0]))
         o = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        y = _act(gate, GLU) * up
+        y = gate_act(gate, GLU == 2) * up  # 2: GLU_GELU
         tl.store(y_ptr + o, y.to(y_ptr.dtype.element_ty), mask=o < n_out // 2)
     else:
         tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=nmask)
-
-
-@triton.jit
-def _act(g, GLU: tl.constexpr):
-    """SiLU (``GLU`` 1) or tanh-GELU (2) of float32 ``g``, as ``activation_triton`` computes."""
-    if GLU == 2:
-        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        return 0.5 * g * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
-    return g * tl.sigmoid(g)
 
 
 PREFETCH = True
@@ -113,9 +105,6 @@ GATED_ROWS = True
 (``gated_row``) instead of a separate kernel after it: on an H200 (8B shape, ``benchmarks/
 gemv_prefetch.py --switch gated``) batch-1 decode took 3.98 against 4.01 ms/token, fp8 2.66
 against 2.69."""
-
-GLU_SILU, GLU_GELU = 1, 2
-"""``gemv``'s gated outputs: SiLU or tanh-GELU of the gate times up."""
 
 Config = tuple[int, int, int, int]
 """(BLOCK_N, BLOCK_K, num_warps, num_stages)."""
@@ -142,7 +131,7 @@ def gemv(
     glu: int = 0,
 ) -> torch.Tensor:
     """x [1, K] -> [1, N] = x @ weight^T (* scale) (+ bias); ``weight`` [N, K] with unit column
-    stride (16-bit, or fp8 with ``scale`` [N] per row). ``glu`` (``GLU_SILU``, ``GLU_GELU``):
+    stride (16-bit, or fp8 with ``scale`` [N] per row). ``glu`` (``activation_triton.GLU_SILU``, ``GLU_GELU``):
     the rows are [gate | up], and the result [1, N / 2] is act(gate) * up."""
     n_out, n_in = weight.shape
     x = x.contiguous()

@@ -7,8 +7,9 @@ with the per-row activation scales and per-channel weight scales applied to its 
 ``GEMM_ROWS`` rows (decode steps) a Triton GEMM whose narrow tiles spread the weight over
 every SM, above it ``torch._scaled_mm`` (cuBLASLt's fp8 GEMM).
 
-The GEMV converts each e4m3 value to float32 in registers and reaches 64-77% of the
-weight-read bandwidth on an H200 for the 8B shapes (bf16: 76-97%; benchmarks/quantized_gpu.py).
+The GEMV converts each e4m3 value to float32 in registers and, with its own tiles for the
+4,096-row projections (``linear_triton._config``), reaches 59-90% of the weight-read bandwidth
+on an H200 for the 8B shapes (bf16: 87-100%; benchmarks/quantized_gpu.py).
 Decoding the values from 32-bit words with shifts and masks instead of conversion
 instructions measured the same, so the conversions are not what holds it back.
 """
