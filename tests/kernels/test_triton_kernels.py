@@ -268,6 +268,12 @@ def test_lora_bgmv(dtype) -> None:
         assert rel(got, want) < tol(dtype), max_len
         got = lora_sgmv(yl.clone(), xl, a, bt, offsets, seg, long)
         assert rel(got, want) < tol(dtype), max_len
+    # one adapter's tokens only, a number that fills no tile
+    same = torch.tensor([1] * 20, device=DEV)
+    want = lora_reference(yl[:20].float(), xl[:20].float(), a.float(), ref_bts, offsets, same.cpu())
+    seg = torch.tensor(segments(same.tolist()), device=DEV)
+    got = lora_sgmv(yl[:20].clone(), xl[:20], a, bt, offsets, seg, same)
+    assert rel(got, want) < tol(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
