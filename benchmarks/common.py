@@ -34,6 +34,20 @@ def median_of(fn: Callable[[], float], repeats: int) -> tuple[float, list[float]
     return statistics.median(values), values
 
 
+def greedy(new: int, k: int = 0) -> Any:
+    """``SamplingParams`` of a timed run: greedy, exactly ``new`` tokens (ignore_eos), with ``k``
+    alternatives a token (and ``details``) when ``k`` > 0."""
+    from truffula.sampling.params import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=new,
+        temperature=0,
+        ignore_eos=True,
+        details=k > 0,
+        return_k_alternatives=k,
+    )
+
+
 def random_prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(100, 40000, (length,), generator=gen).tolist() for _ in range(n)]

@@ -15,23 +15,15 @@ import argparse
 import statistics
 import time
 
-from common import machine, random_prompts, write_result
+from common import greedy, machine, random_prompts, write_result
 
 from truffula.engine.llm import LLM
 from truffula.runner import kv_cache
-from truffula.sampling.params import SamplingParams
 
 
 def tok_s(llm: LLM, prompt: list[int], new: int, k: int) -> tuple[float, list[int]]:
-    params = SamplingParams(
-        max_new_tokens=new,
-        temperature=0,
-        ignore_eos=True,
-        details=k > 0,
-        return_k_alternatives=k,
-    )
     start = time.perf_counter()
-    (out,) = llm.generate([prompt], params)
+    (out,) = llm.generate([prompt], greedy(new, k))
     return len(out.token_ids) / (time.perf_counter() - start), list(out.token_ids)
 
 

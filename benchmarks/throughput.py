@@ -29,10 +29,9 @@ from typing import Any
 
 import llama_cpp_peer
 import torch
-from common import hf_model, hf_tok_s, machine, random_prompts, write_result
+from common import greedy, hf_model, hf_tok_s, machine, random_prompts, write_result
 
 from truffula.engine.llm import LLM
-from truffula.sampling.params import SamplingParams
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "fp32": {},
@@ -44,15 +43,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
 
 
 def ours_tok_s(llm: LLM, prompts: list[list[int]], new: int, k: int = 0) -> float:
-    params = SamplingParams(
-        max_new_tokens=new,
-        temperature=0,
-        ignore_eos=True,
-        details=k > 0,
-        return_k_alternatives=k,
-    )
     start = time.perf_counter()
-    outs = llm.generate(prompts, params)
+    outs = llm.generate(prompts, greedy(new, k))
     elapsed = time.perf_counter() - start
     if k:
         assert all(len(t.alternatives or ()) == k for o in outs for t in o.tokens)
