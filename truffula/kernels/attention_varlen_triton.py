@@ -54,6 +54,7 @@ def _varlen_kernel(
     window,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
+    DECODE_ROWS: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -64,14 +65,76 @@ def _varlen_kernel(
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
-    num_kvh = tl.num_programs(1)
     s = tl.load(tile_seq_ptr + tile)
     if s < 0:
         return
     s = s.to(tl.int64)
-    q0 = tl.load(tile_q0_ptr + tile)
     qs = tl.load(qsl_ptr + s)
     q_len = tl.load(qsl_ptr + s + 1) - qs
+    # a decode's tile is one token: its rows are the group's heads alone (as in the decode
+    # kernel), not BLOCK_Q tokens' worth of rows of which all but GROUP would be masked
+    if q_len == 1:
+        _attend(
+            q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, tile_q0_ptr, tile_split_ptr, tile_nsplit_ptr,
+            out_ptr, part_acc_ptr, part_ml_ptr, stride_qt, stride_qh, stride_ks, stride_kh,
+            stride_bt, stride_ot, stride_oh, scale, softcap, window, tile, kvh, s, qs, q_len,
+            GROUP, DECODE_ROWS, 1, BLOCK_Q * GROUP_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
+            HAS_WINDOW, HAS_SOFTCAP, IEEE,
+        )  # fmt: skip
+    else:
+        _attend(
+            q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, tile_q0_ptr, tile_split_ptr, tile_nsplit_ptr,
+            out_ptr, part_acc_ptr, part_ml_ptr, stride_qt, stride_qh, stride_ks, stride_kh,
+            stride_bt, stride_ot, stride_oh, scale, softcap, window, tile, kvh, s, qs, q_len,
+            GROUP, GROUP_PAD, BLOCK_Q, BLOCK_Q * GROUP_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
+            HAS_WINDOW, HAS_SOFTCAP, IEEE,
+        )  # fmt: skip
+
+
+@triton.jit
+def _attend(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bt_ptr,
+    lens_ptr,
+    tile_q0_ptr,
+    tile_split_ptr,
+    tile_nsplit_ptr,
+    out_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
+    stride_qt,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    scale,
+    softcap,
+    window,
+    tile,
+    kvh,
+    s,
+    qs,
+    q_len,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    PART_ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One tile (or piece of one) of BLOCK_Q tokens x GROUP_PAD rows a token; a piece's
+    partial results go where ``_merge_kernel`` reads them (PART_ROWS rows a tile and kv head,
+    token-major: a one-token tile's rows are its first GROUP_PAD whatever its own padding)."""
+    num_kvh = tl.num_programs(1)
+    q0 = tl.load(tile_q0_ptr + tile)
     kv_len = tl.load(lens_ptr + s)
     r = tl.arange(0, BLOCK_Q * GROUP_PAD)
     tok = q0 + r // GROUP_PAD  # query token within the sequence
@@ -133,8 +196,7 @@ def _varlen_kernel(
         o_ptr = out_ptr + t[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :]
         tl.store(o_ptr, (acc / lsum[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     else:
-        ROWS: tl.constexpr = BLOCK_Q * GROUP_PAD
-        at = (tile * num_kvh + kvh).to(tl.int64) * ROWS + r
+        at = (tile * num_kvh + kvh).to(tl.int64) * PART_ROWS + r
         tl.store(part_acc_ptr + at[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
         tl.store(part_ml_ptr + 2 * at, m, mask=row_ok)
         tl.store(part_ml_ptr + 2 * at + 1, lsum, mask=row_ok)
@@ -245,6 +307,7 @@ def varlen_attention(
         window or 0,
         GROUP=group,
         GROUP_PAD=next_pow2(group),
+        DECODE_ROWS=max(16, next_pow2(group)),  # tl.dot's least
         BLOCK_Q=block_q,
         HEAD_DIM=d,
         BLOCK_SIZE=block_size,
