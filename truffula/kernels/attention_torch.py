@@ -58,7 +58,7 @@ def paged_attention(
     nd = meta.num_decodes
     out = q.new_empty(0) if nd == q.shape[0] else torch.empty_like(q)
     if nd:
-        slots, mask, span = _decode_layout(meta, sliding_window)
+        slots, mask, span = decode_layout(meta, sliding_window)
         if span is not None:  # one sequence in consecutive slots: read the cache in place
             kd, vd = (
                 k_cache[span[0] : span[1]].unsqueeze(0),
@@ -159,7 +159,7 @@ def _attend(
 DecodeLayout = tuple[torch.Tensor, torch.Tensor | None, tuple[int, int] | None]
 
 
-def _decode_layout(meta: AttentionMetadata, window: int | None) -> DecodeLayout:
+def decode_layout(meta: AttentionMetadata, window: int | None) -> DecodeLayout:
     """Slot indices [nd, max_kv] and keep-mask [nd, 1, 1, max_kv] of the decode sequences; no
     mask when it would keep everything (every sequence as long as the longest, within the
     window: always so for a single stream), which spares SDPA its masked path. On CPU, a

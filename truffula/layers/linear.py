@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from truffula.envs import cache_dir
-from truffula.kernels import linear_cpu, quant_fp8, quant_int4, quant_int8
+from truffula.kernels import decode_cpu, linear_cpu, quant_fp8, quant_int4, quant_int8
 from truffula.kernels.select import GatedRowFn, Kernels, LinearFn
 from truffula.model_store.prequantized import Int4Grid
 
@@ -130,6 +130,24 @@ class Linear(nn.Module):
         if self.qweight is None:
             return fn(x, self.weight, self.bias, None)
         return fn(x, self.qweight, self.bias, self.qscale)
+
+    def cpu_parts(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+        """This layer as ``kernels.decode_cpu`` takes it: (kind, weight, its second tensor,
+        bias (empty: none), int4 group); None for a kernel it does not run (fp8, int4 or int8
+        dequantized per call)."""
+        none = torch.empty(0)
+        bias = self.bias.data if self.bias is not None else none
+        kernel = self.kernel
+        if isinstance(kernel, functools.partial) and kernel.func is quant_int4.linear_cpu:
+            w: quant_int4.CpuInt4 = kernel.keywords["w"]
+            return decode_cpu.INT4, w.packed, w.scale_and_zero, bias, w.group
+        if isinstance(kernel, functools.partial) and kernel.func is quant_int8.linear_cpu:
+            return decode_cpu.INT8, kernel.keywords["q"], kernel.keywords["scale_bf16"], bias, 0
+        if self.packed is not None:
+            return decode_cpu.PACKED, self.packed, none, bias, 0
+        if self.qweight is None and kernel == self._dense and self.linear is F.linear:
+            return decode_cpu.DENSE, self.weight.data, none, bias, 0
+        return None
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x, self.weight, self.bias)

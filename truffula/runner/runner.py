@@ -37,6 +37,7 @@ from truffula.kernels.stats_torch import TokenStats
 from truffula.layers.attention import Attention
 from truffula.layers.linear import pack_cpu_linears, quantize_linears
 from truffula.layers.rotary import RotaryEmbedding
+from truffula.models.decode_cpu import FusedDecode
 from truffula.models.registry import LoadedModel
 from truffula.runner.context import StepBuilder
 from truffula.runner.graphs import StepGraphs
@@ -121,6 +122,8 @@ class ModelRunner:
         )
         self.num_blocks = self.sizing.num_blocks + 1  # + the null block
         self.kv_cache.allocate(self.num_blocks)
+        self.fused_decode = FusedDecode.bind(self.model, dtype) if device.type == "cpu" else None
+        """A single stream's decode step in one native call (``models.decode_cpu``), or None."""
 
     def _mixed_graph_safe(self, model: torch.nn.Module) -> bool:
         """Whether steps with prefill chunks of ``model`` can be captured: every attention
@@ -320,6 +323,10 @@ class ModelRunner:
         if fill is not None:
             input_ids.index_copy_(0, fill[0], fill[1])
         with forward_context(ctx):
+            if self.fused_decode is not None:
+                hidden = self.fused_decode(input_ids, ctx)
+                if hidden is not None:
+                    return hidden
             return self.model(input_ids, positions)
 
     def _prompt_jobs(self, seqs: list[ScheduledSeq], starts: list[int]) -> list[PromptJob]:

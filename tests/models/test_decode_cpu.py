@@ -1,0 +1,173 @@
+"""The fused CPU decode (``models.decode_cpu``, ``kernels/csrc/decode_cpu.cpp``) against the
+eager model and HF transformers: tiny random Llama-family models in float32 (dense, oneDNN-packed
+and GQA, Qwen2's q/k/v biases), in bfloat16 with int4 weights, and the default model through the
+engine with alternatives, on a sequence read in place and on one gathered from scattered blocks.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import assert_same_greedy, hf_greedy
+from modelharness import Harness
+
+from truffula.forward import forward_context
+from truffula.kernels import decode_cpu
+from truffula.models.decode_cpu import FusedDecode
+from truffula.scheduler.output import ScheduledSeq
+
+from .test_architectures import NO_SPECIAL, SMALL, VOCAB, built, save_random
+
+pytestmark = pytest.mark.skipif(not decode_cpu.available(), reason="no C++ toolchain here")
+
+LLAMA = dict(intermediate_size=96, num_hidden_layers=3, num_key_value_heads=2, head_dim=16)
+FITS = {
+    "llama-gqa": ("LlamaConfig", LLAMA),
+    "qwen2-bias": ("Qwen2Config", dict(LLAMA, num_key_value_heads=4)),
+    "mistral": ("MistralConfig", dict(LLAMA, sliding_window=None)),
+}
+
+
+def _folder(name: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import transformers
+
+    cls, kw = FITS[name]
+    folder = tmp_path_factory.mktemp(name)
+    save_random(getattr(transformers, cls)(**{**SMALL, **NO_SPECIAL, **kw}), folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=list(FITS))
+def folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _folder(request.param, tmp_path_factory)
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@torch.inference_mode()
+def _decode_both(h: Harness, rid: str, token: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step of ``rid`` computed fused, then eager (which rewrites the same cache
+    slot): both log-softmax rows."""
+    fused = h.runner.fused_decode
+    assert fused is not None
+    start = h.pos[rid]
+    blocks = h.blocks[rid]
+    if start // h.block_size >= len(blocks):
+        blocks += h.pool.allocate(1)
+    seq = ScheduledSeq(rid, [token], start, list(blocks), True, -1)
+    h.pos[rid] = start + 1
+    ids, positions, ctx = h.runner.prepare([seq])
+    with forward_context(ctx):
+        got = fused(ids, ctx)
+        want = h.runner.model(ids, positions)
+    assert got is not None
+    head = h.runner.model.compute_logits
+    return head(got).log_softmax(-1), head(want).log_softmax(-1)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_fused_decode_equals_eager_in_float32(folder: Path, pack: bool) -> None:
+    """A sequence alone (slots in order, read in place), then one whose blocks interleave with
+    another's (gathered): every decode's log-softmax within 1e-5 of the eager model's."""
+    h = Harness(folder, block_size=4, pack=pack)
+    fused = h.runner.fused_decode
+    assert fused is not None
+    assert set(fused.kinds) == {decode_cpu.PACKED if pack else decode_cpu.DENSE}
+    h.step({"a": _ids(9, 1)})
+    for t in _ids(6, 2):
+        got, want = _decode_both(h, "a", t)
+        assert (got - want).abs().max().item() < 1e-5
+    h.step({"b": _ids(3, 3)})  # b's block lies between a's
+    for t in _ids(6, 4):
+        for rid in ("b", "a"):
+            got, want = _decode_both(h, rid, t)
+            assert (got - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_fused_decode_in_bfloat16_with_quantized_weights(folder: Path, quantization: str) -> None:
+    """bfloat16 activations and int4 or int8 weights: the same roundings as the eager model, so
+    the rows agree to a few bfloat16 units (the norms' sums run in another order)."""
+    h = Harness(folder, block_size=4, dtype=torch.bfloat16, quantization=quantization)
+    fused = h.runner.fused_decode
+    kind = decode_cpu.INT4 if quantization == "int4" else decode_cpu.INT8
+    assert fused is not None and set(fused.kinds) == {kind}
+    h.step({"a": _ids(9, 1)})
+    for t in _ids(8, 2):
+        got, want = _decode_both(h, "a", t)
+        assert (got - want).abs().max().item() < 0.05
+        assert int(got.argmax()) == int(want.argmax())
+
+
+def test_engine_greedy_through_fused_decode_matches_hf(folder: Path, model_dir: Path) -> None:
+    """The engine (one request: every decode step fused) against HF ``generate``."""
+    from transformers import AutoModelForCausalLM
+
+    from truffula.engine.llm import LLM
+    from truffula.sampling.params import SamplingParams
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # ids only; any tokenizer loads
+        shutil.copy(model_dir / name, folder / name)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    llm = LLM(str(folder), progress=False, max_model_len=128)
+    assert llm.engine.runner.fused_decode is not None
+    prompt = _ids(12, 5)
+    ref, margins = hf_greedy(hf, prompt, 10)
+    out = llm.generate([prompt], SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True))
+    assert_same_greedy(out[0].token_ids, ref, margins)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma2", "phi3-window", "mistral-window", "gpt2"])
+def test_models_it_does_not_fit_run_eager(
+    name: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    _, folder = built(name, tmp_path_factory)
+    assert Harness(folder, block_size=4).runner.fused_decode is None
+
+
+def test_only_one_token_steps_of_the_base_model(folder: Path) -> None:
+    h = Harness(folder, block_size=4)
+    fused = h.runner.fused_decode
+    assert isinstance(fused, FusedDecode)
+    h.step({"a": _ids(5, 1), "b": _ids(4, 2)})
+    seqs = [ScheduledSeq(rid, [1], h.pos[rid], list(h.blocks[rid]), True, -1) for rid in ("a", "b")]
+    ids, _, ctx = h.runner.prepare(seqs)
+    assert fused(ids, ctx) is None  # two decodes
+    ids, _, ctx = h.runner.prepare([seqs[0], ScheduledSeq("c", [1, 2], 0, [40], True, -1)])
+    assert fused(ids, ctx) is None  # a prefill chunk
+
+
+@pytest.mark.slow
+def test_default_model_records_equal_eager(llm: Any) -> None:
+    """The default model through the engine, k = 5: tokens, ranks and alternatives the same,
+    logprobs within 1e-4, with the fused decode and without it."""
+    from truffula.sampling.params import SamplingParams
+
+    runner = llm.engine.runner
+    fused = runner.fused_decode
+    assert fused is not None
+    p = SamplingParams(
+        max_new_tokens=24, temperature=0, details=True, return_k_alternatives=5, ignore_eos=True
+    )
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    got = llm.generate(prompts, p)  # two prompts in one batch: decodes of two, then of one
+    got += llm.generate(prompts[:1], p)
+    try:
+        runner.fused_decode = None
+        want = llm.generate(prompts, p) + llm.generate(prompts[:1], p)
+    finally:
+        runner.fused_decode = fused
+    for g, w in zip(got, want, strict=True):
+        assert g.token_ids == w.token_ids
+        for a, b in zip(g.tokens, w.tokens, strict=True):
+            assert a.rank == b.rank and abs(a.logprob - b.logprob) < 1e-4
+            assert a.alternatives is not None and b.alternatives is not None
+            assert [x.id for x in a.alternatives] == [x.id for x in b.alternatives]
+            for x, y in zip(a.alternatives, b.alternatives, strict=True):
+                assert abs(x.logprob - y.logprob) < 1e-4
