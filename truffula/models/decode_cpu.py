@@ -1,12 +1,12 @@
-"""A single stream's decode step through ``kernels.decode_cpu`` for the models it fits.
+"""Decode-only steps on the CPU through ``kernels.decode_cpu`` for the models it fits.
 
 ``FusedDecode.bind(model)`` checks, once after the weights are quantized or packed, that the
 model is a stack of pre-norm ``DecoderLayer``s the native call computes exactly as the eager
 modules do: self-attention without q/k norms, sliding window or softcap, rotary over the whole
 head, a SiLU gated MLP, RMSNorms, and projections of a kind it runs (int4, oneDNN-packed or
 dense, biases allowed), in float32 or bfloat16 on the CPU. Llama, Mistral without a window and
-Qwen2 fit; the others run eager. A step takes it when it is one decode token of a sequence
-whose adapter slot is the base model (``__call__`` returns None otherwise).
+Qwen2 fit; the others run eager. A step takes it when every token is a decode and no
+sequence has an adapter (``__call__`` returns None otherwise: prefill chunks, LoRA).
 """
 
 from __future__ import annotations
@@ -74,16 +74,14 @@ class FusedDecode:
         return cls(decoder, layers)
 
     def __call__(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
-        """The final norm's output [1, hidden] of a one-token decode step, or None when the
-        step is not one (several tokens, an adapter, no rotary tables)."""
+        """The final norm's output [T, hidden] of a decode-only step (one token of each of T
+        sequences, none with an adapter), or None for any other step."""
         meta = ctx.attn
-        if input_ids.shape[0] != 1 or meta.num_decodes != 1 or ctx.lora is not None:
+        if meta.num_decodes != input_ids.shape[0] or meta.num_seqs != meta.num_decodes:
             return None
-        if ctx.cos is None or ctx.sin is None:
+        if ctx.lora is not None or ctx.cos is None or ctx.sin is None:
             return None
         slots, mask, span = decode_layout(meta, None)
-        if mask is not None:
-            return None
         x = cast(nn.Embedding, self.decoder.embed_tokens)(input_ids)
         h, hkv, d = self.heads
         return torch.ops.truffula_cpu.decode_layers(
@@ -96,7 +94,8 @@ class FusedDecode:
             [a.v_cache for a in self.attn],
             ctx.cos,
             ctx.sin,
-            slots.reshape(-1),
+            slots,
+            mask,
             -1 if span is None else span[0],
             meta.slot_mapping,
             self.eps,

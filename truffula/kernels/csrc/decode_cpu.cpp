@@ -107,51 +107,60 @@ struct Step {
 
 template <typename T>
 at::Tensor run(const at::Tensor& x_in, const std::vector<Linear>& lin, const std::vector<at::Tensor>& norms,
-               const std::vector<at::Tensor>& kc, const std::vector<at::Tensor>& vc,
-               const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots, int64_t span_start,
-               int64_t slot, double eps, double scale, int64_t H, int64_t HKV, int64_t D) {
+               const std::vector<at::Tensor>& kc, const std::vector<at::Tensor>& vc, const at::Tensor& cos,
+               const at::Tensor& sin, const at::Tensor& slots, const c10::optional<at::Tensor>& mask,
+               int64_t span_start, const int64_t* slot, double eps, double scale, int64_t H, int64_t HKV,
+               int64_t D) {
   const int64_t layers = static_cast<int64_t>(kc.size());
-  const int64_t hidden = x_in.size(1);
+  const int64_t B = x_in.size(0), hidden = x_in.size(1), QKV = (H + 2 * HKV) * D;
+  const int64_t L = slots.size(1);  // the longest sequence's slots (read in place from span_start when >= 0)
   Step<T> st{H, HKV, D, hidden, eps};
   auto opts = x_in.options();
   at::Tensor x = x_in.clone(), res = at::empty_like(x_in), y = at::empty_like(x_in);
-  const T* c = cos.data_ptr<T>();
+  const T* c = cos.data_ptr<T>();  // [B, D]
   const T* s = sin.data_ptr<T>();
-  const int64_t L = slots.numel();  // the sequence's slots; read in place from span_start when >= 0
+  auto add_norm = [&](T* in, const at::Tensor& w, bool first) {
+    for (int64_t b = 0; b < B; ++b)
+      st.add_norm(in + b * hidden, res.data_ptr<T>() + b * hidden, y.data_ptr<T>() + b * hidden,
+                  w.data_ptr<float>(), first);
+  };
+  const at::Tensor flat = slots.reshape({-1});
   for (int64_t i = 0; i < layers; ++i) {
     const Linear* l = &lin[4 * i];
-    st.add_norm(x.data_ptr<T>(), res.data_ptr<T>(), y.data_ptr<T>(), norms[2 * i].data_ptr<float>(), i == 0);
-    at::Tensor qkv = apply(y, l[0]).contiguous();  // [1, (H + 2 HKV) D]
-    T* p = qkv.data_ptr<T>();
-    st.rotary(p, H + HKV, c, s);
-    float* kd = kc[i].data_ptr<float>() + slot * HKV * D;
-    float* vd = vc[i].data_ptr<float>() + slot * HKV * D;
-    for (int64_t j = 0; j < HKV * D; ++j) {
-      kd[j] = static_cast<float>(p[H * D + j]);
-      vd[j] = static_cast<float>(p[(H + HKV) * D + j]);
+    add_norm(x.data_ptr<T>(), norms[2 * i], i == 0);
+    at::Tensor qkv = apply(y, l[0]).contiguous();  // [B, (H + 2 HKV) D]
+    for (int64_t b = 0; b < B; ++b) {
+      T* p = qkv.data_ptr<T>() + b * QKV;
+      st.rotary(p, H + HKV, c + b * D, s + b * D);
+      float* kd = kc[i].data_ptr<float>() + slot[b] * HKV * D;
+      float* vd = vc[i].data_ptr<float>() + slot[b] * HKV * D;
+      for (int64_t j = 0; j < HKV * D; ++j) {
+        kd[j] = static_cast<float>(p[H * D + j]);
+        vd[j] = static_cast<float>(p[(H + HKV) * D + j]);
+      }
     }
-    at::Tensor q = qkv.narrow(1, 0, H * D).to(at::kFloat).view({1, H, 1, D});
+    at::Tensor q = qkv.narrow(1, 0, H * D).to(at::kFloat).view({B, H, 1, D});
     at::Tensor k, v;
     if (span_start >= 0) {
-      k = kc[i].narrow(0, span_start, L);
-      v = vc[i].narrow(0, span_start, L);
+      k = kc[i].narrow(0, span_start, L).unsqueeze(0);
+      v = vc[i].narrow(0, span_start, L).unsqueeze(0);
     } else {
-      k = kc[i].index_select(0, slots);
-      v = vc[i].index_select(0, slots);
+      k = kc[i].index_select(0, flat).view({B, L, HKV, D});
+      v = vc[i].index_select(0, flat).view({B, L, HKV, D});
     }
-    k = k.unsqueeze(0).transpose(1, 2);
-    v = v.unsqueeze(0).transpose(1, 2);
-    at::Tensor a = at::scaled_dot_product_attention(q, k, v, c10::nullopt, 0.0, false, scale, HKV != H);
-    a = a.reshape({1, H * D}).to(x_in.scalar_type());
+    at::Tensor a = at::scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), mask, 0.0, false,
+                                                    scale, HKV != H);
+    a = a.reshape({B, H * D}).to(x_in.scalar_type());
     at::Tensor o = apply(a, l[1]).contiguous();
-    st.add_norm(o.data_ptr<T>(), res.data_ptr<T>(), y.data_ptr<T>(), norms[2 * i + 1].data_ptr<float>(), false);
+    add_norm(o.data_ptr<T>(), norms[2 * i + 1], false);
     at::Tensor gu = apply(y, l[2]).contiguous();
     const int64_t inter = gu.size(1) / 2;
-    at::Tensor act = at::empty({1, inter}, opts);
-    st.silu_mul(gu.data_ptr<T>(), act.data_ptr<T>(), inter);
+    at::Tensor act = at::empty({B, inter}, opts);
+    for (int64_t b = 0; b < B; ++b)
+      st.silu_mul(gu.data_ptr<T>() + b * 2 * inter, act.data_ptr<T>() + b * inter, inter);
     x = apply(act, l[3]).contiguous();
   }
-  st.add_norm(x.data_ptr<T>(), res.data_ptr<T>(), y.data_ptr<T>(), norms[2 * layers].data_ptr<float>(), false);
+  add_norm(x.data_ptr<T>(), norms[2 * layers], false);
   return y;
 }
 
@@ -159,14 +168,27 @@ at::Tensor decode_layers(const at::Tensor& x, const std::vector<at::Tensor>& wei
                          const std::vector<int64_t>& kinds, const std::vector<int64_t>& groups,
                          const std::vector<at::Tensor>& norms, const std::vector<at::Tensor>& k_caches,
                          const std::vector<at::Tensor>& v_caches, const at::Tensor& cos, const at::Tensor& sin,
-                         const at::Tensor& slots, int64_t span_start, const at::Tensor& slot_mapping,
-                         double eps, double scale, int64_t H, int64_t HKV, int64_t D) {
-  TORCH_CHECK(slot_mapping.numel() == 1 && slot_mapping.scalar_type() == at::kLong, "decode_layers: one slot");
-  const int64_t slot = slot_mapping.data_ptr<int64_t>()[0];
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.is_contiguous(), "decode_layers: x must be [1, hidden]");
-  TORCH_CHECK(kinds.size() == 4 * k_caches.size() && weights.size() == 3 * kinds.size(),
+                         const at::Tensor& slots, const c10::optional<at::Tensor>& mask, int64_t span_start,
+                         const at::Tensor& slot_mapping, double eps, double scale, int64_t H, int64_t HKV,
+                         int64_t D) {
+  const int64_t B = x.size(0);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "decode_layers: x must be [tokens, hidden]");
+  TORCH_CHECK(slot_mapping.numel() == B && slot_mapping.scalar_type() == at::kLong &&
+                  slot_mapping.is_contiguous(), "decode_layers: one int64 slot a token");
+  TORCH_CHECK(slots.dim() == 2 && slots.size(0) == B && slots.scalar_type() == at::kLong,
+              "decode_layers: slots [tokens, kv]");
+  TORCH_CHECK(span_start < 0 || B == 1, "decode_layers: a span only for one sequence");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == B * D && sin.numel() == B * D &&
+                  cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
+              "decode_layers: cos/sin [tokens, 1, head_dim] in x's dtype");
+  TORCH_CHECK(kinds.size() == 4 * k_caches.size() && weights.size() == 3 * kinds.size() &&
+                  groups.size() == kinds.size() && v_caches.size() == k_caches.size(),
               "decode_layers: 4 linears a layer, 3 tensors a linear");
   TORCH_CHECK(norms.size() == 2 * k_caches.size() + 1, "decode_layers: 2 norms a layer and the final one");
+  for (size_t i = 0; i < k_caches.size(); ++i)
+    TORCH_CHECK(k_caches[i].scalar_type() == at::kFloat && k_caches[i].is_contiguous() &&
+                    v_caches[i].scalar_type() == at::kFloat && v_caches[i].is_contiguous(),
+                "decode_layers: contiguous float32 caches");
   std::vector<Linear> lin;
   lin.reserve(kinds.size());
   for (size_t j = 0; j < kinds.size(); ++j) {
@@ -174,10 +196,13 @@ at::Tensor decode_layers(const at::Tensor& x, const std::vector<at::Tensor>& wei
     lin.push_back({kinds[j], weights[3 * j], weights[3 * j + 1],
                    b.numel() ? c10::optional<at::Tensor>(b) : c10::nullopt, groups[j]});
   }
+  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
   if (x.scalar_type() == at::kBFloat16)
-    return run<at::BFloat16>(x, lin, norms, k_caches, v_caches, cos, sin, slots, span_start, slot, eps, scale, H, HKV, D);
+    return run<at::BFloat16>(x, lin, norms, k_caches, v_caches, cos, sin, slots, mask, span_start, slot, eps,
+                             scale, H, HKV, D);
   TORCH_CHECK(x.scalar_type() == at::kFloat, "decode_layers: float32 or bfloat16 activations");
-  return run<float>(x, lin, norms, k_caches, v_caches, cos, sin, slots, span_start, slot, eps, scale, H, HKV, D);
+  return run<float>(x, lin, norms, k_caches, v_caches, cos, sin, slots, mask, span_start, slot, eps, scale, H,
+                    HKV, D);
 }
 
 }  // namespace
@@ -186,7 +211,7 @@ at::Tensor decode_layers(const at::Tensor& x, const std::vector<at::Tensor>& wei
 TORCH_LIBRARY(truffula_cpu, m) {
   m.def(
       "decode_layers(Tensor x, Tensor[] weights, int[] kinds, int[] groups, Tensor[] norms, "
-      "Tensor[] k_caches, Tensor[] v_caches, Tensor cos, Tensor sin, Tensor slots, int span_start, "
+      "Tensor[] k_caches, Tensor[] v_caches, Tensor cos, Tensor sin, Tensor slots, Tensor? mask, int span_start, "
       "Tensor slot_mapping, float eps, float scale, int H, int HKV, int D) -> Tensor",
       TORCH_FN(decode_layers));
 }
