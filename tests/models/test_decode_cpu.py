@@ -51,24 +51,32 @@ def _ids(n: int, seed: int) -> list[int]:
 
 
 @torch.inference_mode()
-def _decode_both(h: Harness, rid: str, token: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decode step of ``rid`` computed fused, then eager (which rewrites the same cache
-    slot): both log-softmax rows."""
+def _decode_all(
+    h: Harness, tokens: dict[str, int], slots: dict[str, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step of each sequence of ``tokens`` (with LoRA slot ``slots[rid]``), computed
+    fused, then eager (which rewrites the same cache slots): both log-softmax rows."""
     fused = h.runner.fused_decode
     assert fused is not None
-    start = h.pos[rid]
-    blocks = h.blocks[rid]
-    if start // h.block_size >= len(blocks):
-        blocks += h.pool.allocate(1)
-    seq = ScheduledSeq(rid, [token], start, list(blocks), True, -1)
-    h.pos[rid] = start + 1
-    ids, positions, ctx = h.runner.prepare([seq])
+    seqs = []
+    for rid, token in tokens.items():
+        start, blocks = h.pos[rid], h.blocks[rid]
+        if start // h.block_size >= len(blocks):
+            blocks += h.pool.allocate(1)
+        slot = (slots or {}).get(rid, -1)
+        seqs.append(ScheduledSeq(rid, [token], start, list(blocks), True, slot))
+        h.pos[rid] = start + 1
+    ids, positions, ctx = h.runner.prepare(seqs)
     with forward_context(ctx):
         got = fused(ids, ctx)
         want = h.runner.model(ids, positions)
-    assert got is not None
+    assert got is not None and got.shape == want.shape
     head = h.runner.model.compute_logits
     return head(got).log_softmax(-1), head(want).log_softmax(-1)
+
+
+def _decode_both(h: Harness, rid: str, token: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _decode_all(h, {rid: token})
 
 
 @pytest.mark.parametrize("pack", [False, True])
@@ -131,30 +139,53 @@ def test_models_it_does_not_fit_run_eager(
     assert Harness(folder, block_size=4).runner.fused_decode is None
 
 
-@torch.inference_mode()
 def test_decode_steps_of_several_sequences(folder: Path) -> None:
     """Three sequences of different lengths decoding together (gathered, masked): each row
     within 1e-5 of the eager model's."""
     h = Harness(folder, block_size=4)
-    fused = h.runner.fused_decode
-    assert fused is not None
     h.step({"a": _ids(9, 1), "b": _ids(3, 2), "c": _ids(14, 3)})
     for t in _ids(5, 4):
-        seqs = []
-        for rid in ("a", "b", "c"):
-            start, blocks = h.pos[rid], h.blocks[rid]
-            if start // h.block_size >= len(blocks):
-                blocks += h.pool.allocate(1)
-            seqs.append(ScheduledSeq(rid, [t], start, list(blocks), True, -1))
-            h.pos[rid] = start + 1
-        ids, positions, ctx = h.runner.prepare(seqs)
-        with forward_context(ctx):
-            got = fused(ids, ctx)
-            want = h.runner.model(ids, positions)
-        assert got is not None and got.shape == want.shape == (3, want.shape[1])
-        head = h.runner.model.compute_logits
-        diff = head(got).log_softmax(-1) - head(want).log_softmax(-1)
-        assert diff.abs().max().item() < 1e-5
+        got, want = _decode_all(h, {"a": t, "b": t + 1, "c": t + 2})
+        assert got.shape[0] == 3 and (got - want).abs().max().item() < 1e-5
+
+
+def test_adapters_in_the_step(folder: Path, tmp_path: Path) -> None:
+    """A random peft adapter on q/v/o/down (not every projection) beside the base model, two
+    adapter sequences and one base in a step, then the adapter alone: within 1e-5 of the eager
+    model's gathered LoRA; a and b share their tokens, so their rows differ by the adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from truffula.adapters.store import AdapterStore
+    from truffula.layers.lora import apply_lora
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+        init_lora_weights=False,
+    )
+    model = get_peft_model(hf, cfg)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    model.save_pretrained(tmp_path / "ad")
+    h = Harness(folder, block_size=4)
+    layers = apply_lora(h.runner.model, 2, 8, torch.float32, torch.device("cpu"))
+    store = AdapterStore(layers, h.runner.model.packed_modules, 2, 8, str(tmp_path))
+    slot = store.acquire(store.load("ad"))
+    slots = {"a": slot, "c": slot}
+    h.step({"a": _ids(9, 1), "b": _ids(9, 1), "c": _ids(5, 3)}, slots)
+    for t in _ids(4, 4):
+        got, want = _decode_all(h, {"a": t, "b": t, "c": t}, slots)
+        assert (got - want).abs().max().item() < 1e-5
+    assert (got[0] - got[1]).abs().max().item() > 1e-2
+    for t in _ids(3, 5):
+        got, want = _decode_all(h, {"a": t}, slots)
+        assert (got - want).abs().max().item() < 1e-5
 
 
 def test_steps_with_a_prompt_chunk_run_eager(folder: Path) -> None:
@@ -198,3 +229,39 @@ def test_default_model_records_equal_eager(llm: Any) -> None:
             assert [x.id for x in a.alternatives] == [x.id for x in b.alternatives]
             for x, y in zip(a.alternatives, b.alternatives, strict=True):
                 assert abs(x.logprob - y.logprob) < 1e-4
+
+
+@pytest.mark.slow
+def test_default_model_with_adapters_equal_eager(model_dir: Path) -> None:
+    """The example adapters beside the base model in one batch, then one alone: the same tokens
+    and ranks, logprobs within 1e-4, fused and eager."""
+    from truffula.engine.llm import LLM
+    from truffula.sampling.params import SamplingParams
+
+    root = Path(__file__).resolve().parents[2] / "examples" / "adapters"
+    llm = LLM(str(model_dir), progress=False, adapter_root=str(root), max_model_len=512)
+    runner = llm.engine.runner
+    fused = runner.fused_decode
+    assert fused is not None
+
+    p = [
+        SamplingParams(max_new_tokens=16, temperature=0, details=True, adapter_id=a)
+        for a in (None, "pirate", "caps")
+    ]
+    first = _generate_each(llm, p) + _generate_each(llm, p[1:2])
+    try:
+        runner.fused_decode = None
+        second = _generate_each(llm, p) + _generate_each(llm, p[1:2])
+    finally:
+        runner.fused_decode = fused
+    assert fused.lora is not None and any(w is not None for w in fused.lora)
+    for g, w in zip(first, second, strict=True):
+        assert g.token_ids == w.token_ids
+        for a, b in zip(g.tokens, w.tokens, strict=True):
+            assert a.rank == b.rank and abs(a.logprob - b.logprob) < 1e-4
+    assert first[0].token_ids != first[2].token_ids  # the adapters matter
+
+
+def _generate_each(llm: Any, params: list[Any]) -> list[Any]:
+    """One batch: the same prompt under each of ``params``."""
+    return llm.generate(["Tell me about the sea."] * len(params), params)

@@ -29,7 +29,7 @@ from truffula.device import host_tensor
 from truffula.forward import LoRABatch
 
 BAG_CHUNK = 64
-"""Longest run of products one embedding bag sums (see ``_bag``)."""
+"""Longest run of products one embedding bag sums (see ``bag_layout``)."""
 DENSE_LIMIT = 4096
 """Use the dense strategy while tokens x adapters present stays under this."""
 
@@ -113,7 +113,7 @@ def _onehot(batch: LoRABatch, used: tuple[int, ...]) -> torch.Tensor:
     return _memo(batch, ("onehot", used), make)
 
 
-def _bag(
+def bag_layout(
     batch: LoRABatch, width: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
     """Embedding-bag input for factor rows laid out ``[slots * width, n]``: the indices
@@ -162,14 +162,14 @@ def lora_gather(
     ``s * in + d``, column ``j * R + r``; ``b_rows[j] [slots * R, n_j]`` holds ``Bt_j[s, r]`` at
     row ``s * R + r``. Adds the deltas to ``y`` in place; returns ``y``."""
     d_in, rank = x.shape[1], a_rows.shape[1] // len(b_rows)
-    idx, bag_offsets, rows, chunks = _bag(batch, d_in)
+    idx, bag_offsets, rows, chunks = bag_layout(batch, d_in)
     xs = x if rows is None else x.index_select(0, rows)
     shrink = F.embedding_bag(
         idx, a_rows, bag_offsets, mode="sum", per_sample_weights=xs.reshape(-1).to(a_rows.dtype)
     )  # [T * chunks, shards * R], zero rows for base tokens
     shrink = shrink.view(batch.num_tokens, chunks, -1).sum(1)
     h = (shrink if rows is None else shrink.index_select(0, rows)).view(-1, len(b_rows), rank)
-    idx_r, offsets_r, _, _ = _bag(batch, rank)
+    idx_r, offsets_r, _, _ = bag_layout(batch, rank)
     for j, (b, off) in enumerate(zip(b_rows, offsets, strict=True)):
         delta = F.embedding_bag(
             idx_r, b, offsets_r, mode="sum", per_sample_weights=h[:, j].reshape(-1)

@@ -1,12 +1,12 @@
 """Decode-only steps on the CPU through ``kernels.decode_cpu`` for the models it fits.
 
 ``FusedDecode.bind(model)`` checks, once after the weights are quantized or packed, that the
-model is a stack of pre-norm ``DecoderLayer``s the native call computes exactly as the eager
-modules do: self-attention without q/k norms, sliding window or softcap, rotary over the whole
-head, a SiLU gated MLP, RMSNorms, and projections of a kind it runs (int4, oneDNN-packed or
-dense, biases allowed), in float32 or bfloat16 on the CPU. Llama, Mistral without a window and
-Qwen2 fit; the others run eager. A step takes it when every token is a decode and no
-sequence has an adapter (``__call__`` returns None otherwise: prefill chunks, LoRA).
+model is a stack of pre-norm ``DecoderLayer``s the native call computes with the eager
+modules' roundings: self-attention without q/k norms, sliding window or softcap, rotary over
+the whole head, a SiLU gated MLP, RMSNorms, and projections of a kind it runs (int4, int8,
+oneDNN-packed or dense, biases allowed), in float32 or bfloat16 on the CPU. Llama, Mistral without a window and
+Qwen2 fit; the others run eager. A step takes it when every token is a decode
+(``__call__`` returns None otherwise); adapters are applied as the CPU's gathered LoRA does.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import cast
 import torch
 from torch import nn
 
-from truffula.forward import ForwardContext
+from truffula.forward import ForwardContext, LoRABatch
 from truffula.kernels import decode_cpu, norm_torch
 from truffula.kernels.attention_torch import decode_layout
+from truffula.kernels.lora_torch import bag_layout
 from truffula.layers.linear import Linear, MergedLinear
 from truffula.layers.lora import LoRALinear
 from truffula.layers.norm import RMSNorm
@@ -40,6 +41,10 @@ class FusedDecode:
         self.weights: list[torch.Tensor] = []
         self.kinds: list[int] = []
         self.groups: list[int] = []
+        self.layers = layers
+        self.lora: list[LoRALinear | None] | None = None
+        """Each projection's LoRA wrapper, or None; found at the first step with adapters
+        (``apply_lora`` may wrap the projections after this is bound)."""
         for layer in layers:
             for name in PROJECTIONS:
                 parts = _linear(layer.get_submodule(name))
@@ -70,16 +75,24 @@ class FusedDecode:
             return None
         if not decode_cpu.available():
             return None
-        log.info("single-stream CPU decode: fused native layers (%d)", len(layers))
+        log.info("CPU decode steps: %d layers in one native call (fused CPU decode)", len(layers))
         return cls(decoder, layers)
 
     def __call__(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
         """The final norm's output [T, hidden] of a decode-only step (one token of each of T
-        sequences, none with an adapter), or None for any other step."""
+        sequences, adapters applied as ``lora_torch.lora_gather`` does), or None for any other
+        step."""
         meta = ctx.attn
         if meta.num_decodes != input_ids.shape[0] or meta.num_seqs != meta.num_decodes:
             return None
-        if ctx.lora is not None or ctx.cos is None or ctx.sin is None:
+        if ctx.cos is None or ctx.sin is None:
+            return None
+        if ctx.lora is not None and self.lora is None:
+            self.lora = [
+                _wrapper(layer.get_submodule(n)) for layer in self.layers for n in PROJECTIONS
+            ]
+        lora = lora_inputs(self.lora or [], ctx.lora)
+        if lora is None:
             return None
         slots, mask, span = decode_layout(meta, None)
         x = cast(nn.Embedding, self.decoder.embed_tokens)(input_ids)
@@ -98,12 +111,77 @@ class FusedDecode:
             mask,
             -1 if span is None else span[0],
             meta.slot_mapping,
+            *lora,
             self.eps,
             self.scale,
             h,
             hkv,
             d,
         )
+
+
+LoRAInputs = tuple[
+    list[torch.Tensor],
+    list[torch.Tensor],
+    list[int],
+    list[int],
+    list[torch.Tensor],
+    list[torch.Tensor],
+    list[int],
+    torch.Tensor | None,
+]
+
+
+NO_LORA: LoRAInputs = ([], [], [], [], [], [], [], None)
+
+
+def lora_inputs(lora: list[LoRALinear | None], batch: LoRABatch | None) -> LoRAInputs | None:
+    """``decode_layers``' LoRA arguments for a step: each projection's A rows (empty where the
+    step adds nothing to it), its shards' B rows each list ended by an empty tensor, their
+    offsets, the bag of its input width, and the step's bags (``lora_torch.bag_layout``; the
+    rank's last). None: a projection the step adapts has no gathered factor rows."""
+    if batch is None:
+        return NO_LORA
+    none = torch.empty(0)
+    a_rows: list[torch.Tensor] = []
+    b_rows: list[torch.Tensor] = []
+    offsets: list[int] = []
+    bag_of: list[int] = []
+    widths: list[int] = []
+    for layer in lora:
+        if layer is None or not any(layer.loaded[s] for s in batch.slots):
+            a_rows.append(none)
+            bag_of.append(0)
+            continue
+        if layer.rows is None:
+            return None
+        a, bs = layer.rows
+        a_rows.append(a)
+        b_rows += [*bs, none]
+        offsets += [*layer.offsets, 0]
+        width = layer.in_features
+        if width not in widths:
+            widths.append(width)
+        bag_of.append(widths.index(width))
+    if not widths:
+        return NO_LORA
+    rank = next(layer.max_rank for layer in lora if layer is not None)
+    bags = [bag_layout(batch, w) for w in [*widths, rank]]
+    rows = bags[0][2]
+    return (
+        a_rows,
+        b_rows,
+        offsets,
+        bag_of,
+        [b[0] for b in bags],
+        [b[1] for b in bags],
+        [b[3] for b in bags],
+        rows,
+    )
+
+
+def _wrapper(module: nn.Module) -> LoRALinear | None:
+    return module if isinstance(module, LoRALinear) else None
 
 
 def _linear(module: nn.Module) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int] | None:

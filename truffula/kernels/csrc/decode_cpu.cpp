@@ -1,17 +1,17 @@
-// One decode token through every layer of a pre-norm Llama-family model on the CPU, in one call.
+// A decode step (one token of each sequence) through every layer of a pre-norm Llama-family
+// model on the CPU, in one call.
 //
 // The reference is the eager model (truffula/models/common.py with the torch kernels): this file
 // does the same arithmetic in the same order and rounds to the model's dtype wherever an eager
 // op would, so a 16-bit model gives the same numbers up to the order of a norm's sum. The
 // projections and the attention go through the same ATen ops the eager model calls; the
 // elementwise work between them (residual adds, RMSNorm, rotary, SiLU-and-mul, the cache write)
-// is plain loops over one token's vectors, with no tensor made for it.
+// is plain loops over each token's vectors, with no tensor made for it.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 namespace {
@@ -23,7 +23,45 @@ struct Linear {
   at::Tensor w, aux;  // int4: packed, scale_and_zero; int8: q, bf16 scales; oneDNN or dense weight
   c10::optional<at::Tensor> b;  // bias
   int64_t group;
+  // LoRA, when the step applies it to this projection (kernels/lora_torch.py, lora_gather):
+  // A as rows [slots * in, shards * R], each shard's B as rows [slots * R, n_j], their offsets
+  bool lora = false;
+  at::Tensor a_rows;
+  std::vector<at::Tensor> b_rows;
+  std::vector<int64_t> offsets;
+  int64_t bag = 0;  // which of the step's bags indexes rows of this projection's input width
 };
+
+// The step's embedding-bag inputs (lora_torch.bag_layout): per width, indices, offsets and the
+// number of bags a token's sum is split into; rows: the adapter tokens (undefined: all).
+struct Bags {
+  std::vector<at::Tensor> idx, off;
+  std::vector<int64_t> chunks;
+  c10::optional<at::Tensor> rows;
+  int64_t rank_bag = 0;
+  int64_t tokens = 0;
+};
+
+// F.embedding_bag(idx, rows, off, mode="sum", per_sample_weights=weights)
+at::Tensor bag_sum(const at::Tensor& idx, const at::Tensor& rows, const at::Tensor& off,
+                   const at::Tensor& weights) {
+  return std::get<0>(at::embedding_bag(rows, idx, off, false, /*mode sum*/ 0, false, weights, false));
+}
+
+// y [T, out] += each adapter token's B (A x), as lora_gather computes it
+void add_lora(at::Tensor& y, const at::Tensor& x, const Linear& l, const Bags& g) {
+  const int64_t shards = static_cast<int64_t>(l.b_rows.size());
+  const int64_t rank = l.a_rows.size(1) / shards;
+  at::Tensor xs = g.rows ? x.index_select(0, *g.rows) : x;
+  at::Tensor shrink = bag_sum(g.idx[l.bag], l.a_rows, g.off[l.bag], xs.reshape({-1}).to(l.a_rows.scalar_type()));
+  shrink = shrink.view({g.tokens, g.chunks[l.bag], -1}).sum(1);
+  at::Tensor h = (g.rows ? shrink.index_select(0, *g.rows) : shrink).view({-1, shards, rank});
+  for (int64_t j = 0; j < shards; ++j) {
+    const at::Tensor& b = l.b_rows[j];
+    at::Tensor delta = bag_sum(g.idx[g.rank_bag], b, g.off[g.rank_bag], h.select(1, j).reshape({-1}));
+    y.narrow(1, l.offsets[j], b.size(1)).add_(delta.to(y.scalar_type()));
+  }
+}
 
 at::Tensor packed_linear(const at::Tensor& x, const Linear& l) {
   static const auto op =
@@ -40,7 +78,7 @@ at::Tensor packed_linear(const at::Tensor& x, const Linear& l) {
   return stack[0].toTensor();
 }
 
-at::Tensor apply(const at::Tensor& x, const Linear& l) {
+at::Tensor base(const at::Tensor& x, const Linear& l) {
   switch (l.kind) {
     case kInt4: {
       auto xb = x.scalar_type() == at::kBFloat16 ? x : x.to(at::kBFloat16);
@@ -57,6 +95,12 @@ at::Tensor apply(const at::Tensor& x, const Linear& l) {
     default:
       return at::linear(x, l.w, l.b);
   }
+}
+
+at::Tensor apply(const at::Tensor& x, const Linear& l, const Bags& g) {
+  at::Tensor y = base(x, l).contiguous();
+  if (l.lora) add_lora(y, x, l, g);
+  return y;
 }
 
 // Rounding to the model's dtype, as an eager op's result is.
@@ -109,8 +153,8 @@ template <typename T>
 at::Tensor run(const at::Tensor& x_in, const std::vector<Linear>& lin, const std::vector<at::Tensor>& norms,
                const std::vector<at::Tensor>& kc, const std::vector<at::Tensor>& vc, const at::Tensor& cos,
                const at::Tensor& sin, const at::Tensor& slots, const c10::optional<at::Tensor>& mask,
-               int64_t span_start, const int64_t* slot, double eps, double scale, int64_t H, int64_t HKV,
-               int64_t D) {
+               int64_t span_start, const int64_t* slot, const Bags& g, double eps, double scale, int64_t H,
+               int64_t HKV, int64_t D) {
   const int64_t layers = static_cast<int64_t>(kc.size());
   const int64_t B = x_in.size(0), hidden = x_in.size(1), QKV = (H + 2 * HKV) * D;
   const int64_t L = slots.size(1);  // the longest sequence's slots (read in place from span_start when >= 0)
@@ -128,7 +172,7 @@ at::Tensor run(const at::Tensor& x_in, const std::vector<Linear>& lin, const std
   for (int64_t i = 0; i < layers; ++i) {
     const Linear* l = &lin[4 * i];
     add_norm(x.data_ptr<T>(), norms[2 * i], i == 0);
-    at::Tensor qkv = apply(y, l[0]).contiguous();  // [B, (H + 2 HKV) D]
+    at::Tensor qkv = apply(y, l[0], g);  // [B, (H + 2 HKV) D]
     for (int64_t b = 0; b < B; ++b) {
       T* p = qkv.data_ptr<T>() + b * QKV;
       st.rotary(p, H + HKV, c + b * D, s + b * D);
@@ -151,14 +195,14 @@ at::Tensor run(const at::Tensor& x_in, const std::vector<Linear>& lin, const std
     at::Tensor a = at::scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), mask, 0.0, false,
                                                     scale, HKV != H);
     a = a.reshape({B, H * D}).to(x_in.scalar_type());
-    at::Tensor o = apply(a, l[1]).contiguous();
+    at::Tensor o = apply(a, l[1], g);
     add_norm(o.data_ptr<T>(), norms[2 * i + 1], false);
-    at::Tensor gu = apply(y, l[2]).contiguous();
+    at::Tensor gu = apply(y, l[2], g);
     const int64_t inter = gu.size(1) / 2;
     at::Tensor act = at::empty({B, inter}, opts);
     for (int64_t b = 0; b < B; ++b)
       st.silu_mul(gu.data_ptr<T>() + b * 2 * inter, act.data_ptr<T>() + b * inter, inter);
-    x = apply(act, l[3]).contiguous();
+    x = apply(act, l[3], g);
   }
   add_norm(x.data_ptr<T>(), norms[2 * layers], false);
   return y;
@@ -169,8 +213,12 @@ at::Tensor decode_layers(const at::Tensor& x, const std::vector<at::Tensor>& wei
                          const std::vector<at::Tensor>& norms, const std::vector<at::Tensor>& k_caches,
                          const std::vector<at::Tensor>& v_caches, const at::Tensor& cos, const at::Tensor& sin,
                          const at::Tensor& slots, const c10::optional<at::Tensor>& mask, int64_t span_start,
-                         const at::Tensor& slot_mapping, double eps, double scale, int64_t H, int64_t HKV,
-                         int64_t D) {
+                         const at::Tensor& slot_mapping, const std::vector<at::Tensor>& lora_a,
+                         const std::vector<at::Tensor>& lora_b, const std::vector<int64_t>& lora_offsets,
+                         const std::vector<int64_t>& lora_bag, const std::vector<at::Tensor>& bag_idx,
+                         const std::vector<at::Tensor>& bag_off, const std::vector<int64_t>& bag_chunks,
+                         const c10::optional<at::Tensor>& lora_rows, double eps, double scale, int64_t H,
+                         int64_t HKV, int64_t D) {
   const int64_t B = x.size(0);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "decode_layers: x must be [tokens, hidden]");
   TORCH_CHECK(slot_mapping.numel() == B && slot_mapping.scalar_type() == at::kLong &&
@@ -196,13 +244,37 @@ at::Tensor decode_layers(const at::Tensor& x, const std::vector<at::Tensor>& wei
     lin.push_back({kinds[j], weights[3 * j], weights[3 * j + 1],
                    b.numel() ? c10::optional<at::Tensor>(b) : c10::nullopt, groups[j]});
   }
+  // LoRA: lora_a[j] defined for each projection the step adapts; its shards' B rows follow
+  // in lora_b, their offsets in lora_offsets; lora_bag[j] names its input width's bag, the
+  // last bag is the rank's
+  TORCH_CHECK(lora_a.empty() || (lora_a.size() == kinds.size() && lora_bag.size() == kinds.size() &&
+                                 !bag_idx.empty() && bag_off.size() == bag_idx.size() &&
+                                 bag_chunks.size() == bag_idx.size()),
+              "decode_layers: LoRA inputs");
+  size_t next_b = 0;
+  for (size_t j = 0; j < lora_a.size(); ++j) {
+    if (!lora_a[j].defined() || !lora_a[j].numel()) continue;
+    Linear& l = lin[j];
+    l.lora = true;
+    l.a_rows = lora_a[j];
+    l.bag = lora_bag[j];
+    while (next_b < lora_b.size() && lora_b[next_b].defined() && lora_b[next_b].numel()) {
+      l.b_rows.push_back(lora_b[next_b]);
+      l.offsets.push_back(lora_offsets[next_b]);
+      ++next_b;
+    }
+    ++next_b;  // the empty tensor that ends this projection's shards
+    TORCH_CHECK(!l.b_rows.empty() && l.a_rows.size(1) % static_cast<int64_t>(l.b_rows.size()) == 0,
+                "decode_layers: LoRA shards");
+  }
+  Bags g{bag_idx, bag_off, bag_chunks, lora_rows, static_cast<int64_t>(bag_idx.size()) - 1, B};
   const int64_t* slot = slot_mapping.data_ptr<int64_t>();
   if (x.scalar_type() == at::kBFloat16)
-    return run<at::BFloat16>(x, lin, norms, k_caches, v_caches, cos, sin, slots, mask, span_start, slot, eps,
-                             scale, H, HKV, D);
+    return run<at::BFloat16>(x, lin, norms, k_caches, v_caches, cos, sin, slots, mask, span_start, slot, g,
+                             eps, scale, H, HKV, D);
   TORCH_CHECK(x.scalar_type() == at::kFloat, "decode_layers: float32 or bfloat16 activations");
-  return run<float>(x, lin, norms, k_caches, v_caches, cos, sin, slots, mask, span_start, slot, eps, scale, H,
-                    HKV, D);
+  return run<float>(x, lin, norms, k_caches, v_caches, cos, sin, slots, mask, span_start, slot, g, eps, scale,
+                    H, HKV, D);
 }
 
 }  // namespace
@@ -212,6 +284,8 @@ TORCH_LIBRARY(truffula_cpu, m) {
   m.def(
       "decode_layers(Tensor x, Tensor[] weights, int[] kinds, int[] groups, Tensor[] norms, "
       "Tensor[] k_caches, Tensor[] v_caches, Tensor cos, Tensor sin, Tensor slots, Tensor? mask, int span_start, "
-      "Tensor slot_mapping, float eps, float scale, int H, int HKV, int D) -> Tensor",
+      "Tensor slot_mapping, Tensor[] lora_a, Tensor[] lora_b, int[] lora_offsets, int[] lora_bag, "
+      "Tensor[] bag_idx, Tensor[] bag_off, int[] bag_chunks, Tensor? lora_rows, float eps, float scale, "
+      "int H, int HKV, int D) -> Tensor",
       TORCH_FN(decode_layers));
 }
