@@ -265,3 +265,14 @@ def test_default_model_with_adapters_equal_eager(model_dir: Path) -> None:
 def _generate_each(llm: Any, params: list[Any]) -> list[Any]:
     """One batch: the same prompt under each of ``params``."""
     return llm.generate(["Tell me about the sea."] * len(params), params)
+
+
+def test_switched_off_by_the_environment() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = "from truffula.kernels import decode_cpu; print(decode_cpu.available())"
+    env = dict(os.environ, TRUFFULA_FUSED_CPU_DECODE="0")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

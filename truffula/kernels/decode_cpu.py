@@ -17,6 +17,7 @@ import functools
 import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from truffula.envs import TRUFFULA_FUSED_CPU_DECODE, cache_dir
 log = logging.getLogger("truffula.kernels")
 
 SOURCE = Path(__file__).with_name("csrc") / "decode_cpu.cpp"
+LIBRARY = "truffula_decode_cpu.so"
 
 INT4, PACKED, DENSE, INT8 = 0, 1, 2, 3
 """Linear kinds ``decode_layers`` takes: torch's CPU int4 layout, oneDNN-packed, F.linear,
@@ -40,29 +42,16 @@ def build_dir() -> Path:
 
 @functools.cache
 def available() -> bool:
-    """Builds (once per source and torch version, then loads from the cache) and registers
-    ``torch.ops.truffula_cpu.decode_layers``; False, with the reason logged, where it cannot."""
+    """Loads ``torch.ops.truffula_cpu.decode_layers`` from the cache, building it first where it
+    is not there yet; False, with the reason logged, where it cannot be built."""
     if os.environ.get(TRUFFULA_FUSED_CPU_DECODE, "1") == "0":
         return False
+    folder = build_dir()
     try:
-        import ninja  # the build tool cpp_extension runs; on PATH for it
-
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    except ImportError:
-        pass
-    try:
-        from torch.utils import cpp_extension
-
-        folder = build_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(
-            name="truffula_decode_cpu",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-ffp-contract=off"],
-            build_directory=str(folder),
-            is_python_module=False,
-            verbose=False,
-        )
+        if (folder / LIBRARY).exists():
+            torch.ops.load_library(str(folder / LIBRARY))
+        else:
+            _build(folder)
     except Exception as exc:  # no compiler, no ninja, a torch without headers
         log.warning(
             "the fused CPU decode is not available (%s: %s); eager decode",
@@ -71,3 +60,34 @@ def available() -> bool:
         )
         return False
     return hasattr(torch.ops.truffula_cpu, "decode_layers")
+
+
+def _build(folder: Path) -> None:
+    """Compile and load the extension in a folder of this process's own, then move it into
+    place: processes starting together (an engine and its tests, replicas) each build their
+    own and the first to finish publishes it; none waits on a lock another one, killed
+    mid-build, left behind."""
+    try:
+        import ninja  # the build tool cpp_extension runs; on PATH for it
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    from torch.utils import cpp_extension
+
+    log.info("building the fused CPU decode (once; about 15 s on 2 cores)")
+    own = folder.with_name(f"{folder.name}.{os.getpid()}")
+    shutil.rmtree(own, ignore_errors=True)
+    own.mkdir(parents=True)
+    cpp_extension.load(
+        name=LIBRARY.removesuffix(".so"),
+        sources=[str(SOURCE)],
+        extra_cflags=["-O3", "-ffp-contract=off"],
+        build_directory=str(own),
+        is_python_module=False,
+        verbose=False,
+    )
+    try:
+        own.rename(folder)
+    except OSError:  # another process published it first: keep its copy, drop this one
+        shutil.rmtree(own, ignore_errors=True)
