@@ -1,7 +1,9 @@
 """The fused CPU decode (``models.decode_cpu``, ``kernels/csrc/decode_cpu.cpp``) against the
 eager model and HF transformers: tiny random Llama-family models in float32 (dense, oneDNN-packed
-and GQA, Qwen2's q/k/v biases), in bfloat16 with int4 weights, and the default model through the
-engine with alternatives, on a sequence read in place and on one gathered from scattered blocks.
+and GQA, Qwen2's q/k/v biases), in bfloat16 with int4 or int8 weights, with adapters, in decode
+steps, prompt chunks and verify-shaped chunks, and the default model through the engine with
+alternatives and adapters (``tests/speculative`` compares n-gram speculation, whose verify steps
+run here too, with plain decoding).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from modelharness import Harness
 
 from truffula.forward import forward_context
 from truffula.kernels import decode_cpu
-from truffula.models.decode_cpu import FusedDecode
 from truffula.scheduler.output import ScheduledSeq
 
 from .test_architectures import NO_SPECIAL, SMALL, VOCAB, built, save_random
@@ -51,21 +52,24 @@ def _ids(n: int, seed: int) -> list[int]:
 
 
 @torch.inference_mode()
-def _decode_all(
-    h: Harness, tokens: dict[str, int], slots: dict[str, int] | None = None
+def _step_both(
+    h: Harness, chunks: dict[str, list[int]], slots: dict[str, int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decode step of each sequence of ``tokens`` (with LoRA slot ``slots[rid]``), computed
-    fused, then eager (which rewrites the same cache slots): both log-softmax rows."""
+    """One step of ``chunks`` (each sequence's next tokens; with LoRA slot ``slots[rid]``),
+    computed fused, then eager (which rewrites the same cache slots): both log-softmax rows,
+    decodes first as the runner orders them."""
     fused = h.runner.fused_decode
     assert fused is not None
     seqs = []
-    for rid, token in tokens.items():
-        start, blocks = h.pos[rid], h.blocks[rid]
-        if start // h.block_size >= len(blocks):
-            blocks += h.pool.allocate(1)
+    for rid, toks in chunks.items():
+        start, blocks = h.pos.get(rid, 0), h.blocks.setdefault(rid, [])
+        need = -(-(start + len(toks)) // h.block_size) - len(blocks)
+        if need > 0:
+            blocks += h.pool.allocate(need)
         slot = (slots or {}).get(rid, -1)
-        seqs.append(ScheduledSeq(rid, [token], start, list(blocks), True, slot))
-        h.pos[rid] = start + 1
+        seqs.append(ScheduledSeq(rid, toks, start, list(blocks), True, slot))
+        h.pos[rid] = start + len(toks)
+    seqs.sort(key=lambda q: q.num_tokens != 1)
     ids, positions, ctx = h.runner.prepare(seqs)
     with forward_context(ctx):
         got = fused(ids, ctx)
@@ -73,6 +77,12 @@ def _decode_all(
     assert got is not None and got.shape == want.shape
     head = h.runner.model.compute_logits
     return head(got).log_softmax(-1), head(want).log_softmax(-1)
+
+
+def _decode_all(
+    h: Harness, tokens: dict[str, int], slots: dict[str, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _step_both(h, {rid: [t] for rid, t in tokens.items()}, slots)
 
 
 def _decode_both(h: Harness, rid: str, token: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,17 +198,18 @@ def test_adapters_in_the_step(folder: Path, tmp_path: Path) -> None:
         assert (got - want).abs().max().item() < 1e-5
 
 
-def test_steps_with_a_prompt_chunk_run_eager(folder: Path) -> None:
-    h = Harness(folder, block_size=4)
-    fused = h.runner.fused_decode
-    assert isinstance(fused, FusedDecode)
-    h.step({"a": _ids(5, 1)})
-    seqs = [
-        ScheduledSeq("a", [1], h.pos["a"], list(h.blocks["a"]), True, -1),
-        ScheduledSeq("c", [1, 2], 0, [40], True, -1),
-    ]
-    ids, _, ctx = h.runner.prepare(seqs)
-    assert fused(ids, ctx) is None
+def test_steps_with_prompt_and_verify_chunks(folder: Path) -> None:
+    """Whole prompts, a chunk after cached tokens beside decodes, and five-token chunks of
+    running sequences (a speculative verify step's shape): every row within 1e-5 of the eager
+    model's, in float32 and within 0.05 in bfloat16 with int4 weights."""
+    for dtype, quantization, tol in ((torch.float32, None, 1e-5), (torch.bfloat16, "int4", 0.05)):
+        h = Harness(folder, block_size=4, dtype=dtype, quantization=quantization)
+        got, want = _step_both(h, {"a": _ids(7, 1), "b": _ids(3, 2)})
+        assert got.shape[0] == 10 and (got - want).abs().max().item() < tol
+        got, want = _step_both(h, {"a": _ids(1, 3), "b": _ids(6, 4), "c": _ids(5, 5)})
+        assert got.shape[0] == 12 and (got - want).abs().max().item() < tol
+        got, want = _step_both(h, {"a": _ids(5, 6), "b": _ids(1, 7), "c": _ids(5, 8)})
+        assert (got - want).abs().max().item() < tol
 
 
 @pytest.mark.slow

@@ -108,7 +108,7 @@ def prefill_attention(
         if kv_len == ql:  # whole sequence in this step: use the fresh keys, no gather
             ks, vs = k[qs:qe], v[qs:qe]
         else:  # a chunk after cached tokens (a float32 cache on CPU: back to q's dtype, exactly)
-            slots = _seq_slots(meta, s, kv_len)
+            slots = seq_slots(meta, s, kv_len)
             ks, vs = _gather(k_cache, slots).to(q.dtype), _gather(v_cache, slots).to(q.dtype)
         if chunk_kernel is not None and kv_len != ql and sliding_window is None and softcap is None:
             out[qs:qe] = chunk_kernel(q[qs:qe], ks, vs, scale)
@@ -122,7 +122,7 @@ def prefill_attention(
                 qp, kp, vp, is_causal=True, scale=scale, enable_gqa=gqa
             )
         else:
-            mask = _prefill_mask(meta, s, ql, kv_len, sliding_window)
+            mask = prefill_mask(meta, s, ql, kv_len, sliding_window)
             o = _attend(qp, kp, vp, mask, scale, softcap)
         out[qs:qe] = o[0].transpose(0, 1)
 
@@ -193,7 +193,7 @@ def decode_layout(meta: AttentionMetadata, window: int | None) -> DecodeLayout:
     return cast(DecodeLayout, meta.memo[key])
 
 
-def _seq_slots(meta: AttentionMetadata, s: int, kv_len: int) -> torch.Tensor:
+def seq_slots(meta: AttentionMetadata, s: int, kv_len: int) -> torch.Tensor:
     key = ("seq", s)
     if key not in meta.memo:
         pos = torch.arange(kv_len, device=meta.block_tables.device)
@@ -202,7 +202,7 @@ def _seq_slots(meta: AttentionMetadata, s: int, kv_len: int) -> torch.Tensor:
     return cast(torch.Tensor, meta.memo[key])
 
 
-def _prefill_mask(
+def prefill_mask(
     meta: AttentionMetadata, s: int, q_len: int, kv_len: int, window: int | None
 ) -> torch.Tensor:
     key = ("mask", s, window)

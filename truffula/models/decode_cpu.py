@@ -1,12 +1,13 @@
-"""Decode-only steps on the CPU through ``kernels.decode_cpu`` for the models it fits.
+"""Steps on the CPU through ``kernels.decode_cpu`` for the models it fits.
 
 ``FusedDecode.bind(model)`` checks, once after the weights are quantized or packed, that the
 model is a stack of pre-norm ``DecoderLayer``s the native call computes with the eager
 modules' roundings: self-attention without q/k norms, sliding window or softcap, rotary over
 the whole head, a SiLU gated MLP, RMSNorms, and projections of a kind it runs (int4, int8,
-oneDNN-packed or dense, biases allowed), in float32 or bfloat16 on the CPU. Llama, Mistral without a window and
-Qwen2 fit; the others run eager. A step takes it when every token is a decode
-(``__call__`` returns None otherwise); adapters are applied as the CPU's gathered LoRA does.
+oneDNN-packed or dense, biases allowed), in float32 or bfloat16 on the CPU. Llama, Mistral
+without a window and Qwen2 fit; the others run eager. Every step of a model that fits takes
+it: decodes, prompt chunks and speculative verify steps, with adapters applied as the CPU's
+gathered LoRA does; the gain is in steps of few tokens, where dispatch outweighs arithmetic.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from truffula.forward import ForwardContext, LoRABatch
 from truffula.kernels import decode_cpu, norm_torch
-from truffula.kernels.attention_torch import decode_layout
+from truffula.kernels.attention_torch import decode_layout, prefill_mask, seq_slots
 from truffula.kernels.lora_torch import bag_layout
 from truffula.layers.linear import Linear, MergedLinear
 from truffula.layers.lora import LoRALinear
@@ -79,12 +80,9 @@ class FusedDecode:
         return cls(decoder, layers)
 
     def __call__(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
-        """The final norm's output [T, hidden] of a decode-only step (one token of each of T
-        sequences, adapters applied as ``lora_torch.lora_gather`` does), or None for any other
-        step."""
+        """The final norm's output [T, hidden] of a step's T tokens, or None where the step cannot
+        run here (no rotary tables, an adapted projection without gathered factor rows)."""
         meta = ctx.attn
-        if meta.num_decodes != input_ids.shape[0] or meta.num_seqs != meta.num_decodes:
-            return None
         if ctx.cos is None or ctx.sin is None:
             return None
         if ctx.lora is not None and self.lora is None:
@@ -94,7 +92,14 @@ class FusedDecode:
         lora = lora_inputs(self.lora or [], ctx.lora)
         if lora is None:
             return None
-        slots, mask, span = decode_layout(meta, None)
+        nd = meta.num_decodes
+        if nd:
+            slots, mask, span = decode_layout(meta, None)
+        else:
+            slots, mask, span = meta.slot_mapping.new_empty(0, 0), None, None
+        starts, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+        chunks = range(nd, meta.num_seqs)
+        chunk_lens = [starts[s + 1] - starts[s] for s in chunks]
         x = cast(nn.Embedding, self.decoder.embed_tokens)(input_ids)
         h, hkv, d = self.heads
         return torch.ops.truffula_cpu.decode_layers(
@@ -110,6 +115,13 @@ class FusedDecode:
             slots,
             mask,
             -1 if span is None else span[0],
+            [starts[s] for s in chunks],
+            chunk_lens,
+            [seq_slots(meta, s, lens[s]) for s in chunks],
+            [
+                prefill_mask(meta, s, q, lens[s], None)
+                for s, q in zip(chunks, chunk_lens, strict=True)
+            ],
             meta.slot_mapping,
             *lora,
             self.eps,

@@ -123,7 +123,7 @@ class ModelRunner:
         self.num_blocks = self.sizing.num_blocks + 1  # + the null block
         self.kv_cache.allocate(self.num_blocks)
         self.fused_decode = FusedDecode.bind(self.model, dtype) if device.type == "cpu" else None
-        """Decode-only steps in one native call (``models.decode_cpu``), or None."""
+        """Each step in one native call on CPU (``models.decode_cpu``), or None."""
 
     def _mixed_graph_safe(self, model: torch.nn.Module) -> bool:
         """Whether steps with prefill chunks of ``model`` can be captured: every attention

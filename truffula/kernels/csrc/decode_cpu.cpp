@@ -1,4 +1,4 @@
-// A decode step (one token of each sequence) through every layer of a pre-norm Llama-family
+// A step (decodes, and prompt or verify chunks) through every layer of a pre-norm Llama-family
 // model on the CPU, in one call.
 //
 // The reference is the eager model (truffula/models/common.py with the torch kernels): this file
@@ -149,15 +149,64 @@ struct Step {
   }
 };
 
+// Where a step's tokens attend (attention_torch.paged_attention on the CPU): the decodes first,
+// one token each, batched over `slots` [nd, L] (with `mask` when lengths differ; one sequence in
+// consecutive slots is read in place from span_start), then each prompt chunk (several tokens
+// of a sequence, speculative verify steps too) over its own slots, causally (`chunk_masks`).
+struct Layout {
+  at::Tensor slots;
+  c10::optional<at::Tensor> mask;
+  int64_t span_start;
+  const int64_t* slot;  // each token's cache slot
+  std::vector<int64_t> chunk_starts, chunk_lens;
+  std::vector<at::Tensor> chunk_slots, chunk_masks;
+};
+
+// q, k, v of the step's tokens in qkv [T, (H + 2 HKV) D] (keys and values already in the
+// cache) -> [T, H D] in the model's dtype. Decodes attend in float32 over the float32 cache,
+// chunks in the model's dtype, as the eager attention does.
+at::Tensor attend(const at::Tensor& qkv, const at::Tensor& kc, const at::Tensor& vc, const Layout& lay,
+                  double scale, int64_t H, int64_t HKV, int64_t D) {
+  const int64_t T = qkv.size(0), nd = lay.slots.size(0), L = lay.slots.size(1);
+  const auto dtype = qkv.scalar_type();
+  at::Tensor out;
+  if (nd > 0) {
+    at::Tensor q = qkv.narrow(0, 0, nd).narrow(1, 0, H * D).to(at::kFloat).view({nd, H, 1, D});
+    at::Tensor k, v;
+    if (lay.span_start >= 0) {
+      k = kc.narrow(0, lay.span_start, L).unsqueeze(0);
+      v = vc.narrow(0, lay.span_start, L).unsqueeze(0);
+    } else {
+      k = kc.index_select(0, lay.slots.reshape({-1})).view({nd, L, HKV, D});
+      v = vc.index_select(0, lay.slots.reshape({-1})).view({nd, L, HKV, D});
+    }
+    out = at::scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), lay.mask, 0.0, false,
+                                           scale, HKV != H)
+              .reshape({nd, H * D})
+              .to(dtype);
+    if (nd == T) return out;
+  }
+  at::Tensor all = at::empty({T, H * D}, qkv.options());
+  if (nd > 0) all.narrow(0, 0, nd).copy_(out);
+  for (size_t c = 0; c < lay.chunk_starts.size(); ++c) {
+    const int64_t qs = lay.chunk_starts[c], ql = lay.chunk_lens[c];
+    at::Tensor q = qkv.narrow(0, qs, ql).narrow(1, 0, H * D).view({ql, H, D}).transpose(0, 1).unsqueeze(0);
+    const at::Tensor& sl = lay.chunk_slots[c];
+    at::Tensor k = kc.index_select(0, sl).to(dtype).transpose(0, 1).unsqueeze(0);
+    at::Tensor v = vc.index_select(0, sl).to(dtype).transpose(0, 1).unsqueeze(0);
+    at::Tensor o = at::scaled_dot_product_attention(q, k, v, lay.chunk_masks[c], 0.0, false, scale, HKV != H);
+    all.narrow(0, qs, ql).copy_(o[0].transpose(0, 1).reshape({ql, H * D}));
+  }
+  return all;
+}
+
 template <typename T>
 at::Tensor run(const at::Tensor& x_in, const std::vector<Linear>& lin, const std::vector<at::Tensor>& norms,
                const std::vector<at::Tensor>& kc, const std::vector<at::Tensor>& vc, const at::Tensor& cos,
-               const at::Tensor& sin, const at::Tensor& slots, const c10::optional<at::Tensor>& mask,
-               int64_t span_start, const int64_t* slot, const Bags& g, double eps, double scale, int64_t H,
+               const at::Tensor& sin, const Layout& lay, const Bags& g, double eps, double scale, int64_t H,
                int64_t HKV, int64_t D) {
   const int64_t layers = static_cast<int64_t>(kc.size());
   const int64_t B = x_in.size(0), hidden = x_in.size(1), QKV = (H + 2 * HKV) * D;
-  const int64_t L = slots.size(1);  // the longest sequence's slots (read in place from span_start when >= 0)
   Step<T> st{H, HKV, D, hidden, eps};
   auto opts = x_in.options();
   at::Tensor x = x_in.clone(), res = at::empty_like(x_in), y = at::empty_like(x_in);
@@ -168,7 +217,6 @@ at::Tensor run(const at::Tensor& x_in, const std::vector<Linear>& lin, const std
       st.add_norm(in + b * hidden, res.data_ptr<T>() + b * hidden, y.data_ptr<T>() + b * hidden,
                   w.data_ptr<float>(), first);
   };
-  const at::Tensor flat = slots.reshape({-1});
   for (int64_t i = 0; i < layers; ++i) {
     const Linear* l = &lin[4 * i];
     add_norm(x.data_ptr<T>(), norms[2 * i], i == 0);
@@ -176,25 +224,14 @@ at::Tensor run(const at::Tensor& x_in, const std::vector<Linear>& lin, const std
     for (int64_t b = 0; b < B; ++b) {
       T* p = qkv.data_ptr<T>() + b * QKV;
       st.rotary(p, H + HKV, c + b * D, s + b * D);
-      float* kd = kc[i].data_ptr<float>() + slot[b] * HKV * D;
-      float* vd = vc[i].data_ptr<float>() + slot[b] * HKV * D;
+      float* kd = kc[i].data_ptr<float>() + lay.slot[b] * HKV * D;
+      float* vd = vc[i].data_ptr<float>() + lay.slot[b] * HKV * D;
       for (int64_t j = 0; j < HKV * D; ++j) {
         kd[j] = static_cast<float>(p[H * D + j]);
         vd[j] = static_cast<float>(p[(H + HKV) * D + j]);
       }
     }
-    at::Tensor q = qkv.narrow(1, 0, H * D).to(at::kFloat).view({B, H, 1, D});
-    at::Tensor k, v;
-    if (span_start >= 0) {
-      k = kc[i].narrow(0, span_start, L).unsqueeze(0);
-      v = vc[i].narrow(0, span_start, L).unsqueeze(0);
-    } else {
-      k = kc[i].index_select(0, flat).view({B, L, HKV, D});
-      v = vc[i].index_select(0, flat).view({B, L, HKV, D});
-    }
-    at::Tensor a = at::scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), mask, 0.0, false,
-                                                    scale, HKV != H);
-    a = a.reshape({B, H * D}).to(x_in.scalar_type());
+    at::Tensor a = attend(qkv, kc[i], vc[i], lay, scale, H, HKV, D);
     at::Tensor o = apply(a, l[1], g);
     add_norm(o.data_ptr<T>(), norms[2 * i + 1], false);
     at::Tensor gu = apply(y, l[2], g);
@@ -213,6 +250,8 @@ at::Tensor decode_layers(const at::Tensor& x, const std::vector<at::Tensor>& wei
                          const std::vector<at::Tensor>& norms, const std::vector<at::Tensor>& k_caches,
                          const std::vector<at::Tensor>& v_caches, const at::Tensor& cos, const at::Tensor& sin,
                          const at::Tensor& slots, const c10::optional<at::Tensor>& mask, int64_t span_start,
+                         const std::vector<int64_t>& chunk_starts, const std::vector<int64_t>& chunk_lens,
+                         const std::vector<at::Tensor>& chunk_slots, const std::vector<at::Tensor>& chunk_masks,
                          const at::Tensor& slot_mapping, const std::vector<at::Tensor>& lora_a,
                          const std::vector<at::Tensor>& lora_b, const std::vector<int64_t>& lora_offsets,
                          const std::vector<int64_t>& lora_bag, const std::vector<at::Tensor>& bag_idx,
@@ -223,9 +262,17 @@ at::Tensor decode_layers(const at::Tensor& x, const std::vector<at::Tensor>& wei
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "decode_layers: x must be [tokens, hidden]");
   TORCH_CHECK(slot_mapping.numel() == B && slot_mapping.scalar_type() == at::kLong &&
                   slot_mapping.is_contiguous(), "decode_layers: one int64 slot a token");
-  TORCH_CHECK(slots.dim() == 2 && slots.size(0) == B && slots.scalar_type() == at::kLong,
-              "decode_layers: slots [tokens, kv]");
-  TORCH_CHECK(span_start < 0 || B == 1, "decode_layers: a span only for one sequence");
+  TORCH_CHECK(slots.dim() == 2 && slots.scalar_type() == at::kLong, "decode_layers: slots [decodes, kv]");
+  TORCH_CHECK(span_start < 0 || slots.size(0) == 1, "decode_layers: a span only for one decode");
+  TORCH_CHECK(chunk_lens.size() == chunk_starts.size() && chunk_slots.size() == chunk_starts.size() &&
+                  chunk_masks.size() == chunk_starts.size(),
+              "decode_layers: one start, length, slots and mask a chunk");
+  int64_t covered = slots.size(0);
+  for (size_t c = 0; c < chunk_starts.size(); ++c) {
+    TORCH_CHECK(chunk_starts[c] == covered && chunk_lens[c] > 0, "decode_layers: chunks follow the decodes");
+    covered += chunk_lens[c];
+  }
+  TORCH_CHECK(covered == B, "decode_layers: decodes and chunks cover the step's tokens");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == B * D && sin.numel() == B * D &&
                   cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
               "decode_layers: cos/sin [tokens, 1, head_dim] in x's dtype");
@@ -268,13 +315,12 @@ at::Tensor decode_layers(const at::Tensor& x, const std::vector<at::Tensor>& wei
                 "decode_layers: LoRA shards");
   }
   Bags g{bag_idx, bag_off, bag_chunks, lora_rows, static_cast<int64_t>(bag_idx.size()) - 1, B};
-  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
+  Layout lay{slots, mask, span_start, slot_mapping.data_ptr<int64_t>(), chunk_starts, chunk_lens,
+             chunk_slots, chunk_masks};
   if (x.scalar_type() == at::kBFloat16)
-    return run<at::BFloat16>(x, lin, norms, k_caches, v_caches, cos, sin, slots, mask, span_start, slot, g,
-                             eps, scale, H, HKV, D);
+    return run<at::BFloat16>(x, lin, norms, k_caches, v_caches, cos, sin, lay, g, eps, scale, H, HKV, D);
   TORCH_CHECK(x.scalar_type() == at::kFloat, "decode_layers: float32 or bfloat16 activations");
-  return run<float>(x, lin, norms, k_caches, v_caches, cos, sin, slots, mask, span_start, slot, g, eps, scale,
-                    H, HKV, D);
+  return run<float>(x, lin, norms, k_caches, v_caches, cos, sin, lay, g, eps, scale, H, HKV, D);
 }
 
 }  // namespace
@@ -284,7 +330,8 @@ TORCH_LIBRARY(truffula_cpu, m) {
   m.def(
       "decode_layers(Tensor x, Tensor[] weights, int[] kinds, int[] groups, Tensor[] norms, "
       "Tensor[] k_caches, Tensor[] v_caches, Tensor cos, Tensor sin, Tensor slots, Tensor? mask, int span_start, "
-      "Tensor slot_mapping, Tensor[] lora_a, Tensor[] lora_b, int[] lora_offsets, int[] lora_bag, "
+      "int[] chunk_starts, int[] chunk_lens, Tensor[] chunk_slots, Tensor[] chunk_masks, Tensor slot_mapping, "
+      "Tensor[] lora_a, Tensor[] lora_b, int[] lora_offsets, int[] lora_bag, "
       "Tensor[] bag_idx, Tensor[] bag_off, int[] bag_chunks, Tensor? lora_rows, float eps, float scale, "
       "int H, int HKV, int D) -> Tensor",
       TORCH_FN(decode_layers));
