@@ -1,7 +1,8 @@
-"""A CPU decode step through every layer in one native call (``csrc/decode_cpu.cpp``).
+"""A CPU step through every layer in one native call (``csrc/decode_cpu.cpp``).
 
-A decode step on a CPU spends most of its time between the projections: some 20 small ops a
-layer (residual adds, norms, rotary, conversions, the cache write), each a few µs of dispatch.
+A step of few tokens on a CPU spends most of its time between the projections: some 20 small
+ops a layer (residual adds, norms, rotary, conversions, the cache write), each a few µs of
+dispatch.
 ``decode_layers`` runs the projections and the attention through the same ATen ops as the eager
 model and the rest as loops over each token's vectors, rounding where the eager ops round. The
 model side (which models fit, their tensors) is ``truffula.models.decode_cpu``.
