@@ -42,3 +42,13 @@ def assert_same_greedy(
 def hf_logsoftmax(hf_model, ids: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """Teacher-forced log-softmax [len(ids), vocab] in fp32."""
     return hf_model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+@torch.no_grad()
+def randomize_lora(peft_model, seed: int, scale: float = 0.1) -> None:  # type: ignore[no-untyped-def]
+    """Give every LoRA factor of a peft model random values (N(0, scale²), seeded): an adapter
+    whose effect is large enough to see."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name:
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import randomize_lora
 from modelharness import Harness
 from models.test_architectures import SCHEDULE, A, built
 
@@ -47,11 +48,7 @@ def test_peft_adapter_matches(
         fan_in_fan_out=name == "gpt2",
     )
     model = get_peft_model(hf, cfg).eval()
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "lora_" in pname:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    randomize_lora(model, 3)
     model.save_pretrained(tmp_path / "ad")
     with torch.no_grad():
         ref = model(torch.tensor([A])).logits[0].float().log_softmax(-1)

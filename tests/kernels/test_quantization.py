@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize_lora
 from modelharness import Harness
 
 from truffula import config
@@ -176,11 +177,7 @@ def test_lora_on_quantized_base(tmp_path: Path, method: str) -> None:
                 p.copy_(round_trip(method, p))
     targets = ["q_proj", "v_proj", "down_proj"]
     model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=targets)).eval()
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "lora_" in pname:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    randomize_lora(model, 3)
     model.save_pretrained(tmp_path / "ad")
     ids = [5, 17, 42, 99, 7, 250, 3, 64, 128, 11]
     with torch.no_grad():

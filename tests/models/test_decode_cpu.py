@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_same_greedy, hf_greedy
+from helpers import assert_same_greedy, hf_greedy, randomize_lora
 from modelharness import Harness
 
 from truffula.forward import forward_context
@@ -177,11 +177,7 @@ def test_adapters_in_the_step(folder: Path, tmp_path: Path) -> None:
         init_lora_weights=False,
     )
     model = get_peft_model(hf, cfg)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    randomize_lora(model, 3)
     model.save_pretrained(tmp_path / "ad")
     h = Harness(folder, block_size=4)
     layers = apply_lora(h.runner.model, 2, 8, torch.float32, torch.device("cpu"))

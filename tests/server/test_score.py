@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from helpers import hf_logsoftmax
+from helpers import hf_logsoftmax, randomize_lora
 
 pytestmark = pytest.mark.slow
 
@@ -159,11 +159,7 @@ def lora_server(model_dir, tmp_path_factory):  # type: ignore[no-untyped-def]
         lora_dropout=0.0,
     )
     model = peft.get_peft_model(base, cfg)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    randomize_lora(model, 7, 0.05)
     model.save_pretrained(root / "rand")
     proc = ServerProcess("--adapter-root", str(root), "--max-k-alternatives", "20")
     yield proc, model.eval()

@@ -76,7 +76,7 @@ class FusedDecode:
             return None
         if not decode_cpu.available():
             return None
-        log.info("CPU decode steps: %d layers in one native call (fused CPU decode)", len(layers))
+        log.info("CPU steps: %d layers in one native call (fused CPU decode)", len(layers))
         return cls(decoder, layers)
 
     def __call__(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:

@@ -111,9 +111,9 @@ template <typename T>
 struct Step {
   int64_t H, HKV, D, hidden;
   double eps;
+  std::vector<float> s = std::vector<float>(hidden), h = std::vector<float>(D);  // scratch
   // y = norm(x + res) (res = x + res); with first, y = norm(x) and res = x.
-  void add_norm(T* x, T* res, T* y, const float* w, bool first) const {
-    std::vector<float> s(hidden);
+  void add_norm(T* x, T* res, T* y, const float* w, bool first) {
     double sq = 0.0;
     for (int64_t i = 0; i < hidden; ++i) {
       float v = first ? static_cast<float>(x[i]) : R<T>(static_cast<float>(x[i]) + static_cast<float>(res[i]));
@@ -125,9 +125,8 @@ struct Step {
     for (int64_t i = 0; i < hidden; ++i) y[i] = static_cast<T>((s[i] * rstd) * w[i]);
   }
   // rotate q and k heads in place (half rotation over the whole head); cos/sin [D] in T
-  void rotary(T* qk, int64_t heads, const T* cos, const T* sin) const {
+  void rotary(T* qk, int64_t heads, const T* cos, const T* sin) {
     int64_t half = D / 2;
-    std::vector<float> h(D);
     for (int64_t n = 0; n < heads; ++n) {
       T* x = qk + n * D;
       for (int64_t j = 0; j < D; ++j) h[j] = static_cast<float>(x[j]);
